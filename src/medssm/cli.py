@@ -1,0 +1,174 @@
+"""``medssm`` command line: a thin layer over the Python API.
+
+Every command is a config dataclass plus the function that takes it; the dataclass's fields become
+the command's options (``--field-name``), so every value is overridable from the command line and
+the same config object can be built in Python. ``train``, ``predict`` and ``evaluate`` serve both
+segmentation and classification: the task is taken from the dataset, the model or the run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib
+import json
+import sys
+import types
+import typing
+from pathlib import Path
+
+# (command, task) -> "module:ConfigDataclass:function"; task None for commands that have one form.
+HANDLERS: dict[tuple[str, str | None], str] = {
+    ("train", "segmentation"): "medssm.engine.train:TrainConfig:train",
+    ("predict", "segmentation"): "medssm.inference.predict:PredictConfig:predict",
+    ("evaluate", "segmentation"): "medssm.metrics.evaluate:EvaluateConfig:evaluate",
+    ("train", "classification"): "medssm.engine.classify:ClassifierTrainConfig:train_classifier",
+    ("predict", "classification"): "medssm.inference.classify:ClassifierPredictConfig:predict_classifier",
+    ("evaluate", "classification"): "medssm.metrics.classify:ClassifierEvaluateConfig:evaluate_classifier",
+    ("info", None): "medssm.nets.info:InfoConfig:print_info",
+    ("export", None): "medssm.export.onnx:ExportConfig:export_cli",
+    ("quickstart", None): "medssm.engine.quickstart:QuickstartConfig:quickstart",
+    ("demo", None): "medssm.cli:DemoConfig:demo",
+}
+HELP = {
+    "train": "train a model (segmentation on an nnU-Net dataset, or classification)",
+    "predict": "predict with a trained run",
+    "evaluate": "score predictions against references",
+    "info": "true parameter count, MACs, scan FLOPs and memory of a model",
+    "export": "export a model or run to ONNX and check parity with onnxruntime",
+    "quickstart": "train, predict and evaluate on the bundled lung X-ray set, with a report",
+    "demo": "build a model and run one forward pass",
+}
+
+
+@dataclasses.dataclass
+class DemoConfig:
+    """Build a registered model and run one forward pass on random input."""
+
+    model: str = "lightm_unet_2d_tiny"
+    input_size: tuple[int, ...] = (1, 1, 64, 64)
+
+
+def demo(cfg: DemoConfig) -> None:
+    import torch
+
+    from .nets import create_model
+
+    model = create_model(cfg.model).eval()
+    with torch.no_grad():
+        out = model(torch.randn(*cfg.input_size))
+    params = sum(p.numel() for p in model.parameters())
+    print(f"{cfg.model}: {params:,} parameters; input {tuple(cfg.input_size)} -> output {tuple(out.shape)}")
+
+
+def detect_task(command: str, argv: list[str]) -> str:
+    """Which task ``argv`` is about: from ``--task``, the run's model.json, the model or the data."""
+    pre = argparse.ArgumentParser(add_help=False)
+    for flag in ("--task", "--data", "--model", "-m", "--run", "-i", "--input"):
+        pre.add_argument(flag)
+    pre.add_argument("positional", nargs="*")
+    known, _ = pre.parse_known_args(argv)
+    if known.task:
+        return known.task
+    run = known.m or known.run or known.model
+    if run and (Path(run) / "model.json").is_file():
+        return json.loads((Path(run) / "model.json").read_text()).get("task", "segmentation")
+    if known.model and known.model.startswith("medmamba"):
+        return "classification"
+    candidates = [known.data, known.input, *known.positional]
+    for c in filter(None, candidates):
+        p = Path(c)
+        if p.suffix.lower() in (".npz", ".csv") or (p.is_dir() and (p / "train").is_dir()):
+            return "classification"
+        if (p / "dataset.json").is_file() or p.is_dir():
+            return "segmentation"
+    return "segmentation"
+
+
+def _resolve(spec: str):
+    module, config, function = spec.split(":")
+    mod = importlib.import_module(module)
+    return getattr(mod, config), getattr(mod, function)
+
+
+def _field_type(tp):
+    """(element type, is_sequence, is_bool) for a dataclass field annotation."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return _field_type(args[0])
+    if origin in (tuple, list):
+        args = [a for a in typing.get_args(tp) if a is not Ellipsis]
+        return (args[0] if args else str), True, False
+    if tp is bool:
+        return bool, False, True
+    return tp, False, False
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, config_cls) -> None:
+    """One option per field of ``config_cls`` (``--field-name``; ``metadata={"flags": (...)}`` or
+    ``{"positional": True}`` to change that). Help comes from ``metadata["help"]``."""
+    hints = typing.get_type_hints(config_cls)
+    for f in dataclasses.fields(config_cls):
+        elem, seq, is_bool = _field_type(hints[f.name])
+        required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        kwargs = {"help": f.metadata.get("help", ""), "dest": f.name}
+        if is_bool:
+            kwargs.update(action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS)
+        else:
+            kwargs.update(type=elem if elem in (int, float) else str, default=argparse.SUPPRESS)
+            if seq:
+                kwargs["nargs"] = "+"
+        if f.metadata.get("positional"):
+            kwargs.pop("dest")
+            parser.add_argument(f.name, **kwargs)
+            continue
+        flags = f.metadata.get("flags", ("--" + f.name.replace("_", "-"),))
+        parser.add_argument(*flags, required=required, **kwargs)
+
+
+def config_from_args(config_cls, args: argparse.Namespace):
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(config_cls) if hasattr(args, f.name)}
+    hints = typing.get_type_hints(config_cls)
+    for name, v in values.items():
+        if isinstance(v, list) and typing.get_origin(_strip_optional(hints[name])) is tuple:
+            values[name] = tuple(v)
+    return config_cls(**values)
+
+
+def _strip_optional(tp):
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        return next(a for a in typing.get_args(tp) if a is not type(None))
+    return tp
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    commands = sorted({c for c, _ in HANDLERS})
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in commands:
+        parser = argparse.ArgumentParser(prog="medssm", description=__doc__.splitlines()[0])
+        sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+        for c in commands:
+            sub.add_parser(c, help=HELP.get(c, ""))
+        if argv and argv[0] not in ("-h", "--help"):
+            parser.error(f"unknown command {argv[0]!r}; choose from {', '.join(commands)}")
+        parser.print_help()
+        return 0 if argv else 2
+    command, rest = argv[0], argv[1:]
+    task = None if (command, None) in HANDLERS else detect_task(command, rest)
+    spec = HANDLERS.get((command, task))
+    if spec is None:
+        raise SystemExit(f"medssm {command}: no {task} form of this command")
+    config_cls, function = _resolve(spec)
+    parser = argparse.ArgumentParser(prog=f"medssm {command}", description=(config_cls.__doc__ or "").strip())
+    if task is not None:
+        parser.add_argument("--task", choices=sorted({t for c, t in HANDLERS if c == command}),
+                            help="segmentation or classification (default: taken from the data, model or run)")
+    add_config_arguments(parser, config_cls)
+    args = parser.parse_args(rest)
+    result = function(config_from_args(config_cls, args))
+    return result if isinstance(result, int) else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,1 @@
+"""medssm.inference."""
