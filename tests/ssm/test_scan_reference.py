@@ -67,3 +67,15 @@ def test_bad_shapes_are_named():
         selective_scan(**kw)
     with pytest.raises(ValueError, match="unknown scan backend"):
         selective_scan(**make_inputs(), backend="nope")
+
+
+def test_scan_flops_are_counted_analytically():
+    from medssm.ssm import count_scan_flops
+
+    kw = make_inputs(batch=2, dim=4, length=7, n=3)
+    with count_scan_flops() as calls:
+        selective_scan(**kw, backend="reference")
+        selective_scan(**kw, backend="reference")
+    assert calls == [9 * 2 * 4 * 7 * 3] * 2
+    selective_scan(**kw, backend="reference")
+    assert len(calls) == 2
