@@ -1,0 +1,235 @@
+"""LightM-UNet (Liao et al., arXiv 2403.05246): a UNet of Residual Vision Mamba layers, 2D and 3D.
+
+Module and parameter names follow the authors' ``LightMUNet`` (their ``nnunetv2/nets/LightMUNet.py``,
+itself derived from MONAI's SegResNet): ``convInit``, ``down_layers``, ``up_layers``, ``up_samples``,
+``conv_final``; in every Mamba layer ``norm``, ``mamba``, ``proj``, ``skip_scale``; convolutions sit
+at ``.conv`` as in MONAI's ``Convolution``. Their checkpoints therefore load with ``strict=True``
+and no renaming. Only torch is needed (no MONAI, no CUDA extension).
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from medssm.ssm import Mamba, image_to_tokens, selective_scan, tokens_to_image
+
+from .registry import register_model
+
+CONV = {2: nn.Conv2d, 3: nn.Conv3d}
+MAXPOOL = {2: nn.MaxPool2d, 3: nn.MaxPool3d}
+UPSAMPLE_MODE = {2: "bilinear", 3: "trilinear"}
+
+
+class Conv(nn.Sequential):
+    """One convolution stored at ``.conv`` ("same" padding), the key layout of MONAI's
+    ``Convolution(conv_only=True)`` that the authors' checkpoints use."""
+
+    def __init__(self, spatial_dims: int, in_channels: int, out_channels: int, kernel_size: int = 1,
+                 stride: int = 1, groups: int = 1, bias: bool = False):
+        super().__init__()
+        self.conv = CONV[spatial_dims](in_channels, out_channels, kernel_size, stride=stride,
+                                       padding=(kernel_size - 1) // 2, groups=groups, bias=bias)
+
+
+def dw_conv(spatial_dims: int, in_channels: int, out_channels: int, kernel_size: int = 3,
+            bias: bool = False) -> nn.Sequential:
+    """Depthwise ``kernel_size`` conv (groups = in_channels) then pointwise 1x1 conv to ``out_channels``."""
+    return nn.Sequential(
+        Conv(spatial_dims, in_channels, in_channels, kernel_size, groups=in_channels, bias=bias),
+        Conv(spatial_dims, in_channels, out_channels, 1, bias=bias),
+    )
+
+
+class NormedMamba(Mamba):
+    """Mamba with a LayerNorm on the scan output before the SiLU(z) gate: the VSS module as the
+    paper draws it (``LightMUNet(ssm_norm=True)``). One forward direction only."""
+
+    def __init__(self, d_model: int, **kwargs):
+        super().__init__(d_model, **kwargs)
+        self.out_norm = nn.LayerNorm(self.d_inner)
+
+    def _scan_direction(self, xz: torch.Tensor, order: str) -> torch.Tensor:
+        x, z = xz.chunk(2, dim=1)  # (B, d_inner, L) each
+        x = F.silu(self.conv1d(x)[..., : x.shape[-1]])  # causal: keep the first L outputs
+        dt, B, C = torch.split(self.x_proj(x.transpose(1, 2)), [self.dt_rank, self.d_state, self.d_state], dim=-1)
+        dt = (dt @ self.dt_proj.weight.t()).transpose(1, 2)  # (B, d_inner, L); bias added in the scan
+        y = selective_scan(x, dt, -torch.exp(self.A_log.float()), B.transpose(1, 2), C.transpose(1, 2),
+                           self.D.float(), delta_bias=self.dt_proj.bias.float(), delta_softplus=True,
+                           backend=self.scan_backend)
+        y = self.out_norm(y.transpose(1, 2)).transpose(1, 2)  # (B, d_inner, L), normalised per token
+        return y * F.silu(z)
+
+
+class RVMLayer(nn.Module):
+    """Residual Vision Mamba layer (the authors' ``MambaLayer``) on a (B, C_in, *S) feature map.
+
+    Tokens ``t`` in C order; ``y = proj(norm(mamba(norm(t)) + skip_scale * t))``: one LayerNorm module
+    applied twice, a scalar skip scale, a Linear to ``out_channels``. fp16 input is computed in fp32.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, d_state: int = 16, d_conv: int = 4,
+                 expand: int = 2, ssm_norm: bool = False, scan_backend: str = "auto"):
+        super().__init__()
+        self.norm = nn.LayerNorm(in_channels)
+        mamba = NormedMamba if ssm_norm else Mamba
+        self.mamba = mamba(in_channels, d_state=d_state, d_conv=d_conv, expand=expand, scan_backend=scan_backend)
+        self.proj = nn.Linear(in_channels, out_channels)
+        self.skip_scale = nn.Parameter(torch.ones(1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.float16:
+            x = x.float()
+        tokens = image_to_tokens(x)  # (B, L, C_in)
+        y = self.mamba(self.norm(tokens)) + self.skip_scale * tokens
+        y = self.proj(self.norm(y))  # (B, L, C_out)
+        return tokens_to_image(y, x.shape[2:])  # (B, C_out, *S)
+
+
+class ResMambaBlock(nn.Module):
+    """Encoder block: ``x + RVM2(ReLU(GN2(RVM1(ReLU(GN1(x))))))``."""
+
+    def __init__(self, spatial_dims: int, channels: int, norm_groups: int = 8, **mamba_kwargs):
+        super().__init__()
+        self.norm1 = nn.GroupNorm(norm_groups, channels)
+        self.norm2 = nn.GroupNorm(norm_groups, channels)
+        self.act = nn.ReLU(inplace=True)
+        self.conv1 = RVMLayer(channels, channels, **mamba_kwargs)
+        self.conv2 = RVMLayer(channels, channels, **mamba_kwargs)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.conv1(self.act(self.norm1(x)))
+        return x + self.conv2(self.act(self.norm2(h)))
+
+
+class ResUpBlock(nn.Module):
+    """Decoder block: ``h = DWConv3(ReLU(GN1(x))) + skip_scale * x; ReLU(GN2(h))``."""
+
+    def __init__(self, spatial_dims: int, channels: int, norm_groups: int = 8):
+        super().__init__()
+        self.norm1 = nn.GroupNorm(norm_groups, channels)
+        self.norm2 = nn.GroupNorm(norm_groups, channels)
+        self.act = nn.ReLU(inplace=True)
+        self.conv = dw_conv(spatial_dims, channels, channels, kernel_size=3)
+        self.skip_scale = nn.Parameter(torch.ones(1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.conv(self.act(self.norm1(x))) + self.skip_scale * x
+        return self.act(self.norm2(h))
+
+
+class LightMUNet(nn.Module):
+    """LightM-UNet, as released by its authors, for 2D or 3D images.
+
+    Encoder of Residual Vision Mamba blocks (one Mamba scan over all tokens of a level, raster
+    order), max-pool down-sampling after a channel-doubling Mamba layer, a light decoder of 1x1 convs,
+    bi/trilinear up-sampling, additive skips and depthwise-separable residual blocks. Returns logits.
+
+    Args:
+        spatial_dims: 2 or 3.
+        in_channels: input channels.
+        out_channels: output channels (classes, background included).
+        init_filters: channels of the first level; level i has ``init_filters * 2**i``.
+        blocks_down: ResMambaBlocks per encoder level; spatial sizes must be divisible by
+            ``2 ** (len(blocks_down) - 1)`` (8 by default).
+        blocks_up: ResUpBlocks per decoder level; ``len(blocks_down) - 1`` entries.
+        norm_groups: groups of every GroupNorm.
+        d_state, d_conv, expand: Mamba layer sizes.
+        ssm_norm: the paper's variant: LayerNorm on the SSM output before the gate (adds parameters
+            ``mamba.out_norm.*``; not in the released code or its checkpoints).
+        scan_backend: see :func:`medssm.ssm.selective_scan`.
+
+    Examples:
+        >>> net = LightMUNet(spatial_dims=2, in_channels=3, out_channels=2)  # 5,011,765 parameters
+        >>> net(torch.randn(1, 3, 64, 64)).shape
+        torch.Size([1, 2, 64, 64])
+        >>> net3d = LightMUNet(spatial_dims=3, in_channels=1, out_channels=3, init_filters=8)
+        >>> net3d(torch.randn(1, 1, 16, 16, 16)).shape
+        torch.Size([1, 3, 16, 16, 16])
+    """
+
+    def __init__(self, spatial_dims: int, in_channels: int, out_channels: int, init_filters: int = 32,
+                 blocks_down: Sequence[int] = (1, 2, 2, 4), blocks_up: Sequence[int] = (1, 1, 1),
+                 norm_groups: int = 8, d_state: int = 16, d_conv: int = 4, expand: int = 2,
+                 ssm_norm: bool = False, scan_backend: str = "auto"):
+        super().__init__()
+        if spatial_dims not in (2, 3):
+            raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims}")
+        if len(blocks_up) != len(blocks_down) - 1:
+            raise ValueError(f"blocks_up needs len(blocks_down) - 1 = {len(blocks_down) - 1} entries, got {tuple(blocks_up)}")
+        self.spatial_dims = spatial_dims
+        self.size_divisor = 2 ** (len(blocks_down) - 1)
+        mamba_kwargs = dict(d_state=d_state, d_conv=d_conv, expand=expand, ssm_norm=ssm_norm, scan_backend=scan_backend)
+
+        self.convInit = dw_conv(spatial_dims, in_channels, init_filters, kernel_size=3)
+        self.down_layers = nn.ModuleList()
+        for i, n_blocks in enumerate(blocks_down):
+            c = init_filters * 2**i
+            down = (nn.Sequential(RVMLayer(c // 2, c, **mamba_kwargs), MAXPOOL[spatial_dims](2))
+                    if i > 0 else nn.Identity())
+            self.down_layers.append(nn.Sequential(
+                down, *[ResMambaBlock(spatial_dims, c, norm_groups, **mamba_kwargs) for _ in range(n_blocks)]))
+        self.up_layers, self.up_samples = nn.ModuleList(), nn.ModuleList()
+        for i, n_blocks in enumerate(blocks_up):
+            c = init_filters * 2 ** (len(blocks_up) - i)
+            self.up_layers.append(nn.Sequential(*[ResUpBlock(spatial_dims, c // 2, norm_groups) for _ in range(n_blocks)]))
+            self.up_samples.append(nn.Sequential(
+                Conv(spatial_dims, c, c // 2, 1),
+                nn.Upsample(scale_factor=2, mode=UPSAMPLE_MODE[spatial_dims], align_corners=False),
+            ))
+        self.conv_final = nn.Sequential(
+            nn.GroupNorm(norm_groups, init_filters),
+            nn.ReLU(inplace=True),
+            dw_conv(spatial_dims, init_filters, out_channels, kernel_size=1, bias=True),
+        )
+
+    def check_input_size(self, shape: Sequence[int]) -> None:
+        """Raise ``ValueError`` naming the sizes that work if ``shape`` (B, C, *S) cannot be taken."""
+        if len(shape) != self.spatial_dims + 2:
+            raise ValueError(f"LightMUNet(spatial_dims={self.spatial_dims}) takes (B, C, {', '.join('HWD'[:self.spatial_dims])}) "
+                             f"input, got shape {tuple(shape)}")
+        f = self.size_divisor
+        bad = [s for s in shape[2:] if s % f]
+        if bad:
+            options = ", ".join(f"{s} -> {s // f * f} or {s // f * f + f}" if s > f else f"{s} -> {f}" for s in bad)
+            raise ValueError(f"LightMUNet needs spatial sizes divisible by {f} (one factor 2 per down-sampling); "
+                             f"got {tuple(shape[2:])}; sizes that work: {options}; or pad the input")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.check_input_size(x.shape)
+        x = self.convInit(x)
+        skips = []
+        for down in self.down_layers:
+            x = down(x)
+            skips.append(x)
+        skips = skips[-2::-1]  # the levels above the bottom, deepest first
+        for up, layer, skip in zip(self.up_samples, self.up_layers, skips):
+            x = layer(up(x) + skip)
+        return self.conv_final(x)
+
+
+@register_model
+def lightm_unet_2d(in_channels: int = 1, out_channels: int = 2, **kwargs) -> LightMUNet:
+    """LightM-UNet 2D at the released size (5,011,765 parameters for 3 inputs, 2 classes)."""
+    return LightMUNet(2, in_channels, out_channels, **kwargs)
+
+
+@register_model
+def lightm_unet_3d(in_channels: int = 1, out_channels: int = 2, **kwargs) -> LightMUNet:
+    """LightM-UNet 3D at the released size (5,015,766 parameters for 1 input, 3 classes)."""
+    return LightMUNet(3, in_channels, out_channels, **kwargs)
+
+
+@register_model
+def lightm_unet_2d_tiny(in_channels: int = 1, out_channels: int = 2, **kwargs) -> LightMUNet:
+    """A tiny 2D LightM-UNet for tests and demos (8 filters, one block per level)."""
+    return LightMUNet(2, in_channels, out_channels, **{"init_filters": 8, "blocks_down": (1, 1, 1, 1), **kwargs})
+
+
+@register_model
+def lightm_unet_3d_tiny(in_channels: int = 1, out_channels: int = 2, **kwargs) -> LightMUNet:
+    """A tiny 3D LightM-UNet for tests and demos (8 filters, one block per level)."""
+    return LightMUNet(3, in_channels, out_channels, **{"init_filters": 8, "blocks_down": (1, 1, 1, 1), **kwargs})
