@@ -224,8 +224,8 @@ class MedMamba(nn.Module):
         >>> model = MedMamba(in_chans=1, num_classes=2, depths=(2, 2, 4, 2), dims=(96, 192, 384, 768))
         >>> model(torch.randn(4, 1, 28, 28)).shape  # 28x28 MedMNIST works: padded, not rejected
         torch.Size([4, 2])
-        >>> volume_model = MedMamba(in_chans=1, num_classes=3, dims=(16, 32, 64, 128), spatial_dims=3)
-        >>> volume_model(torch.randn(1, 1, 32, 32, 32)).shape
+        >>> volume_model = MedMamba(in_chans=1, num_classes=3, dims=(16, 32, 64, 128), spatial_dims=3).eval()
+        >>> volume_model(torch.randn(1, 1, 40, 32, 24)).shape  # one volume: eval mode (BatchNorm at 1x1x1)
         torch.Size([1, 3])
     """
 
