@@ -66,7 +66,8 @@ def _fake_timm():
 @pytest.fixture
 def fake_timm(monkeypatch):
     timm = _fake_timm()
-    for name, module in (("timm", timm), ("timm.models", timm.models), ("timm.models._registry", timm.models._registry)):
+    modules = {"timm": timm, "timm.models": timm.models, "timm.models._registry": timm.models._registry}
+    for name, module in modules.items():
         monkeypatch.setitem(sys.modules, name, module)
     monkeypatch.setattr(medmamba, "__all__", list(medmamba.__all__))  # timm appends to it
     return timm
