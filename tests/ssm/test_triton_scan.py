@@ -28,9 +28,12 @@ REPO = Path(__file__).resolve().parents[2]
 # and what the loss uses. "chunk"/"block_d" call triton_selective_scan directly (B/C grouped);
 # otherwise the public selective_scan(backend="triton") is used.
 CASES = {
-    # everything on; two channel blocks per group (partial dB/dC sums); 3 chunks, the last ragged
+    # everything on; two channel blocks per group (atomic dB/dC sums); 3 chunks, the last ragged
     "full_grouped": dict(make=dict(batch=2, dim=4, length=7, n=3, groups=2), softplus=True, last=True,
                          chunk=3, block_d=1),
+    # the same with per-block dB/dC buffers (deterministic=True)
+    "full_grouped_deterministic": dict(make=dict(batch=2, dim=4, length=7, n=3, groups=2), softplus=True,
+                                       last=True, chunk=3, block_d=1, deterministic=True),
     # 3 channels per group padded to 4, N=5 padded to 8; L=9 in chunks of 4
     "padded": dict(make=dict(batch=1, dim=6, length=9, n=5, groups=2), softplus=True, last=False,
                    chunk=4, block_d=None),
@@ -70,7 +73,8 @@ def run_case(spec: dict, device: str = "cpu", seed: int = 0) -> dict[str, float]
 
     def call(inputs):
         if "chunk" in spec:
-            return triton_selective_scan(**inputs, **flags, chunk=spec["chunk"], block_d=spec["block_d"])
+            return triton_selective_scan(**inputs, **flags, chunk=spec["chunk"], block_d=spec["block_d"],
+                                         deterministic=spec.get("deterministic"))
         return selective_scan(**inputs, **flags, backend="triton")
 
     ref = selective_scan(**ref_in, **flags, backend="reference")

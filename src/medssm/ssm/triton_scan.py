@@ -16,9 +16,9 @@ How it works (details in ``docs/explanation/gpu-scan.md``):
   its states from the checkpoint into a small per-program scratch buffer, then walk the chunk
   backwards with the adjoint state ``g_t = dL/dh_t = C_t dy_t + exp(delta_{t+1} A) g_{t+1}``
   (started from the gradient of the last state, if any), producing du, ddelta, dz, and per-program
-  partial sums of dA, dD, ddelta_bias and (summed over the block's channels) dB, dC; PyTorch sums
-  the partials (over the batch, and over the channel blocks of a group), so nothing is atomic and
-  the result is deterministic.
+  partial sums of dA, dD, ddelta_bias (PyTorch sums them over the batch) and, summed over the
+  block's channels, dB and dC, which the channel blocks of a group add atomically (or, when
+  determinism is asked for, store per block for PyTorch to sum).
 
 On CPU tensors the kernels only run under Triton's interpreter (``TRITON_INTERPRET=1`` set
 before Triton is imported); that is how the test suite checks them against the reference.
@@ -124,7 +124,7 @@ if triton is not None:
         dim, L, G, N, n_dblocks, n_chunks,
         CHUNK: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
         HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
-        HAS_DLAST: tl.constexpr, ACC: tl.constexpr,
+        HAS_DLAST: tl.constexpr, ATOMIC_BC: tl.constexpr, ACC: tl.constexpr,
     ):
         pid = tl.program_id(0)
         j = pid % n_dblocks
@@ -140,8 +140,12 @@ if triton is not None:
         A = tl.load(A_ptr + d[:, None] * N + n[None, :], mask=mask_dn, other=0.0).to(ACC)
         row = (b * dim + d) * L
         bc_row = ((b * G + g) * N + n) * L
-        # dB, dC partials: (batch, G, n_dblocks, N, L), summed over the block's channels here.
-        part_row = (((b * G + g) * n_dblocks + j) * N + n) * L
+        # dB, dC: summed over the block's channels here, then either added atomically into
+        # (batch, G, N, L) or stored as per-block partials (batch, G, n_dblocks, N, L).
+        if ATOMIC_BC:
+            part_row = bc_row
+        else:
+            part_row = (((b * G + g) * n_dblocks + j) * N + n) * L
         Dv = tl.zeros([BLOCK_D], dtype=ACC)
         if HAS_D:
             Dv = tl.load(D_ptr + d, mask=mask_d, other=0.0).to(ACC)
@@ -215,8 +219,12 @@ if triton is not None:
                 dbias_acc += ddt
                 tl.store(du_ptr + row + t, du.to(du_ptr.dtype.element_ty), mask=mask_d)
                 tl.store(ddelta_ptr + row + t, ddt.to(ddelta_ptr.dtype.element_ty), mask=mask_d)
-                tl.store(dB_ptr + part_row + t, dB_t.to(dB_ptr.dtype.element_ty), mask=mask_n)
-                tl.store(dC_ptr + part_row + t, dC_t.to(dC_ptr.dtype.element_ty), mask=mask_n)
+                if ATOMIC_BC:
+                    tl.atomic_add(dB_ptr + part_row + t, dB_t.to(dB_ptr.dtype.element_ty), mask=mask_n)
+                    tl.atomic_add(dC_ptr + part_row + t, dC_t.to(dC_ptr.dtype.element_ty), mask=mask_n)
+                else:
+                    tl.store(dB_ptr + part_row + t, dB_t.to(dB_ptr.dtype.element_ty), mask=mask_n)
+                    tl.store(dC_ptr + part_row + t, dC_t.to(dC_ptr.dtype.element_ty), mask=mask_n)
                 carry = gt * a
                 h = h_prev
             tl.debug_barrier()  # the next chunk overwrites the scratch
@@ -251,7 +259,8 @@ def _acc_dtype(t: torch.Tensor):
 
 class _TritonSelectiveScan(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state, chunk, block_d):
+    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state, chunk, block_d,
+                deterministic):
         u, delta, A, B, C = (t.contiguous() for t in (u, delta, A, B, C))
         D, z, delta_bias = (None if t is None else t.contiguous() for t in (D, z, delta_bias))
         batch, dim, L = u.shape
@@ -276,7 +285,10 @@ class _TritonSelectiveScan(torch.autograd.Function):
             )
         if save_ckpt:
             ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, ckpt)
-            ctx.cfg = (bool(delta_softplus), chunk, n_chunks, block_d, block_n, n_dblocks, num_warps)
+            if deterministic is None:
+                deterministic = torch.are_deterministic_algorithms_enabled()
+            ctx.cfg = (bool(delta_softplus), chunk, n_chunks, block_d, block_n, n_dblocks, num_warps,
+                       n_dblocks > 1 and not deterministic)
         ctx.set_materialize_grads(False)
         if return_last_state:
             return out, last  # last_state is differentiable too, as in the reference
@@ -285,7 +297,7 @@ class _TritonSelectiveScan(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dout, dlast=None):
         u, delta, A, B, C, D, z, delta_bias, ckpt = ctx.saved_tensors
-        softplus, chunk, n_chunks, block_d, block_n, n_dblocks, num_warps = ctx.cfg
+        softplus, chunk, n_chunks, block_d, block_n, n_dblocks, num_warps, atomic_bc = ctx.cfg
         batch, dim, L = u.shape
         G, N = B.shape[1], A.shape[1]
         dout = torch.zeros_like(u) if dout is None else dout.to(u.dtype).contiguous()
@@ -297,8 +309,10 @@ class _TritonSelectiveScan(torch.autograd.Function):
         du, ddelta = torch.empty_like(u), torch.empty_like(u)
         dz = torch.empty_like(u) if z is not None else None
         dA = u.new_empty(batch, dim, N)
-        dB = u.new_empty(batch, G, n_dblocks, N, L)
-        dC = u.new_empty(batch, G, n_dblocks, N, L)
+        if atomic_bc:  # added into by every channel block of a group
+            dB, dC = u.new_zeros(batch, G, 1, N, L), u.new_zeros(batch, G, 1, N, L)
+        else:  # one slice per channel block: deterministic, n_dblocks times the memory of B
+            dB, dC = u.new_empty(batch, G, n_dblocks, N, L), u.new_empty(batch, G, n_dblocks, N, L)
         dD = u.new_empty(batch, dim)
         dbias = u.new_empty(batch, dim)
         with torch.cuda.device(u.device) if u.is_cuda else nullcontext():
@@ -309,21 +323,26 @@ class _TritonSelectiveScan(torch.autograd.Function):
                 dim, L, G, N, n_dblocks, n_chunks,
                 CHUNK=chunk, BLOCK_D=block_d, BLOCK_N=block_n,
                 HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
-                SOFTPLUS=softplus, HAS_DLAST=has_dlast, ACC=_acc_dtype(u), num_warps=num_warps,
+                SOFTPLUS=softplus, HAS_DLAST=has_dlast, ATOMIC_BC=atomic_bc, ACC=_acc_dtype(u),
+                num_warps=num_warps,
             )
         dA = dA.sum(0)
         dB, dC = dB.sum(2), dC.sum(2)  # over the channel blocks of each group
         dD = dD.sum(0) if D is not None else None
         dbias = dbias.sum(0) if delta_bias is not None else None
-        return du, ddelta, dA, dB, dC, dD, dz, dbias, None, None, None, None
+        return du, ddelta, dA, dB, dC, dD, dz, dbias, None, None, None, None, None
 
 
 def triton_selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
-                          return_last_state=False, *, chunk: int = DEFAULT_CHUNK, block_d: int | None = None):
+                          return_last_state=False, *, chunk: int = DEFAULT_CHUNK, block_d: int | None = None,
+                          deterministic: bool | None = None):
     """The Triton scan on prepared inputs (float32/float64, ``B``/``C`` grouped ``(batch, G, N, L)``).
 
     ``chunk``: steps between the forward's state checkpoints (memory ``batch*dim*N*L/chunk``).
     ``block_d``: channels per program (a power of two; chosen from the shapes when ``None``).
+    ``deterministic``: when a group spans several channel blocks, sum their dB/dC contributions
+    from per-block buffers (bitwise reproducible, more memory) instead of with atomic adds;
+    ``None`` follows ``torch.are_deterministic_algorithms_enabled()``.
     Differentiable in every tensor input, ``last_state`` included.
     """
     if triton is None:
@@ -335,7 +354,7 @@ def triton_selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, de
     if B.dim() != 4 or C.dim() != 4:
         raise ValueError("B and C must be grouped (batch, G, N, L); use medssm.ssm.selective_scan")
     return _TritonSelectiveScan.apply(u, delta, A, B, C, D, z, delta_bias, delta_softplus,
-                                      return_last_state, chunk, block_d)
+                                      return_last_state, chunk, block_d, deterministic)
 
 
 if triton is not None:
