@@ -1,0 +1,225 @@
+"""What a model costs: true parameter count, conv/linear MACs, analytic scan FLOPs, peak memory.
+
+Every measure works on CPU and for any ``nn.Module``:
+
+- parameters: ``sum(p.numel())`` over all parameters, Mamba weights included;
+- MACs: multiply-accumulates of convolutions and matrix products (linear layers, attention),
+  counted by ``torch.utils.flop_counter.FlopCounterMode`` (FLOPs / 2) on one forward, with the
+  selective scans' own arithmetic left out;
+- scan FLOPs: the analytic count of every ``selective_scan`` call (:func:`medssm.ssm.count_scan_flops`);
+- peak memory: the most bytes of tensor storage alive at once among the tensors created while a
+  function runs (weights and inputs excluded), tracked by a ``TorchDispatchMode``
+  (:class:`LiveTensorBytes`). Memory a backend allocates outside PyTorch (a compiled kernel's
+  workspace) is not seen.
+
+``medssm info MODEL --input-size ...`` prints all four (:func:`print_info`).
+"""
+
+from __future__ import annotations
+
+import weakref
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Iterator, Sequence
+from unittest import mock
+
+import torch
+import torch.nn as nn
+from torch.utils._pytree import tree_flatten
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.flop_counter import FlopCounterMode
+
+from medssm.ssm import count_scan_flops
+from medssm.ssm import scan as scan_module
+
+DEFAULT_SPATIAL = {2: (224, 224), 3: (64, 64, 64)}
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Every parameter's element count (what a checkpoint holds), Mamba weights included."""
+    return sum(p.numel() for p in model.parameters())
+
+
+def _shape_only_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state):
+    """A selective-scan stand-in with the right output shape and no arithmetic."""
+    out = torch.zeros_like(u)
+    return (out, u.new_zeros(*u.shape[:2], A.shape[1])) if return_last_state else out
+
+
+@contextmanager
+def _scans_shape_only() -> Iterator[None]:
+    """Make every scan backend a shape-only stand-in: the scan's arithmetic is counted analytically,
+    so its internal products must not reach the MAC counter (and counting stays fast). The analytic
+    counters still run: ``selective_scan`` records each call before it calls a backend."""
+    with mock.patch.dict(scan_module._BACKENDS, {name: _shape_only_scan for name in scan_module._BACKENDS}):
+        yield
+
+
+def count_macs(model: nn.Module, x: torch.Tensor) -> tuple[int, int]:
+    """(conv/matmul MACs, selective-scan FLOPs) of one forward of ``model`` on ``x`` (eval, no_grad)."""
+    model.eval()
+    with torch.no_grad(), _scans_shape_only(), count_scan_flops() as scans, FlopCounterMode(display=False) as counter:
+        model(x)
+    return counter.get_total_flops() // 2, sum(scans)
+
+
+class LiveTensorBytes(TorchDispatchMode):
+    """Track the bytes of tensor storage created inside the mode and still alive; ``peak`` is the
+    most at any time. Storages that existed before (weights, inputs, views of them) are not counted.
+
+    >>> with LiveTensorBytes() as mem:
+    ...     model(x)
+    >>> mem.peak  # bytes
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.live = self.peak = 0
+        self._sizes: dict[int, int] = {}  # storage id -> bytes counted (0: existed before)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        for t in tree_flatten((args, kwargs))[0]:
+            if isinstance(t, torch.Tensor):
+                self._see(t, count=False)
+        out = func(*args, **kwargs)
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor):
+                self._see(t, count=True)
+        return out
+
+    def _see(self, t: torch.Tensor, count: bool) -> None:
+        storage = t.untyped_storage()
+        key = storage._cdata
+        if key in self._sizes:
+            return
+        nbytes = storage.nbytes() if count else 0
+        self._sizes[key] = nbytes
+        self.live += nbytes
+        self.peak = max(self.peak, self.live)
+        weakref.finalize(storage, self._free, key)
+
+    def _free(self, key: int) -> None:
+        self.live -= self._sizes.pop(key, 0)
+
+
+def peak_tensor_bytes(fn: Callable[[], object]) -> int:
+    """Peak bytes of tensor storage alive at once among those created while ``fn()`` runs
+    (its result included until it is dropped)."""
+    with LiveTensorBytes() as mem:
+        fn()
+    return mem.peak
+
+
+def peak_activation_bytes(model: nn.Module, x: torch.Tensor) -> int:
+    """Peak tensor memory of one forward pass (eval, no_grad), weights and input excluded."""
+    model.eval()
+    with torch.no_grad():
+        return peak_tensor_bytes(lambda: model(x))
+
+
+def default_input_size(model: nn.Module) -> tuple[int, ...]:
+    """(1, C, 224, 224) or (1, C, 64, 64, 64), from the model's first convolution."""
+    conv = next((m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Conv3d))), None)
+    if conv is None:
+        raise ValueError("cannot guess an input size for a model without 2D/3D convolutions: give input_size")
+    dims = 3 if isinstance(conv, nn.Conv3d) else 2
+    return (1, conv.in_channels, *DEFAULT_SPATIAL[dims])
+
+
+@dataclass
+class ModelInfo:
+    """What one forward of a model on one input size costs."""
+
+    name: str
+    input_size: tuple[int, ...]
+    output_size: tuple[int, ...]
+    parameters: int
+    macs: int
+    scan_flops: int
+    peak_activation_bytes: int
+
+    @property
+    def flops(self) -> int:
+        """2 x MACs + scan FLOPs."""
+        return 2 * self.macs + self.scan_flops
+
+    def as_dict(self) -> dict:
+        return {**asdict(self), "flops": self.flops}
+
+    def __str__(self) -> str:
+        g = lambda n: f"{n / 1e9:,.2f} G" if n >= 1e9 else f"{n / 1e6:,.2f} M"  # noqa: E731
+        return "\n".join([
+            f"{self.name}: input {self.input_size} -> output {self.output_size}",
+            f"  parameters              {self.parameters:>16,}   (every weight, Mamba included)",
+            f"  conv + linear MACs      {g(self.macs):>16}   (multiply-accumulates, FlopCounterMode)",
+            f"  selective-scan FLOPs    {g(self.scan_flops):>16}   (analytic, 9 per batch*channel*token*state)",
+            f"  total FLOPs             {g(self.flops):>16}   (2 x MACs + scan FLOPs)",
+            f"  peak activation memory  {self.peak_activation_bytes / 2**20:>14,.1f} MiB   "
+            "(one forward, eval, no_grad; tensors alive at once)",
+        ])
+
+
+def model_info(model: nn.Module | str, input_size: Sequence[int] | None = None, name: str | None = None,
+               **model_kwargs) -> ModelInfo:
+    """Measure ``model`` (a module, or a registered name built with ``model_kwargs``) on a random
+    input of ``input_size`` (B, C, *S); default :func:`default_input_size`.
+
+    Example:
+        >>> info = model_info("lightm_unet_2d", (1, 1, 256, 256))
+        >>> info.parameters, info.macs, info.scan_flops, info.peak_activation_bytes
+    """
+    if isinstance(model, str):
+        from .registry import create_model
+
+        name, model = model, create_model(model, **model_kwargs)
+    input_size = tuple(input_size) if input_size else default_input_size(model)
+    x = torch.randn(*input_size)
+    macs, scan_flops = count_macs(model, x)
+    with torch.no_grad():
+        output_size = tuple(model.eval()(x).shape)
+    return ModelInfo(name=name or type(model).__name__, input_size=input_size, output_size=output_size,
+                     parameters=count_parameters(model), macs=macs, scan_flops=scan_flops,
+                     peak_activation_bytes=peak_activation_bytes(model, x))
+
+
+@dataclass
+class InfoConfig:
+    """Print the true parameter count, conv/linear MACs, selective-scan FLOPs and peak activation
+    memory of one forward pass of a registered model."""
+
+    model: str = field(metadata={"positional": True, "help": "registered model name (see medssm.list_models())"})
+    input_size: tuple[int, ...] = field(default=(), metadata={
+        "help": "input shape B C *S, e.g. 1 1 256 256 (default: 224x224 for 2D, 64^3 for 3D models)"})
+    model_kwargs: tuple[str, ...] = field(default=(), metadata={
+        "flags": ("--set",), "help": "model arguments as key=value, e.g. --set in_channels=3 out_channels=2"})
+    json: bool = field(default=False, metadata={"help": "print JSON instead of a table"})
+
+
+def parse_kwargs(items: Sequence[str]) -> dict:
+    """``["a=1", "b=(1, 2)", "c=x"]`` -> ``{"a": 1, "b": (1, 2), "c": "x"}`` (Python literals, else strings)."""
+    import ast
+
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"model argument {item!r} is not key=value")
+        try:
+            out[key] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            out[key] = value
+    return out
+
+
+def print_info(cfg: InfoConfig) -> ModelInfo:
+    """``medssm info``: measure ``cfg.model`` and print a table (or JSON)."""
+    import json
+
+    info = model_info(cfg.model, cfg.input_size or None, **parse_kwargs(cfg.model_kwargs))
+    print(json.dumps(info.as_dict(), indent=2) if cfg.json else info)
+    return info
+
+
+__all__ = ["ModelInfo", "model_info", "count_parameters", "count_macs", "peak_activation_bytes",
+           "peak_tensor_bytes", "LiveTensorBytes", "default_input_size", "InfoConfig", "print_info"]
