@@ -1,0 +1,167 @@
+"""Reading and writing medical images with their geometry (SimpleITK underneath).
+
+Arrays are in numpy axis order: a 3D image is ``(z, y, x)``, a 2D one ``(y, x)``. :class:`Geometry`
+is in the same order, i.e. SimpleITK's reversed: ``spacing[0]`` is the spacing of array axis 0,
+``origin`` and the rows and columns of ``direction`` are reversed too, so ``direction[i][j]`` is the
+``i``-th physical coordinate (in reversed order) of array axis ``j``.
+
+Files with one value per pixel read as a spatial array ``(*S)``; files with several components per
+pixel (RGB/RGBA PNG, JPG, TIFF) read as ``(C, *S)``, channel first. ``len(geometry.spacing)`` always
+gives the number of spatial axes, so the two cases can be told apart.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import SimpleITK as sitk
+
+from ..nets.registry import atomic_path
+
+SUPPORTED_ENDINGS: tuple[str, ...] = (
+    ".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd", ".gipl.gz", ".gipl",
+    ".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp",
+)
+NATURAL_IMAGE_ENDINGS: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".bmp")
+
+
+class ImageFileError(ValueError):
+    """An image file that cannot be read or written; the message names the file."""
+
+
+def file_ending(path: str | os.PathLike) -> str:
+    """The supported ending of ``path`` (``.nii.gz`` counts as one), lower case, or ValueError."""
+    name = Path(path).name.lower()
+    for ending in SUPPORTED_ENDINGS:
+        if name.endswith(ending):
+            return ending
+    raise ImageFileError(f"{path}: unsupported file type; supported endings: {', '.join(SUPPORTED_ENDINGS)}")
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """Where an image lies in space, in numpy axis order. ``shape`` is the spatial shape."""
+
+    spacing: tuple[float, ...]
+    origin: tuple[float, ...]
+    direction: tuple[tuple[float, ...], ...]
+    shape: tuple[int, ...]
+
+    @classmethod
+    def from_sitk(cls, image: sitk.Image | sitk.ImageFileReader) -> Geometry:
+        n = image.GetDimension()
+        d = np.asarray(image.GetDirection(), dtype=float).reshape(n, n)[::-1, ::-1]
+        return cls(spacing=tuple(float(s) for s in image.GetSpacing()[::-1]),
+                   origin=tuple(float(o) for o in image.GetOrigin()[::-1]),
+                   direction=tuple(tuple(float(v) for v in row) for row in d),
+                   shape=tuple(int(s) for s in image.GetSize()[::-1]))
+
+    @classmethod
+    def default(cls, shape: tuple[int, ...]) -> Geometry:
+        """Unit spacing, zero origin, identity direction."""
+        n = len(shape)
+        return cls((1.0,) * n, (0.0,) * n, tuple(tuple(float(i == j) for j in range(n)) for i in range(n)),
+                   tuple(int(s) for s in shape))
+
+    def apply_to(self, image: sitk.Image) -> None:
+        """Set spacing, origin and direction of a SimpleITK image."""
+        image.SetSpacing(self.spacing[::-1])
+        image.SetOrigin(self.origin[::-1])
+        image.SetDirection(np.asarray(self.direction, dtype=float)[::-1, ::-1].ravel().tolist())
+
+    def to_dict(self) -> dict:
+        return {"spacing": list(self.spacing), "origin": list(self.origin),
+                "direction": [list(r) for r in self.direction], "shape": list(self.shape)}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Geometry:
+        return cls(tuple(map(float, d["spacing"])), tuple(map(float, d["origin"])),
+                   tuple(tuple(map(float, r)) for r in d["direction"]), tuple(map(int, d["shape"])))
+
+    def matches(self, other: Geometry, tol: float = 1e-4) -> bool:
+        """Same shape, and spacing, origin and direction equal within ``tol`` (relative for spacing)."""
+        return (self.shape == other.shape
+                and np.allclose(self.spacing, other.spacing, rtol=tol, atol=tol)
+                and np.allclose(self.origin, other.origin, rtol=tol, atol=tol)
+                and np.allclose(self.direction, other.direction, atol=tol))
+
+
+def read_image(path: str | os.PathLike) -> tuple[np.ndarray, Geometry]:
+    """Read one image file: ``(*S)`` for one value per pixel, ``(C, *S)`` for RGB and other
+    multi-component pixels. The dtype is the file's. Raises :class:`ImageFileError` naming the file.
+
+    NIfTI voxels are read with nibabel (SimpleITK 2.5 turns NaN and Inf into numbers), the geometry
+    with SimpleITK, so it is in ITK's (LPS) convention for every format."""
+    path = Path(path)
+    ending = file_ending(path)
+    if not path.is_file():
+        raise ImageFileError(f"{path}: file not found")
+    try:
+        if ending in (".nii", ".nii.gz"):
+            reader = sitk.ImageFileReader()
+            reader.SetFileName(str(path))
+            reader.ReadImageInformation()
+            if reader.GetNumberOfComponents() == 1:
+                array = np.asanyarray(nib.load(path).dataobj)
+                if array.ndim == reader.GetDimension():
+                    return np.ascontiguousarray(array.transpose()), Geometry.from_sitk(reader)
+        image = sitk.ReadImage(str(path))
+    except Exception as e:  # SimpleITK, nibabel and zlib each raise their own kinds
+        raise ImageFileError(f"{path}: unreadable ({str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__})") from None
+    array = sitk.GetArrayFromImage(image)
+    if image.GetNumberOfComponentsPerPixel() > 1:
+        array = np.moveaxis(array, -1, 0)
+    return np.ascontiguousarray(array), Geometry.from_sitk(image)
+
+
+def read_channels(path: str | os.PathLike) -> tuple[np.ndarray, Geometry]:
+    """Like :func:`read_image` but always channel first: ``(C, *S)``."""
+    array, geometry = read_image(path)
+    return (array[None] if array.ndim == len(geometry.shape) else array), geometry
+
+
+def write_image(array: np.ndarray, geometry: Geometry | None, path: str | os.PathLike) -> Path:
+    """Write ``array`` (spatial, ``(*S)``) to ``path`` atomically in the format of its ending, with
+    ``geometry``'s spacing, origin and direction (PNG/JPG/BMP keep none of these). PNG/BMP take
+    integers in 0..65535 (0..255 for JPG/BMP); floats and larger values raise ImageFileError."""
+    path = Path(path)
+    ending = file_ending(path)
+    array = np.asarray(array)
+    if array.dtype == bool:
+        array = array.astype(np.uint8)
+    if array.dtype == np.float16 or array.dtype.kind not in "iuf":
+        raise ImageFileError(f"{path}: cannot write dtype {array.dtype}")
+    if geometry is not None and tuple(array.shape) != tuple(geometry.shape):
+        raise ImageFileError(f"{path}: array shape {array.shape} does not match geometry shape {geometry.shape}")
+    if ending in NATURAL_IMAGE_ENDINGS:
+        array = _natural_image_dtype(array, ending, path)
+    image = sitk.GetImageFromArray(array)
+    if geometry is not None:
+        geometry.apply_to(image)
+    with atomic_path(path) as tmp:
+        # SimpleITK picks the format from the name, so write beside tmp with the real ending.
+        named = tmp.with_name(tmp.name + ending)
+        try:
+            sitk.WriteImage(image, str(named), useCompression=ending.endswith(".gz"))
+            os.replace(named, tmp)
+        except RuntimeError as e:
+            raise ImageFileError(f"{path}: cannot write ({str(e).strip().splitlines()[-1]})") from None
+        finally:
+            named.unlink(missing_ok=True)
+    return path
+
+
+def _natural_image_dtype(array: np.ndarray, ending: str, path: Path) -> np.ndarray:
+    if array.ndim != 2:
+        raise ImageFileError(f"{path}: {ending} holds 2D images only, got shape {array.shape}")
+    if array.dtype.kind == "f":
+        if not np.all(np.isfinite(array)) or np.any(array != np.round(array)):
+            raise ImageFileError(f"{path}: {ending} holds integers only; got non-integer values")
+    top = 65535 if ending == ".png" else 255
+    if array.size and (array.min() < 0 or array.max() > top):
+        raise ImageFileError(f"{path}: values {array.min()}..{array.max()} do not fit {ending} (0..{top})")
+    return array.astype(np.uint8 if array.size == 0 or array.max() <= 255 else np.uint16)
