@@ -353,6 +353,9 @@ def triton_selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, de
                            f"got tensors on {u.device}")
     if B.dim() != 4 or C.dim() != 4:
         raise ValueError("B and C must be grouped (batch, G, N, L); use medssm.ssm.selective_scan")
+    dtypes = {t.dtype for t in (u, delta, A, B, C, D, z, delta_bias) if t is not None}
+    if len(dtypes) != 1:  # the gradients are returned in the inputs' one dtype
+        raise ValueError(f"all inputs must share one dtype, got {sorted(map(str, dtypes))}")
     return _TritonSelectiveScan.apply(u, delta, A, B, C, D, z, delta_bias, delta_softplus,
                                       return_last_state, chunk, block_d, deterministic)
 
