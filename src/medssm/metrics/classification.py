@@ -1,0 +1,234 @@
+"""Classification metrics in the MedMNIST v2 convention, in plain numpy, with PNG plots.
+
+* **ACC**: binary tasks threshold the probability of the last class at 0.5 (``p[:, -1] > 0.5``,
+  as ``medmnist.Evaluator`` does); more classes take the arg-max.
+* **AUC**: binary tasks use the probability of the last class; more classes average the
+  one-vs-rest AUC of every class (macro), which is ``roc_auc_score(..., multi_class="ovr")``.
+* Per class: precision, sensitivity (recall), specificity, F1 and AUC (one-vs-rest); averaged:
+  their unweighted (macro) means. A class that is never predicted has precision 0 (scikit-learn's
+  ``zero_division=0``); a class absent from the labels has no AUC (NaN, left out of the mean).
+
+Examples:
+    >>> y = np.array([0, 1, 1, 0]); p = np.array([[.8, .2], [.3, .7], [.6, .4], [.1, .9]])
+    >>> m = classification_metrics(y, p)
+    >>> m["acc"], m["auc"]
+    (0.5, 0.5)
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+__all__ = ["roc_auc", "roc_curve", "predict_labels", "confusion_matrix", "classification_metrics",
+           "plot_confusion_matrix", "plot_roc", "format_metrics"]
+
+
+def _check(y_true, probs) -> tuple[np.ndarray, np.ndarray]:
+    y = np.asarray(y_true)
+    p = np.asarray(probs, dtype=np.float64)
+    if p.ndim == 1:  # a single score column: probability of the positive class
+        p = np.stack([1 - p, p], axis=1)
+    if y.ndim == 2 and y.shape[1] == 1:
+        y = y[:, 0]
+    if y.ndim != 1 or p.ndim != 2 or len(y) != len(p):
+        raise ValueError(f"labels must be (N,) and probabilities (N, K); got {y.shape} and {p.shape}")
+    if len(y) == 0:
+        raise ValueError("no samples to score")
+    if not np.issubdtype(y.dtype, np.integer):
+        if not np.all(np.equal(np.mod(y, 1), 0)):
+            raise ValueError("labels must be integer class indices")
+        y = y.astype(np.int64)
+    if y.min() < 0 or y.max() >= p.shape[1]:
+        bad = int(y[(y < 0) | (y >= p.shape[1])][0])
+        raise ValueError(f"label {bad} is out of range for {p.shape[1]} classes (0..{p.shape[1] - 1})")
+    return y.astype(np.int64), p
+
+
+def _rank(x: np.ndarray) -> np.ndarray:
+    """1-based ranks with ties given their average rank."""
+    order = np.argsort(x, kind="mergesort")
+    xs = x[order]
+    ranks = np.empty(len(x), dtype=np.float64)
+    starts = np.r_[0, np.flatnonzero(xs[1:] != xs[:-1]) + 1]
+    ends = np.r_[starts[1:], len(x)]
+    for s, e in zip(starts, ends):
+        ranks[order[s:e]] = (s + e + 1) / 2.0
+    return ranks
+
+
+def roc_auc(positive: np.ndarray, score: np.ndarray) -> float:
+    """Area under the ROC curve of ``score`` for the boolean ``positive`` (Mann-Whitney U, ties
+    counted half). NaN when only one class is present."""
+    positive = np.asarray(positive, dtype=bool)
+    score = np.asarray(score, dtype=np.float64)
+    n_pos = int(positive.sum())
+    n_neg = len(positive) - n_pos
+    if n_pos == 0 or n_neg == 0:
+        return float("nan")
+    r = _rank(score)
+    return float((r[positive].sum() - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
+
+
+def roc_curve(positive: np.ndarray, score: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(false-positive rates, true-positive rates, thresholds), one point per distinct score from
+    the highest down, starting at (0, 0) with threshold +inf (scikit-learn's
+    ``roc_curve(..., drop_intermediate=False)``)."""
+    positive = np.asarray(positive, dtype=bool)
+    score = np.asarray(score, dtype=np.float64)
+    order = np.argsort(-score, kind="mergesort")
+    s, t = score[order], positive[order]
+    last = np.r_[np.flatnonzero(s[1:] != s[:-1]), len(s) - 1]  # last index of each distinct score
+    tps = np.cumsum(t)[last]
+    fps = (last + 1) - tps
+    tps, fps = np.r_[0, tps], np.r_[0, fps]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        tpr = tps / tps[-1] if tps[-1] else np.full(len(tps), np.nan)
+        fpr = fps / fps[-1] if fps[-1] else np.full(len(fps), np.nan)
+    return fpr, tpr, np.r_[np.inf, s[last]]
+
+
+def predict_labels(probs: np.ndarray, threshold: float = 0.5) -> np.ndarray:
+    """Predicted classes: ``p[:, -1] > threshold`` for two classes, the arg-max otherwise."""
+    p = np.asarray(probs)
+    if p.shape[1] == 2:
+        return (p[:, -1] > threshold).astype(np.int64)
+    return p.argmax(axis=1).astype(np.int64)
+
+
+def confusion_matrix(y_true: np.ndarray, y_pred: np.ndarray, num_classes: int) -> np.ndarray:
+    """(K, K) counts: rows are the true class, columns the predicted one."""
+    cm = np.zeros((num_classes, num_classes), dtype=np.int64)
+    np.add.at(cm, (np.asarray(y_true, dtype=np.int64), np.asarray(y_pred, dtype=np.int64)), 1)
+    return cm
+
+
+def _div(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    return np.divide(a, b, out=np.zeros_like(a), where=b > 0)
+
+
+def classification_metrics(y_true, probs, class_names: Sequence[str] | None = None,
+                           threshold: float = 0.5) -> dict:
+    """Every metric of the module docstring for labels ``(N,)`` and probabilities ``(N, K)``.
+
+    Returns a JSON-able dict: ``acc``, ``auc``, the macro ``precision``, ``sensitivity``,
+    ``specificity``, ``f1``, ``balanced_acc``, ``n``, ``confusion_matrix`` and ``per_class`` (a list
+    of dicts with ``class``, ``support``, ``precision``, ``sensitivity``, ``specificity``, ``f1``,
+    ``auc``).
+    """
+    y, p = _check(y_true, probs)
+    k = p.shape[1]
+    names = list(class_names) if class_names is not None else [str(i) for i in range(k)]
+    if len(names) != k:
+        raise ValueError(f"{len(names)} class names for {k} probability columns")
+    pred = predict_labels(p, threshold)
+    cm = confusion_matrix(y, pred, k)
+    tp = np.diag(cm).astype(np.float64)
+    fp = cm.sum(axis=0) - tp
+    fn = cm.sum(axis=1) - tp
+    tn = cm.sum() - tp - fp - fn
+    precision, sensitivity, specificity = _div(tp, tp + fp), _div(tp, tp + fn), _div(tn, tn + fp)
+    f1 = _div(2 * tp, 2 * tp + fp + fn)
+    class_auc = np.array([roc_auc(y == i, p[:, i]) for i in range(k)])
+    if k == 2:
+        auc = roc_auc(y == 1, p[:, 1])
+    else:
+        defined = ~np.isnan(class_auc)
+        if not defined.all() and defined.any():
+            warnings.warn(f"AUC: classes {[names[i] for i in np.flatnonzero(~defined)]} have no samples "
+                          "(or only those); left out of the mean", stacklevel=2)
+        auc = float(np.mean(class_auc[defined])) if defined.any() else float("nan")
+    per_class = [{"class": names[i], "support": int(cm[i].sum()), "precision": float(precision[i]),
+                  "sensitivity": float(sensitivity[i]), "specificity": float(specificity[i]),
+                  "f1": float(f1[i]), "auc": float(class_auc[i])} for i in range(k)]
+    return {
+        "n": int(len(y)), "num_classes": k,
+        "acc": float((pred == y).mean()), "auc": float(auc),
+        "precision": float(precision.mean()), "sensitivity": float(sensitivity.mean()),
+        "specificity": float(specificity.mean()), "f1": float(f1.mean()),
+        "balanced_acc": float(sensitivity[cm.sum(axis=1) > 0].mean()),
+        "confusion_matrix": cm.tolist(), "per_class": per_class,
+    }
+
+
+def format_metrics(m: dict) -> str:
+    """A small text table: the averages, then one row per class."""
+    lines = [f"n={m['n']}  ACC {m['acc']:.4f}  AUC {m['auc']:.4f}  F1 {m['f1']:.4f}  precision "
+             f"{m['precision']:.4f}  sensitivity {m['sensitivity']:.4f}  specificity {m['specificity']:.4f}"]
+    width = max(8, *(len(c["class"]) for c in m["per_class"]))
+    lines.append(f"{'class':<{width}}  support  precision  sensitivity  specificity      f1     auc")
+    for c in m["per_class"]:
+        lines.append(f"{c['class']:<{width}}  {c['support']:>7}  {c['precision']:>9.4f}  {c['sensitivity']:>11.4f}"
+                     f"  {c['specificity']:>11.4f}  {c['f1']:>6.4f}  {c['auc']:>6.4f}")
+    return "\n".join(lines)
+
+
+def _figure():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, path: str | os.PathLike) -> Path:
+    from ..nets.registry import atomic_path
+
+    plt = _figure()
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+    plt.close(fig)
+    return path
+
+
+def plot_confusion_matrix(cm, class_names: Sequence[str], path: str | os.PathLike, title: str = "") -> Path:
+    """Counts and row-normalised shading of a confusion matrix, as a PNG."""
+    plt = _figure()
+    cm = np.asarray(cm)
+    k = len(cm)
+    rates = _div(cm, cm.sum(axis=1, keepdims=True))
+    size = max(4.0, 0.6 * k + 2.5)
+    fig, ax = plt.subplots(figsize=(size, size))
+    ax.imshow(rates, cmap="Blues", vmin=0, vmax=1)
+    for i in range(k):
+        for j in range(k):
+            ax.text(j, i, f"{cm[i, j]}", ha="center", va="center",
+                    color="white" if rates[i, j] > 0.5 else "black", fontsize=9)
+    labels = [n if len(n) <= 14 else n[:13] + "…" for n in class_names]
+    ax.set_xticks(range(k), labels, rotation=45, ha="right")
+    ax.set_yticks(range(k), labels)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(title or "confusion matrix")
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def plot_roc(y_true, probs, class_names: Sequence[str], path: str | os.PathLike, title: str = "") -> Path:
+    """ROC curves as a PNG: the positive class for two classes, one-vs-rest per class otherwise."""
+    plt = _figure()
+    y, p = _check(y_true, probs)
+    k = p.shape[1]
+    fig, ax = plt.subplots(figsize=(5, 5))
+    for i in ([1] if k == 2 else range(k)):
+        if (y == i).all() or not (y == i).any():
+            continue
+        fpr, tpr, _ = roc_curve(y == i, p[:, i])
+        ax.plot(fpr, tpr, label=f"{class_names[i]} (AUC {roc_auc(y == i, p[:, i]):.3f})")
+    ax.plot([0, 1], [0, 1], "k--", lw=0.8)
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1.01)
+    ax.set_xlabel("false-positive rate (1 - specificity)")
+    ax.set_ylabel("true-positive rate (sensitivity)")
+    ax.set_title(title or "ROC")
+    ax.legend(loc="lower right", fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return _save(fig, path)

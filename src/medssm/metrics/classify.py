@@ -1,0 +1,79 @@
+"""Score classification predictions (``medssm evaluate predictions.csv [-r DATA]``).
+
+Reads a predictions CSV (from ``medssm predict``); the true labels come from its ``target``
+column or from ``--reference`` (a .npz, image folders or CSV, matched by path). Writes
+``metrics.json`` (accuracy, AUC, macro F1, precision, sensitivity, specificity, per class and
+averaged, in the MedMNIST v2 convention), ``confusion_matrix.png`` and ``roc.png``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from ..nets.registry import atomic_path
+from .classification import classification_metrics, format_metrics, plot_confusion_matrix, plot_roc
+
+__all__ = ["ClassifierEvaluateConfig", "evaluate_classifier", "evaluate_predictions"]
+
+
+@dataclass
+class ClassifierEvaluateConfig:
+    """Score a predictions CSV: ACC, AUC, F1, precision, sensitivity, specificity; confusion matrix and ROC PNGs."""
+
+    predictions: str = field(metadata={"positional": True, "help": "predictions CSV written by medssm predict"})
+    reference: str | None = field(default=None, metadata={
+        "flags": ("-r", "--reference"), "help": "labelled data (.npz, folders, CSV) when the CSV has no target column"})
+    split: str = field(default="test", metadata={"help": "split of --reference"})
+    out: str | None = field(default=None, metadata={
+        "help": "folder for metrics.json and the PNGs (default: <predictions>_evaluation beside the CSV)"})
+    size: int = field(default=28, metadata={"help": "MedMNIST image size when --reference is a name"})
+    data_root: str | None = field(default=None, metadata={"help": "folder of MedMNIST files for names"})
+
+
+def evaluate_predictions(y_true, probs, classes: Sequence[str], out: str | os.PathLike | None = None,
+                         title: str = "") -> dict:
+    """Metrics of ``probs`` against ``y_true``; with ``out``, also metrics.json and the two PNGs."""
+    m = classification_metrics(y_true, probs, classes)
+    if out is not None:
+        out = Path(out)
+        out.mkdir(parents=True, exist_ok=True)
+        with atomic_path(out / "metrics.json") as tmp:
+            tmp.write_text(json.dumps(m, indent=2))
+        plot_confusion_matrix(m["confusion_matrix"], classes, out / "confusion_matrix.png", title=title)
+        plot_roc(y_true, probs, classes, out / "roc.png", title=title)
+    return m
+
+
+def evaluate_classifier(cfg: ClassifierEvaluateConfig) -> dict:
+    from ..data.classification import open_classification_data
+    from ..inference.classify import read_predictions
+
+    pred_path = Path(cfg.predictions)
+    names, probs, targets, classes = read_predictions(pred_path)
+    if cfg.reference is not None:
+        ref = open_classification_data(cfg.reference, cfg.split, root=cfg.data_root, size=cfg.size, classes=classes)
+        ref.check_labels(len(classes), f"{pred_path} (its prob_ columns)")
+        by_name = {ref.name(i): int(ref.labels[i]) for i in range(len(ref))}
+        missing = [n for n in names if n not in by_name]
+        if missing:
+            raise ValueError(f"{pred_path}: {len(missing)} predicted paths are not in {cfg.reference} [{cfg.split}], "
+                             f"e.g. {missing[0]!r}")
+        targets = np.asarray([by_name[n] for n in names], dtype=np.int64)
+    if (targets < 0).any():
+        raise ValueError(f"{pred_path}: {int((targets < 0).sum())} rows have no target; give the labelled data "
+                         "with --reference")
+    if targets.max() >= len(classes):
+        bad = int(np.flatnonzero(targets >= len(classes))[0])
+        raise ValueError(f"{pred_path}, row for {names[bad]!r}: label {int(targets[bad])} is out of range for "
+                         f"{len(classes)} classes")
+    out = Path(cfg.out) if cfg.out else pred_path.with_name(pred_path.stem + "_evaluation")
+    m = evaluate_predictions(targets, probs, classes, out, title=pred_path.stem)
+    print(format_metrics(m))
+    print(f"metrics.json, confusion_matrix.png, roc.png -> {out}")
+    return m
