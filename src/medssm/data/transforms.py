@@ -1,0 +1,99 @@
+"""Training augmentation: MONAI dictionary transforms with nnU-Net's choices and probabilities.
+
+Per sample, in this order: rotation (p 0.2; ±180° in 2D, ±30° about each axis in 3D), scaling
+(p 0.2, 0.7-1.4), Gaussian noise (p 0.1, std up to 0.1), Gaussian blur (p 0.2, sigma 0.5-1),
+brightness (p 0.15, x0.75-1.25), contrast (p 0.15, x0.75-1.25 about the mean, range kept),
+low-resolution simulation (p 0.25, zoom 0.5-1), gamma on the inverted image (p 0.1) and gamma
+(p 0.3, 0.7-1.5, statistics kept), mirroring (p 0.5 along each axis). Spatial transforms move the
+label with nearest-neighbour interpolation.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+from monai.transforms import (
+    Compose,
+    RandAdjustContrastd,
+    RandFlipd,
+    RandGaussianNoised,
+    RandGaussianSmoothd,
+    RandRotated,
+    RandScaleIntensityd,
+    RandScaleIntensityFixedMeand,
+    RandSimulateLowResolutiond,
+    RandZoomd,
+)
+
+
+class TrainingTransforms:
+    """Callable on a batch ``{"image": (B, C, *P), "label": (B, 1, *P), ...}``; returns a new batch
+    with the same shapes and dtypes (other keys are passed through).
+
+    With a seed, call ``n`` reseeds every transform from ``(seed, n)``, so the augmentation of a
+    batch depends on the seed and the call count alone and ``state_dict`` is just those two numbers.
+    """
+
+    def __init__(self, compose: Compose, seed: int | None = 0):
+        self.compose = compose
+        self.seed = seed
+        self.calls = 0
+
+    def __call__(self, batch: dict) -> dict:
+        if self.seed is not None:
+            self.compose.set_random_state(seed=int(np.random.SeedSequence([self.seed, self.calls]).generate_state(1)[0]))
+        self.calls += 1
+        images, labels = [], []
+        for image, label in zip(batch["image"], batch["label"]):
+            out = self.compose({"image": image, "label": label.float()})
+            images.append(torch.as_tensor(out["image"]).float())
+            labels.append(torch.as_tensor(out["label"]).round().long())
+        return {**batch, "image": torch.stack(images), "label": torch.stack(labels)}
+
+    def set_random_state(self, seed: int | None) -> TrainingTransforms:
+        """Seed the augmentation (None: unseeded, MONAI's own generators) and restart the count."""
+        self.seed, self.calls = seed, 0
+        return self
+
+    def state_dict(self) -> dict:
+        return {"seed": self.seed, "calls": self.calls}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.seed, self.calls = state["seed"], int(state["calls"])
+
+
+def training_transforms(spatial_dims: int, patch_size=None, rotation_deg: float | None = None,
+                        scale_range: tuple[float, float] = (0.7, 1.4), mirror_axes=None,
+                        seed: int | None = 0) -> TrainingTransforms:
+    """nnU-Net-like augmentation for ``spatial_dims`` 2 or 3 (see the module docstring).
+
+    Args:
+        patch_size: unused by the transforms themselves (they keep the input size); kept so the
+            call matches the plan.
+        rotation_deg: maximum rotation; default 180 in 2D, 30 in 3D.
+        mirror_axes: spatial axes to mirror (default all).
+        seed: seeds every transform (None leaves them unseeded).
+    """
+    if spatial_dims not in (2, 3):
+        raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims}")
+    keys = ("image", "label")
+    angle = math.radians(rotation_deg if rotation_deg is not None else (180 if spatial_dims == 2 else 30))
+    rotate = {"range_x": angle} if spatial_dims == 2 else {"range_x": angle, "range_y": angle, "range_z": angle}
+    mirror_axes = list(range(spatial_dims)) if mirror_axes is None else list(mirror_axes)
+    transforms = [
+        RandRotated(keys, prob=0.2, mode=("bilinear", "nearest"), padding_mode="zeros", keep_size=True, **rotate),
+        RandZoomd(keys, prob=0.2, min_zoom=scale_range[0], max_zoom=scale_range[1], mode=("bilinear", "nearest"),
+                  padding_mode="constant", keep_size=True),
+        RandGaussianNoised("image", prob=0.1, mean=0.0, std=0.1),
+        RandGaussianSmoothd("image", prob=0.2, sigma_x=(0.5, 1.0), sigma_y=(0.5, 1.0), sigma_z=(0.5, 1.0)),
+        RandScaleIntensityd("image", prob=0.15, factors=0.25),
+        RandScaleIntensityFixedMeand("image", prob=0.15, factors=0.25, preserve_range=True),
+        RandSimulateLowResolutiond("image", prob=0.25, zoom_range=(0.5, 1.0),
+                                   upsample_mode="bicubic" if spatial_dims == 2 else "trilinear"),
+        RandAdjustContrastd("image", prob=0.1, gamma=(0.7, 1.5), invert_image=True, retain_stats=True),
+        RandAdjustContrastd("image", prob=0.3, gamma=(0.7, 1.5), retain_stats=True),
+        *[RandFlipd(keys, prob=0.5, spatial_axis=axis) for axis in mirror_axes],
+    ]
+    return TrainingTransforms(Compose(transforms), seed)
