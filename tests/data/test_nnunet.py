@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from medssm.data import DatasetError, Geometry, NnUNetDataset, find_cases, make_plan, plan_dataset, verify_dataset
+from medssm.data import (DatasetError, Geometry, NnUNetDataset, find_cases, make_plan, plan_dataset, read_case_images,
+                         verify_dataset)
 from medssm.data.io import read_image, write_image
 from medssm.data.preprocess import build_cache
 
@@ -149,3 +150,13 @@ def test_find_cases_groups_channels_and_plain_files(tmp_path):
     (tmp_path / "c_0001.nii.gz").write_bytes(b"")
     with pytest.raises(DatasetError, match=r"c \(|channel files \[1\]"):
         find_cases(tmp_path)
+
+
+def test_read_case_images_for_prediction(hippo_copy):
+    found = find_cases(hippo_copy / "imagesTr", ".nii.gz")
+    case, files = next(iter(found.items()))
+    image, geometry = read_case_images(files, case)
+    assert image.dtype == np.float32 and image.shape == (1, *geometry.shape)
+    other = found[list(found)[1]][0]
+    with pytest.raises(DatasetError, match="shape .* differs"):
+        read_case_images([files[0], other], case)

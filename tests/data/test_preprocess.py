@@ -7,7 +7,8 @@ import os
 import numpy as np
 import pytest
 
-from medssm.data import Geometry, NnUNetDataset, make_plan, normalize, plan_dataset, read_image, write_image
+from medssm.data import (Geometry, NnUNetDataset, PatchSampler, make_plan, normalize, plan_dataset, read_image,
+                         write_image)
 from medssm.data.preprocess import build_cache, load_cache, preprocess_case, revert_to_original
 
 
@@ -97,3 +98,11 @@ def test_cache_is_built_once_and_redone_when_stale(hippo, tmp_path):
     assert entry["image"].dtype == np.float32 and entry["label"].dtype == np.int16
     for k, where in entry["class_locations"].items():
         assert k in (1, 2) and len(where) and np.all(entry["label"][tuple(where.T)] == k)
+
+
+def test_sampler_reads_the_cache_build_cache_returns(hippo, tmp_path):
+    ds, plan = hippo
+    paths = build_cache(ds, plan, tmp_path / "cache", progress=False, cases=ds.cases[:2])
+    assert paths.load(ds.cases[0]) is paths.load(ds.cases[0])  # read once
+    batch = next(PatchSampler(paths, list(paths), plan.patch_size, 3, seed=0))
+    assert batch["image"].shape == (3, 1, *plan.patch_size) and (batch["label"][2] > 0).any()

@@ -2,19 +2,19 @@
 patch sampling and augmentation."""
 
 from .io import SUPPORTED_ENDINGS, Geometry, ImageFileError, read_channels, read_image, write_image
-from .nnunet import Case, DatasetError, NnUNetDataset, find_cases, verify_dataset
+from .nnunet import Case, DatasetError, NnUNetDataset, find_cases, read_case_images, verify_dataset
 from .normalization import SCHEMES, normalize, scheme_for_channel
 from .plan import Fingerprint, Plan, make_plan, parse_overrides, plan_dataset
-from .preprocess import build_cache, load_cache, preprocess_case, revert_to_original
+from .preprocess import Cache, build_cache, load_cache, preprocess_case, revert_to_original
 from .sampling import PatchSampler
 from .splits import load_or_create_splits, make_splits
 
 __all__ = [
     "SUPPORTED_ENDINGS", "Geometry", "ImageFileError", "read_channels", "read_image", "write_image",
-    "Case", "DatasetError", "NnUNetDataset", "find_cases", "verify_dataset",
+    "Case", "DatasetError", "NnUNetDataset", "find_cases", "read_case_images", "verify_dataset",
     "SCHEMES", "normalize", "scheme_for_channel",
     "Fingerprint", "Plan", "make_plan", "parse_overrides", "plan_dataset",
-    "build_cache", "load_cache", "preprocess_case", "revert_to_original",
+    "Cache", "build_cache", "load_cache", "preprocess_case", "revert_to_original",
     "PatchSampler", "load_or_create_splits", "make_splits", "training_transforms",
 ]
 

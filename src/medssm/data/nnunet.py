@@ -160,14 +160,14 @@ class NnUNetDataset:
             raise KeyError(f"{case!r} is not a test case of {self.root}")
         return [p for _, p in sorted(groups[case].items())]
 
-    def load_case(self, case: str, check: bool = True) -> Case:
-        """Read a training case; with ``check`` it must pass the integrity check (else DatasetError)."""
-        case_data, problems = self._read_case(case, check)
+    def load_case(self, case: str) -> Case:
+        """Read a training case; it must pass the integrity check (else DatasetError)."""
+        case_data, problems = self._read_case(case)
         if problems:
             raise DatasetError(self.root, problems)
         return case_data
 
-    def _read_case(self, case: str, check: bool = True) -> tuple[Case | None, list[tuple[str, str, str]]]:
+    def _read_case(self, case: str) -> tuple[Case | None, list[tuple[str, str, str]]]:
         files = self.image_files(case)
         problems: list[tuple[str, str, str]] = []
         channels, geometries = [], []
@@ -191,11 +191,10 @@ class NnUNetDataset:
         if label is not None and label.ndim != len(label_geometry.shape):
             problems.append((case, str(label_path), "label has several components per pixel; it must have one"))
             label = None
-        if check:
-            problems += self._check_channels(case, files, channels)
-            problems += _check_geometry(case, geometries, label_path, label_geometry)
-            problems += _check_values(case, [p for p, _ in geometries], channels, label_path, label,
-                                      sorted(self.labels.values()))
+        problems += self._check_channels(case, files, channels)
+        problems += _check_geometry(case, geometries, label_path, label_geometry)
+        problems += _check_values(case, [p for p, _ in geometries], channels, label_path, label,
+                                  sorted(self.labels.values()))
         if problems:
             return None, problems
         image = np.concatenate([c.astype(np.float32, copy=False) for c in channels], axis=0)
@@ -289,6 +288,27 @@ def verify_dataset(root: str | os.PathLike) -> NnUNetDataset:
     if problems:
         raise DatasetError(dataset.root, problems)
     return dataset
+
+
+def read_case_images(files: list[str | os.PathLike], case: str = "") -> tuple[np.ndarray, Geometry]:
+    """Read the channel files of one case (e.g. from :func:`find_cases`) as float32 ``(C, *S)`` with
+    the first file's geometry; unreadable files, shape or geometry mismatches and NaN/Inf raise
+    DatasetError."""
+    files = [Path(f) for f in files]
+    problems, channels, geometries = [], [], []
+    for path in files:
+        try:
+            array, geometry = read_channels(path)
+        except ImageFileError as e:
+            problems.append((case, str(path), str(e).removeprefix(f"{path}: ")))
+            continue
+        channels.append(array)
+        geometries.append((path, geometry))
+    problems += _check_geometry(case, geometries, None, None)
+    problems += _check_values(case, [p for p, _ in geometries], channels, None, None, [])
+    if problems or not files:
+        raise DatasetError(files[0].parent if files else Path("."), problems or [(case, "", "no image files")])
+    return np.concatenate([c.astype(np.float32, copy=False) for c in channels], axis=0), geometries[0][1]
 
 
 def find_cases(folder: str | os.PathLike, file_ending: str | None = None) -> dict[str, list[Path]]:

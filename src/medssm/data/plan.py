@@ -57,7 +57,7 @@ def plan_dataset(dataset: NnUNetDataset, cases: list[str] | None = None, samples
     spacings, before, after = [], [], []
     samples: list[list[np.ndarray]] = [[] for _ in range(dataset.num_channels)]
     for case in cases:
-        c = dataset.load_case(case, check=False)
+        c = dataset.load_case(case)
         box = nonzero_box(c.image)
         spacings.append(list(c.geometry.spacing))
         before.append(list(c.geometry.shape))

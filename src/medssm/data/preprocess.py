@@ -175,11 +175,25 @@ def _cached_ok(npz: Path, meta: Path, key: str, stamp: list) -> bool:
     return has_arrays and props.get("cache_key") == key and props.get("source") == stamp
 
 
+class Cache(dict):
+    """``{case: npz path}``, as :func:`build_cache` returns it; ``load(case)`` reads a case's arrays
+    (``{"image", "label", "class_locations", "props"}``) once and keeps them in memory."""
+
+    def __init__(self, paths: dict[str, Path]):
+        super().__init__(paths)
+        self._loaded: dict[str, dict] = {}
+
+    def load(self, case: str) -> dict:
+        if case not in self._loaded:
+            self._loaded[case] = _load_entry(self[case])
+        return self._loaded[case]
+
+
 def build_cache(dataset: NnUNetDataset, plan: Plan, cache_dir: str | os.PathLike, progress: bool = True,
-                cases: list[str] | None = None) -> dict[str, Path]:
+                cases: list[str] | None = None) -> Cache:
     """Preprocess ``cases`` (default: all) of ``dataset`` into ``cache_dir``; cases already cached
     with the same plan and source files are skipped. Each case must pass the integrity check.
-    Returns ``{case: npz path}``."""
+    Returns ``{case: npz path}`` (a :class:`Cache`)."""
     from tqdm import tqdm
 
     if plan.num_channels != dataset.num_channels or plan.labels != dataset.labels:
@@ -189,7 +203,7 @@ def build_cache(dataset: NnUNetDataset, plan: Plan, cache_dir: str | os.PathLike
     cache_dir.mkdir(parents=True, exist_ok=True)
     key = _cache_key(plan)
     foreground = [v for k, v in plan.labels.items() if v != 0 and k != "ignore"]
-    out = {}
+    out = Cache({})
     for case in tqdm(sorted(dataset.cases if cases is None else cases), desc="preprocess",
                      disable=not progress, leave=False):
         npz, meta = cache_dir / f"{case}.npz", cache_dir / f"{case}.json"
@@ -207,14 +221,14 @@ def build_cache(dataset: NnUNetDataset, plan: Plan, cache_dir: str | os.PathLike
     return out
 
 
+def _load_entry(npz: str | os.PathLike) -> dict:
+    with np.load(npz) as f:
+        return {"image": f["image"], "label": f["label"],
+                "class_locations": {int(n.split("_", 1)[1]): f[n] for n in f.files if n.startswith("locations_")},
+                "props": json.loads(Path(npz).with_suffix(".json").read_text())}
+
+
 def load_cache(paths: dict[str, Path]) -> dict[str, dict]:
     """Load what :func:`build_cache` returned into memory: ``{case: {"image", "label",
-    "class_locations": {k: (N, ndim)}, "props"}}`` (the input of :class:`~medssm.data.sampling.PatchSampler`)."""
-    cache = {}
-    for case, npz in paths.items():
-        with np.load(npz) as f:
-            cache[case] = {"image": f["image"], "label": f["label"],
-                           "class_locations": {int(n.split("_", 1)[1]): f[n] for n in f.files
-                                               if n.startswith("locations_")},
-                           "props": json.loads(Path(npz).with_suffix(".json").read_text())}
-    return cache
+    "class_locations": {k: (N, ndim)}, "props"}}``."""
+    return {case: _load_entry(npz) for case, npz in paths.items()}

@@ -24,12 +24,25 @@ def _crop_padded(array: np.ndarray, start: list[int], patch: list[int]) -> np.nd
     return out
 
 
+def _entry(cache, case: str) -> dict:
+    """The arrays of ``case``: the cache's own dict, or read from its npz path."""
+    item = cache[case]
+    if isinstance(item, dict):
+        return item
+    if hasattr(cache, "load"):
+        return cache.load(case)
+    from .preprocess import load_cache
+
+    return load_cache({case: item})[case]
+
+
 class PatchSampler:
     """An endless, seeded iterator of training batches.
 
     Args:
         cache: ``{case: {"image": (C, *S) float32, "label": (*S) int, "class_locations": {k: (N, ndim)}}}``
-            (``class_locations`` optional; from :func:`medssm.data.preprocess.load_cache`).
+            (``class_locations`` optional), or what :func:`medssm.data.preprocess.build_cache`
+            returns (``{case: npz path}``; the cases are then read into memory).
         cases: the cases to draw from (e.g. a fold's ``train``); their order does not matter.
         patch_size, batch_size: as in the plan.
         oversample_foreground: fraction of each batch centred on foreground (nnU-Net: 1/3).
@@ -48,10 +61,10 @@ class PatchSampler:
         missing = [c for c in self.cases if c not in cache]
         if missing:
             raise KeyError(f"cases not in the cache: {missing[:10]}")
-        self.cache = cache
+        self.cache = {case: _entry(cache, case) for case in self.cases}
         self.patch_size = [int(p) for p in patch_size]
         for case in self.cases:
-            image, label = cache[case]["image"], cache[case]["label"]
+            image, label = self.cache[case]["image"], self.cache[case]["label"]
             if image.ndim != len(self.patch_size) + 1 or tuple(label.shape) != tuple(image.shape[1:]):
                 raise ValueError(f"case {case}: image {image.shape} / label {label.shape} do not fit "
                                  f"patch size {self.patch_size}")

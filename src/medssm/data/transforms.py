@@ -36,12 +36,16 @@ class TrainingTransforms:
     batch depends on the seed and the call count alone and ``state_dict`` is just those two numbers.
     """
 
-    def __init__(self, compose: Compose, seed: int | None = 0):
+    def __init__(self, compose: Compose, seed: int | None = 0, patch_size=None):
         self.compose = compose
         self.seed = seed
         self.calls = 0
+        self.patch_size = None if patch_size is None else tuple(int(p) for p in patch_size)
 
     def __call__(self, batch: dict) -> dict:
+        if self.patch_size is not None and tuple(batch["image"].shape[2:]) != self.patch_size:
+            raise ValueError(f"batch of spatial shape {tuple(batch['image'].shape[2:])}; these transforms "
+                             f"were made for patch size {self.patch_size}")
         if self.seed is not None:
             self.compose.set_random_state(seed=int(np.random.SeedSequence([self.seed, self.calls]).generate_state(1)[0]))
         self.calls += 1
@@ -70,8 +74,8 @@ def training_transforms(spatial_dims: int, patch_size=None, rotation_deg: float 
     """nnU-Net-like augmentation for ``spatial_dims`` 2 or 3 (see the module docstring).
 
     Args:
-        patch_size: unused by the transforms themselves (they keep the input size); kept so the
-            call matches the plan.
+        patch_size: the plan's patch size; batches of another spatial shape are refused (None:
+            any shape). The transforms keep the input size.
         rotation_deg: maximum rotation; default 180 in 2D, 30 in 3D.
         mirror_axes: spatial axes to mirror (default all).
         seed: seeds every transform (None leaves them unseeded).
@@ -96,4 +100,4 @@ def training_transforms(spatial_dims: int, patch_size=None, rotation_deg: float 
         RandAdjustContrastd("image", prob=0.3, gamma=(0.7, 1.5), retain_stats=True),
         *[RandFlipd(keys, prob=0.5, spatial_axis=axis) for axis in mirror_axes],
     ]
-    return TrainingTransforms(Compose(transforms), seed)
+    return TrainingTransforms(Compose(transforms), seed, patch_size)
