@@ -1,11 +1,9 @@
 """Reading nnU-Net raw datasets and their integrity check, on the real data and broken copies of it."""
 
 import json
-import os
 
 import numpy as np
 import pytest
-import SimpleITK as sitk
 
 from medssm.data import (DatasetError, Geometry, NnUNetDataset, find_cases, make_plan, plan_dataset, read_case_images,
                          verify_dataset)
