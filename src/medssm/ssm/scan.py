@@ -191,3 +191,13 @@ def reference_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_l
         ys.append((h * C_t).sum(-1))
     out = finish_output(torch.stack(ys, dim=-1), u, D, z)
     return (out, h) if return_last_state else out
+
+
+# Backends register themselves on import; the fused CPU scan needs numba and is optional.
+from . import chunked  # noqa: E402,F401
+from . import cuda  # noqa: E402,F401
+
+try:
+    from . import fused  # noqa: E402,F401
+except (ImportError, OSError):  # numba/llvmlite missing or unloadable: "auto" warns, uses chunked
+    pass
