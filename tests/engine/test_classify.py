@@ -1,0 +1,115 @@
+"""End to end on small real subsets of PneumoniaMNIST and BreastMNIST with the tiny MedMamba:
+train a few steps, predict, evaluate; the CLI's routing; exact resume; a 3D run; clear errors."""
+
+import csv
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from medssm.cli import main
+from medssm.engine.classify import ClassifierTrainConfig, train_classifier
+from medssm.inference.classify import ClassifierPredictConfig, predict_classifier
+from medssm.metrics.classify import ClassifierEvaluateConfig, evaluate_classifier
+
+TINY = dict(model="medmamba_tiny", batch_size=8, max_steps=2, progress=False)
+COUNTS = {"train": 24, "val": 12, "test": 16}
+
+
+@pytest.fixture(scope="module")
+def subsets(data_root, tmp_path_factory):
+    """Small real subsets of the two MedMNIST files (both classes in every split), same names."""
+    folder = tmp_path_factory.mktemp("medmnist")
+    for name in ("pneumoniamnist", "breastmnist"):
+        with np.load(data_root / "medmnist" / f"{name}.npz") as z:
+            arrays = {}
+            for split, n in COUNTS.items():
+                y = z[f"{split}_labels"][:, 0]
+                idx = np.sort(np.r_[np.flatnonzero(y == 0)[: n // 2], np.flatnonzero(y == 1)[: n - n // 2]])
+                arrays[f"{split}_images"], arrays[f"{split}_labels"] = z[f"{split}_images"][idx], z[f"{split}_labels"][idx]
+        np.savez(folder / f"{name}.npz", **arrays)
+    return folder
+
+
+def _cfg(data, out, **kw):
+    return ClassifierTrainConfig(data=str(data), out=str(out), **{**TINY, "epochs": 1, **kw})
+
+
+def test_pneumonia_cli_train_predict_evaluate(subsets, tmp_path):
+    npz = subsets / "pneumoniamnist.npz"
+    run = tmp_path / "run"
+    assert main(["train", "--data", str(npz), "--out", str(run), "--model", "medmamba_tiny", "--epochs", "1",
+                 "--batch-size", "8", "--max-steps", "2", "--no-progress"]) == 0
+    meta = json.loads((run / "model.json").read_text())
+    assert meta["task"] == "classification" and meta["classes"] == ["normal", "pneumonia"]
+    assert meta["input_size"] == 28 and meta["best_epoch"] == 1
+    assert {"log.csv", "log.json", "curves.png", "config.json", "split.json", "last"} <= {p.name for p in run.iterdir()}
+    # predict and evaluate find the classification task from the run's model.json and the .csv
+    pred = tmp_path / "pred.csv"
+    assert main(["predict", "-m", str(run), "-i", str(npz), "-o", str(pred), "--no-progress"]) == 0
+    rows = list(csv.DictReader(pred.open()))
+    assert len(rows) == COUNTS["test"] and rows[0]["path"] == "pneumoniamnist.npz:test/0"
+    assert set(rows[0]) == {"path", "label", "label_name", "target", "prob_normal", "prob_pneumonia"}
+    p = np.array([[float(r["prob_normal"]), float(r["prob_pneumonia"])] for r in rows])
+    assert np.allclose(p.sum(1), 1, atol=1e-5)
+    assert main(["evaluate", str(pred), "--out", str(tmp_path / "ev")]) == 0
+    m = json.loads((tmp_path / "ev" / "metrics.json").read_text())
+    assert m["n"] == COUNTS["test"] and 0 <= m["auc"] <= 1 and len(m["per_class"]) == 2
+    assert (tmp_path / "ev" / "confusion_matrix.png").read_bytes()[:4] == b"\x89PNG"
+    assert (tmp_path / "ev" / "roc.png").is_file()
+
+
+def test_breast_options_and_reference_evaluation(subsets, tmp_path):
+    npz = subsets / "breastmnist.npz"
+    run = train_classifier(_cfg(npz, tmp_path / "run", epochs=2, optimizer="adamw", weight_decay=0.05,
+                                schedule="cosine", warmup_epochs=1, label_smoothing=0.1, class_weights="balanced",
+                                input_size=32, crop_scale=(0.5, 1.0), vflip=True))
+    log = json.loads((run / "log.json").read_text())
+    assert [r["epoch"] for r in log] == [1, 2] and log[0]["lr"] < log[1]["lr"]  # warm-up, then cosine
+    assert {"train_loss", "val_loss", "val_acc", "val_auc"} <= set(log[0])
+    pred = predict_classifier(ClassifierPredictConfig(run=str(run), input=str(npz), split="val",
+                                                      output=str(tmp_path / "p"), progress=False))
+    assert pred == tmp_path / "p" / "predictions.csv"
+    m = evaluate_classifier(ClassifierEvaluateConfig(predictions=str(pred), reference=str(npz), split="val",
+                                                     out=str(tmp_path / "ev")))
+    assert m["n"] == COUNTS["val"] and set(m) >= {"acc", "auc", "f1", "precision", "sensitivity", "specificity"}
+    with pytest.raises(FileExistsError, match="already holds a run"):
+        train_classifier(_cfg(npz, run))
+    # labels the model cannot have are refused before anything is written
+    with np.load(npz) as z:
+        Image.fromarray(z["test_images"][0]).save(tmp_path / "a.png")
+    (tmp_path / "labels.csv").write_text("path,label,split\na.png,0,test\na.png,3,test\n")
+    with pytest.raises(ValueError, match=r"labels.csv, line 3: label 3 is out of range for 2 classes"):
+        predict_classifier(ClassifierPredictConfig(run=str(run), input=str(tmp_path / "labels.csv"),
+                                                   output=str(tmp_path / "x.csv"), progress=False))
+    assert not (tmp_path / "x.csv").exists()
+
+
+def test_resume_is_exact(subsets, tmp_path):
+    npz = subsets / "breastmnist.npz"
+    straight = train_classifier(_cfg(npz, tmp_path / "a", epochs=2, limit=8))
+    half = train_classifier(_cfg(npz, tmp_path / "b", epochs=1, limit=8))
+    resumed = train_classifier(_cfg(npz, tmp_path / "b", epochs=2, limit=8, resume=True))
+    assert resumed == half
+    a, b = load_file(str(straight / "last" / "model.safetensors")), load_file(str(resumed / "last" / "model.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    la, lb = (json.loads((r / "log.json").read_text()) for r in (straight, resumed))
+    assert [r["train_loss"] for r in la] == [r["train_loss"] for r in lb]
+
+
+def test_3d_volumes(tmp_path):
+    rng = np.random.default_rng(0)
+    labels = np.array([0, 1] * 4)[:, None]
+    vols = rng.integers(0, 100, (8, 12, 12, 12), dtype=np.uint8)
+    vols[labels[:, 0] == 1, 3:9, 3:9, 3:9] += 120  # a bright cube marks class 1
+    arrays = {f"{s}_{k}": v for s in ("train", "val", "test") for k, v in (("images", vols), ("labels", labels))}
+    np.savez(tmp_path / "cubes3d.npz", **arrays)
+    run = train_classifier(_cfg(tmp_path / "cubes3d.npz", tmp_path / "run", batch_size=4))
+    meta = json.loads((run / "model.json").read_text())
+    assert meta["spatial_dims"] == 3 and meta["kwargs"]["spatial_dims"] == 3 and meta["input_size"] == 12
+    pred = predict_classifier(ClassifierPredictConfig(run=str(run), input=str(tmp_path / "cubes3d.npz"),
+                                                      output=str(tmp_path / "pred.csv"), progress=False))
+    assert len(list(csv.DictReader(pred.open()))) == 8
