@@ -81,6 +81,7 @@ def test_csv(tmp_path, pneumonia):
                                               for f in files))
     assert open_classification_data(tmp_path / "idx.csv", "train", val_fraction=0.5).classes == ["0", "1"]
     assert len(open_classification_data(tmp_path / "idx.csv", "val", val_fraction=0.5)) == 6
+    assert len(open_classification_data(tmp_path / "idx.csv", "test")) == 12  # no split column: all rows
 
 
 def test_csv_label_out_of_range_and_missing_file(tmp_path, pneumonia):

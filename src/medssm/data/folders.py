@@ -5,7 +5,9 @@
   stratified, seeded fraction of the sorted training files.
 * **CSV**: one row per sample, ``path,label`` with an optional ``split`` column (``train``,
   ``val``, ``test``) and an optional header. Paths are relative to the CSV's folder. Labels are
-  class indices (0..K-1) or class names (then sorted into indices).
+  class indices (0..K-1) or class names (then sorted into indices); empty for unlabelled images.
+  Without a split column, training splits the rows into train/val (seeded, stratified) and the
+  ``test`` split (what predict and evaluate read) is every row.
 * Images: PNG, JPEG, BMP, TIFF (grey, RGB; 8 or 16 bit); volumes: ``.npy`` (D, H, W) and
   NIfTI (``.nii``, ``.nii.gz``). Grey and RGB are detected from the files (RGB if any is colour).
 
@@ -232,14 +234,15 @@ class CsvSource(_FileSource):
                 raise ValueError(f"{self.csv_path}, line {line}: unknown class {value!r}; classes are {self.classes}")
         labels = np.asarray(labels, dtype=np.int64)
         paths = [r[0] for r in rows]
-        if has_split:
+        if split == "all":
+            idx = list(range(len(rows)))
+        elif has_split:
             idx = [i for i, r in enumerate(rows) if r[2] == split]
         elif split in ("train", "val"):
             keep, held = split_indices(len(rows), val_fraction, seed, labels)
             idx = keep if split == "train" else held
-        else:
-            raise ValueError(f"{self.csv_path}: no 'split' column, so there is no {split!r} split "
-                             "(add a split column, or give the test images as their own CSV)")
+        else:  # no split column: for predict/evaluate the CSV is the test set as a whole
+            idx = list(range(len(rows)))
         self.paths, self.labels = [paths[i] for i in idx], labels[idx]
         if not self.paths:
             raise ValueError(f"{self.description}: no rows in this split")
