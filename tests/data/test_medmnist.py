@@ -1,5 +1,6 @@
 """MedMNIST files: the real 2D sets, MD5 checks, file names, 3D volumes, malformed files, transforms."""
 
+import io
 import shutil
 
 import numpy as np
@@ -114,3 +115,30 @@ def test_random_resized_crop_and_flip(shape, size):
     assert torch.allclose(full, x)  # the whole image at its own size is the identity
     flipped = random_flip(x, [-1], p=1.0)
     assert torch.equal(flipped, x.flip(-1))
+
+
+class _FakeResponse(io.BytesIO):
+    headers = {}
+
+    def __enter__(self):
+        return self
+
+
+@pytest.mark.parametrize("corrupt", [False, True])
+def test_download_checks_md5_before_keeping_the_file(data_root, tmp_path, monkeypatch, corrupt):
+    """The download path with urlopen replaced by the local file: nothing leaves the machine."""
+    from medssm.data import medmnist
+
+    payload = (data_root / "medmnist" / "breastmnist.npz").read_bytes()
+    payload = payload[:-10] + b"0123456789" if corrupt else payload
+    urls = []
+    monkeypatch.setattr(medmnist.urllib.request, "urlopen",
+                        lambda url, timeout: urls.append(url) or _FakeResponse(payload))
+    if corrupt:
+        with pytest.raises(ValueError, match="MD5 .* does not match"):
+            medmnist_path("breastmnist", 28, root=tmp_path, download=True)
+        assert list(tmp_path.iterdir()) == []  # nothing half-written is left
+    else:
+        path = medmnist_path("breastmnist", 28, root=tmp_path, download=True)
+        assert path == tmp_path / "breastmnist.npz" and len(open_medmnist("breastmnist", "val", root=tmp_path)) == 78
+    assert urls == ["https://zenodo.org/records/10519652/files/breastmnist.npz?download=1"]

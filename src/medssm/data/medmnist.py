@@ -171,10 +171,17 @@ def download_medmnist(name: str, size: int = 28, root: str | os.PathLike | None 
     return target
 
 
-def _read_npz(path: Path) -> dict[str, np.ndarray]:
+def _read_npz(path: Path, keys: list[str]) -> dict[str, np.ndarray]:
+    """The arrays ``keys`` of ``path`` (only those are read: the 224 files are large)."""
     try:
         with np.load(path, allow_pickle=False) as z:
-            return {k: z[k] for k in z.files}
+            missing = [k for k in keys if k not in z.files]
+            if missing:
+                raise KeyError(missing[0], sorted(z.files))
+            return {k: z[k] for k in keys}
+    except KeyError as e:
+        raise ValueError(f"{path}: missing array {e.args[0]!r}; a MedMNIST file holds "
+                         f"{{train,val,test}}_{{images,labels}}, this one has {e.args[1]}") from None
     except (zipfile.BadZipFile, OSError, ValueError, EOFError) as e:
         raise ValueError(f"{path}: not a readable .npz file ({type(e).__name__}: {e})") from e
 
@@ -197,21 +204,18 @@ class MedMNISTSource(ClassificationSource):
             raise FileNotFoundError(f"{self.path}: no such .npz file")
         parsed = parse_name(self.path.name)
         self.dataset = name or (parsed[0] if parsed else None)
-        arrays = _read_npz(self.path)
-        splits = SPLITS if split == "all" else (split,)
-        for s in splits:
-            for key in (f"{s}_images", f"{s}_labels"):
-                if key not in arrays:
-                    raise ValueError(f"{self.path}: missing array {key!r}; a MedMNIST file holds "
-                                     f"{{train,val,test}}_{{images,labels}}, this one has {sorted(arrays)}")
-        images = [arrays[f"{s}_images"] for s in splits]
-        labels = [arrays[f"{s}_labels"] for s in splits]
-        self._offsets = np.cumsum([0] + [len(x) for x in images])
-        self._splits = splits
+        if split not in SPLITS and split != "all":
+            raise ValueError(f"split must be one of {', '.join(SPLITS)} or 'all', got {split!r}")
         info = MEDMNIST.get(self.dataset or "")
         if info and info[0].startswith("multi-label"):
             raise ValueError(f"{self.path}: {self.dataset} is multi-label ({info[0]}); medssm trains single-label "
                              "classifiers (binary, multi-class, ordinal as multi-class) only")
+        splits = SPLITS if split == "all" else (split,)
+        arrays = _read_npz(self.path, [f"{s}_{k}" for s in splits for k in ("images", "labels")])
+        images = [arrays[f"{s}_images"] for s in splits]
+        labels = [arrays[f"{s}_labels"] for s in splits]
+        self._offsets = np.cumsum([0] + [len(x) for x in images])
+        self._splits = splits
         for s, x, y in zip(splits, images, labels):
             self._check(s, x, y)
         x = np.concatenate(images) if len(images) > 1 else images[0]
