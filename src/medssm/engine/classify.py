@@ -41,10 +41,13 @@ class ClassifierTrainConfig:
     """Train a classifier (MedMamba's recipe by default) on a MedMNIST .npz or name, image folders
     (root/{train,val,test}/{class}/*) or a CSV of path,label[,split]; keep the best by validation AUC."""
 
-    data: str = field(metadata={"help": "a .npz file, a MedMNIST name (pneumoniamnist, breastmnist_64, ...), "
+    data: str = field(metadata={"flags": ("-d", "--data"), "help": "a .npz file, a MedMNIST name (pneumoniamnist, breastmnist_64, ...), "
                                         "a folder with train/ (val/, test/) class folders, or a CSV of path,label"})
-    out: str = field(default="runs/classify", metadata={"help": "run folder (model, checkpoints, logs, curves)"})
+    out: str = field(default="runs/classify", metadata={"flags": ("-o", "--out"),
+                                                        "help": "run folder (model, checkpoints, logs, curves)"})
     model: str = field(default="medmamba_t", metadata={"help": "registered model name (medssm.list_models())"})
+    model_kwargs: str = field(default="{}", metadata={
+        "help": "extra model arguments as JSON, e.g. '{\"d_state\": 8}'"})
     input_size: int | None = field(default=None, metadata={
         "help": "network input side in pixels/voxels (default: the data's own size; MedMamba's recipe uses 224)"})
     epochs: int = field(default=100, metadata={"help": "training epochs"})
@@ -72,7 +75,7 @@ class ClassifierTrainConfig:
     limit: int | None = field(default=None, metadata={
         "help": "use at most this many (seeded, stratified) samples of train and of val: quick runs"})
     max_steps: int | None = field(default=None, metadata={"help": "at most this many steps per epoch"})
-    workers: int = field(default=0, metadata={"help": "data-loading worker processes"})
+    num_workers: int = field(default=0, metadata={"help": "data-loading worker processes"})
     device: str = field(default="auto", metadata={"help": "cpu, cuda, cuda:1 ... (auto: cuda if available)"})
     progress: bool = field(default=True, metadata={"help": "show progress bars"})
 
@@ -176,6 +179,13 @@ def train_classifier(cfg: ClassifierTrainConfig) -> Path:
         kwargs["spatial_dims"] = 3
     if cfg.drop_path is not None:
         kwargs["drop_path_rate"] = cfg.drop_path
+    try:
+        extra = json.loads(cfg.model_kwargs or "{}")
+    except json.JSONDecodeError as e:
+        raise ValueError(f"--model-kwargs: not valid JSON ({e}): {cfg.model_kwargs!r}") from e
+    if not isinstance(extra, dict):
+        raise ValueError(f"--model-kwargs: expected a JSON object, got {cfg.model_kwargs!r}")
+    kwargs.update(extra)
     model = create_model(cfg.model, **kwargs).to(device)
     metadata = {
         "task": "classification", "classes": classes, "in_chans": train_src.in_chans,
@@ -187,7 +197,7 @@ def train_classifier(cfg: ClassifierTrainConfig) -> Path:
                                      hflip=cfg.hflip, vflip=cfg.vflip)
     val_ds = ClassificationDataset(val_src, input_size, train=False)
     loader = torch.utils.data.DataLoader(train_ds, batch_size=cfg.batch_size, shuffle=True, drop_last=False,
-                                         num_workers=cfg.workers)
+                                         num_workers=cfg.num_workers)
     weights = _class_weights(cfg.class_weights, train_src.labels, k)
     criterion = torch.nn.CrossEntropyLoss(weight=None if weights is None else weights.to(device),
                                           label_smoothing=cfg.label_smoothing)

@@ -28,12 +28,14 @@ class ClassifierEvaluateConfig:
 
     predictions: str = field(metadata={"positional": True, "help": "predictions CSV written by medssm predict"})
     reference: str | None = field(default=None, metadata={
-        "flags": ("-r", "--reference"), "help": "labelled data (.npz, folders, CSV) when the CSV has no target column"})
+        "flags": ("-r", "--ref", "--reference"), "help": "labelled data (.npz, folders, CSV) when the CSV has no target column"})
     split: str = field(default="test", metadata={"help": "split of --reference"})
     out: str | None = field(default=None, metadata={
+        "flags": ("-o", "--out"),
         "help": "folder for metrics.json and the PNGs (default: <predictions>_evaluation beside the CSV)"})
     size: int = field(default=28, metadata={"help": "MedMNIST image size when --reference is a name"})
     data_root: str | None = field(default=None, metadata={"help": "folder of MedMNIST files for names"})
+    overwrite: bool = field(default=False, metadata={"help": "replace an existing evaluation"})
 
 
 def evaluate_predictions(y_true, probs, classes: Sequence[str], out: str | os.PathLike | None = None,
@@ -73,6 +75,8 @@ def evaluate_classifier(cfg: ClassifierEvaluateConfig) -> dict:
         raise ValueError(f"{pred_path}, row for {names[bad]!r}: label {int(targets[bad])} is out of range for "
                          f"{len(classes)} classes")
     out = Path(cfg.out) if cfg.out else pred_path.with_name(pred_path.stem + "_evaluation")
+    if (out / "metrics.json").exists() and not cfg.overwrite:
+        raise FileExistsError(f"{out}: already holds an evaluation; pass --overwrite to replace it")
     m = evaluate_predictions(targets, probs, classes, out, title=pred_path.stem)
     print(format_metrics(m))
     print(f"metrics.json, confusion_matrix.png, roc.png -> {out}")
