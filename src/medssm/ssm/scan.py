@@ -196,6 +196,7 @@ def reference_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_l
 # Backends register themselves on import; the fused CPU scan needs numba and is optional.
 from . import chunked  # noqa: E402,F401
 from . import cuda  # noqa: E402,F401
+from . import triton_scan  # noqa: E402,F401  registers "triton" when triton imports
 
 try:
     from . import fused  # noqa: E402,F401
