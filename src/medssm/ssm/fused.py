@@ -94,19 +94,17 @@ def _forward_kernel(u, dt, A, B, C, y, checkpoints, last):
     for row in prange(batch * dim):
         b, d = row // dim, row % dim
         g = d // per_group
-        a_row = A[d]
         h = np.zeros(n_state, dtype=u.dtype)
         for t in range(length):
             if t % CHECKPOINT == 0:
                 checkpoints[b, d, t // CHECKPOINT] = h
             dt_t = dt[b, d, t]
             x_t = dt_t * u[b, d, t]
-            b_t, c_t = B[b, g, t], C[b, g, t]
             acc = _zero(y)
-            for n in range(n_state):
-                h_n = _exp(dt_t * a_row[n]) * h[n] + x_t * b_t[n]
+            for n in range(n_state):  # full indices, no row views: a view costs a refcount per step
+                h_n = _exp(dt_t * A[d, n]) * h[n] + x_t * B[b, g, t, n]
                 h[n] = h_n
-                acc += h_n * c_t[n]
+                acc += h_n * C[b, g, t, n]
             y[b, d, t] = acc
         last[b, d] = h
 
@@ -123,14 +121,10 @@ def _backward_kernel(u, dt, A, B, C, checkpoints, dy, dlast, du, ddt, dA_parts, 
         states = np.empty((CHECKPOINT + 1, n_state), dtype=u.dtype)  # h_{t-1} for the chunk's steps
         decays = np.empty((CHECKPOINT, n_state), dtype=u.dtype)
         adjoint = np.empty(n_state, dtype=u.dtype)  # dLoss/dh_t from the steps after t
-        grad_h = np.empty(n_state, dtype=u.dtype)  # dLoss/dh_t
-        grad_log_decay = np.empty(n_state, dtype=u.dtype)  # dLoss/d(dt_t * A_n)
         for row in range(w * rows_per_worker, min((w + 1) * rows_per_worker, batch * dim)):
             b, d = row // dim, row % dim
             g = d // per_group
-            a_row = A[d]
             adjoint[:] = dlast[b, d]
-            dA_row = dA_parts[w, d]
             for chunk in range((length - 1) // CHECKPOINT, -1, -1):
                 start = chunk * CHECKPOINT
                 stop = min(start + CHECKPOINT, length)
@@ -139,31 +133,25 @@ def _backward_kernel(u, dt, A, B, C, checkpoints, dy, dlast, du, ddt, dA_parts, 
                     j = t - start
                     dt_t = dt[b, d, t]
                     x_t = dt_t * u[b, d, t]
-                    b_t = B[b, g, t]
                     for n in range(n_state):
-                        decay = _exp(dt_t * a_row[n])
+                        decay = _exp(dt_t * A[d, n])
                         decays[j, n] = decay
-                        states[j + 1, n] = decay * states[j, n] + x_t * b_t[n]
+                        states[j + 1, n] = decay * states[j, n] + x_t * B[b, g, t, n]
                 for t in range(stop - 1, start - 1, -1):
                     j = t - start
                     dt_t, u_t, dy_t = dt[b, d, t], u[b, d, t], dy[b, d, t]
-                    b_t, c_t, decay_t, h_prev = B[b, g, t], C[b, g, t], decays[j], states[j]
+                    x_t = dt_t * u_t
                     grad_b_sum = _zero(u)
                     grad_a_sum = _zero(u)
-                    # Few arrays per loop, so that LLVM vectorises each of them over N.
                     for n in range(n_state):
-                        grad = adjoint[n] + dy_t * c_t[n]
-                        grad_h[n] = grad
-                        grad_b_sum += grad * b_t[n]
-                        grad_log_decay[n] = grad * decay_t[n] * h_prev[n]
-                        grad_a_sum += grad_log_decay[n] * a_row[n]
-                        adjoint[n] = grad * decay_t[n]
-                    x_t = dt_t * u_t
-                    h_t, dB_t, dC_t = states[j + 1], dB_parts[w, b, g, t], dC_parts[w, b, g, t]
-                    for n in range(n_state):
-                        dB_t[n] += grad_h[n] * x_t
-                        dC_t[n] += dy_t * h_t[n]
-                        dA_row[n] += grad_log_decay[n] * dt_t
+                        grad_h = adjoint[n] + dy_t * C[b, g, t, n]  # dLoss/dh_t
+                        grad_log_decay = grad_h * decays[j, n] * states[j, n]  # dLoss/d(dt_t * A_n)
+                        grad_b_sum += grad_h * B[b, g, t, n]
+                        grad_a_sum += grad_log_decay * A[d, n]
+                        dA_parts[w, d, n] += grad_log_decay * dt_t
+                        dB_parts[w, b, g, t, n] += grad_h * x_t
+                        dC_parts[w, b, g, t, n] += dy_t * states[j + 1, n]
+                        adjoint[n] = grad_h * decays[j, n]
                     du[b, d, t] = grad_b_sum * dt_t
                     ddt[b, d, t] = grad_a_sum + grad_b_sum * u_t
 
