@@ -1,0 +1,160 @@
+"""``medssm evaluate PRED REF``: per case and per class Dice, IoU and HD95, a CSV, a summary JSON
+and overlay PNGs.
+
+Example:
+    medssm evaluate runs/lung/predictions ../shared/data/Dataset001_LungXray/labelsTr -o runs/lung/evaluation
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import io
+import json
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+
+from ..nets.registry import atomic_path
+from .segmentation import case_metrics, summarize
+
+
+@dataclasses.dataclass
+class EvaluateConfig:
+    """Score predicted label maps against reference label maps (matched by file name)."""
+
+    pred: str = dataclasses.field(metadata={"positional": True, "help": "folder of predicted label maps"})
+    ref: str = dataclasses.field(metadata={"positional": True, "help": "folder of reference label maps"})
+    out: str | None = dataclasses.field(default=None, metadata={
+        "flags": ("-o", "--out"), "help": "output folder (default: PRED_evaluation beside PRED)"})
+    labels: str | None = dataclasses.field(default=None, metadata={
+        "help": "dataset.json or a run's model.json naming the labels (default: REF/../dataset.json, "
+                "else the label values found)"})
+    images: str | None = dataclasses.field(default=None, metadata={
+        "help": "folder of the images, for the overlays (default: REF/../imagesTr when it exists)"})
+    overlays: bool = dataclasses.field(default=True, metadata={"help": "write overlay PNGs"})
+    max_overlays: int = dataclasses.field(default=0, metadata={"help": "at most this many overlays (0: all)"})
+    overwrite: bool = dataclasses.field(default=False, metadata={"help": "replace an existing evaluation"})
+    progress: bool = True
+
+
+def label_files(folder: str | os.PathLike) -> dict[str, Path]:
+    """``{case: path}`` for every image file in ``folder`` (case = file name without its ending)."""
+    from ..data.io import ImageFileError, file_ending
+
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{folder}: not a folder")
+    out = {}
+    for p in sorted(folder.iterdir()):
+        if p.is_file() and not p.name.startswith("."):
+            try:
+                out[p.name[: -len(file_ending(p))]] = p
+            except ImageFileError:
+                continue
+    return out
+
+
+def read_label_names(path: str | os.PathLike | None, ref: Path) -> dict[str, int] | None:
+    """Label names from a dataset.json / model.json (``labels``), or REF/../dataset.json."""
+    candidates = [Path(path)] if path else [ref.parent / "dataset.json"]
+    for p in candidates:
+        if p.is_dir():
+            p = p / "model.json" if (p / "model.json").is_file() else p / "dataset.json"
+        if p.is_file():
+            labels = json.loads(p.read_text()).get("labels")
+            if isinstance(labels, dict):
+                return {str(k): int(v) for k, v in labels.items() if k != "ignore"}
+            if path:
+                raise ValueError(f"{p}: no 'labels' mapping in it")
+        elif path:
+            raise FileNotFoundError(f"{p}: not found")
+    return None
+
+
+def _image_for(images: Path | None, case: str) -> Path | None:
+    if images is None:
+        return None
+    for p in sorted(images.glob(f"{case}_0000.*")) + sorted(images.glob(f"{case}.*")):
+        return p
+    return None
+
+
+def evaluate(cfg: EvaluateConfig) -> Path:
+    """Evaluate every case of PRED against REF; returns the output folder. Nothing is written when a
+    prediction has no reference or a different shape (the error names the file)."""
+    from tqdm import tqdm
+
+    from ..data.io import read_image
+
+    pred_dir, ref_dir = Path(cfg.pred), Path(cfg.ref)
+    out = Path(cfg.out) if cfg.out else pred_dir.with_name(pred_dir.name + "_evaluation")
+    preds, refs = label_files(pred_dir), label_files(ref_dir)
+    if not preds:
+        raise FileNotFoundError(f"{pred_dir}: no predicted label maps in it")
+    missing = [c for c in preds if c not in refs]
+    if missing:
+        raise FileNotFoundError(f"{ref_dir}: no reference for {len(missing)} prediction(s): {', '.join(missing[:10])}")
+    if out.resolve() in (pred_dir.resolve(), ref_dir.resolve()):
+        raise ValueError(f"{out}: the output folder must differ from the prediction and reference folders")
+    if (out / "summary.json").exists() and not cfg.overwrite:
+        raise FileExistsError(f"{out / 'summary.json'} exists; pass --overwrite to replace it")
+    labels = read_label_names(cfg.labels, ref_dir)
+    images = Path(cfg.images) if cfg.images else (ref_dir.parent / "imagesTr")
+    images = images if images.is_dir() else None
+
+    rows, loaded = [], {}
+    for case in tqdm(preds, desc="evaluate", unit="case", disable=not cfg.progress):
+        pred, pred_geometry = read_image(preds[case])
+        ref, ref_geometry = read_image(refs[case])
+        if pred.shape != ref.shape:
+            raise ValueError(f"{preds[case]}: shape {pred.shape} differs from the reference {refs[case]} {ref.shape}")
+        case_labels = labels or {f"label_{int(v)}": int(v) for v in np.unique(ref) if v > 0}
+        for name, m in case_metrics(pred, ref, case_labels, ref_geometry.spacing).items():
+            rows.append({"case": case, "class": name, **{k: m[k] for k in ("dice", "iou", "hd95", "n_pred", "n_ref")}})
+        loaded[case] = (pred, ref)
+        if cfg.overlays and (cfg.max_overlays <= 0 or len(loaded) <= cfg.max_overlays):
+            from .overlays import save_overlay
+
+            image_path = _image_for(images, case)
+            image = read_image(image_path)[0].astype(np.float32) if image_path else None
+            if image is not None and image.shape[-pred.ndim:] != pred.shape:
+                image = None
+            dice = [r["dice"] for r in rows if r["case"] == case]
+            save_overlay(out / "overlays" / f"{case}.png", image, ref, pred,
+                         title=f"{case}  Dice {np.mean(dice):.3f}" if dice else case)
+        loaded[case] = None  # keep memory flat
+
+    summary = {**summarize(rows), "pred": str(pred_dir), "ref": str(ref_dir), "labels": labels,
+               "metrics": {"dice": "MONAI compute_dice", "iou": "MONAI compute_iou",
+                           "hd95": "MONAI compute_hausdorff_distance(percentile=95), in the images' spacing units",
+                           "empty": "absent from both: 1/1/0; absent from one: 0/0/NaN (NaN left out of means)"}}
+    write_csv(out / "metrics.csv", rows)
+    with atomic_path(out / "summary.json") as tmp:
+        tmp.write_text(json.dumps(_json_safe(summary), indent=2))
+    mean = summary["mean"]
+    print(f"{len(preds)} cases: Dice {mean['dice']:.4f}  IoU {mean['iou']:.4f}  HD95 {mean['hd95']:.3f}  -> {out}")
+    return out
+
+
+def write_csv(path: Path, rows: list[dict]) -> Path:
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(rows[0]) if rows else ["case"])
+    writer.writeheader()
+    writer.writerows(rows)
+    with atomic_path(path) as tmp:
+        tmp.write_text(buf.getvalue())
+    return path
+
+
+def _json_safe(x):
+    """NaN → None (JSON has no NaN)."""
+    if isinstance(x, dict):
+        return {k: _json_safe(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_json_safe(v) for v in x]
+    if isinstance(x, float) and math.isnan(x):
+        return None
+    return x

@@ -1,0 +1,153 @@
+"""End to end on small real subsets: train a tiny model a few iterations, resume exactly, refuse
+broken data, predict (geometry kept) and evaluate."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+from safetensors.torch import load_file
+
+from medssm.cli import main as cli
+from medssm.data.nnunet import DatasetError
+from medssm.engine import train as train_mod
+from medssm.engine.train import TrainConfig, build_model, train
+
+from .seg_data import hippocampus_subset, lung_subset, tree_snapshot
+
+
+def lung_config(ds: Path, out: Path, **kw) -> TrainConfig:
+    base = dict(data=str(ds), out=str(out), model="lightm_unet_2d_tiny", epochs=2, iterations_per_epoch=2,
+                val_every=1, patch_size=(64, 64), batch_size=2, progress=False)
+    return TrainConfig(**{**base, **kw})
+
+
+@pytest.fixture(scope="module")
+def lung(data_root, tmp_path_factory) -> Path:
+    return lung_subset(data_root, tmp_path_factory.mktemp("lung") / "Dataset001_LungXray", n=6, size=64)
+
+
+@pytest.fixture(scope="module")
+def lung_run(lung, tmp_path_factory) -> Path:
+    return train(lung_config(lung, tmp_path_factory.mktemp("runs") / "lung"))
+
+
+def test_run_layout(lung_run, lung):
+    for f in ("plan.json", "splits.json", "model.json", "log.csv", "log.json", "curves.png",
+              "checkpoints/best/model.safetensors", "checkpoints/best/model.json", "checkpoints/last/training_state.pt"):
+        assert (lung_run / f).is_file(), f
+    meta = json.loads((lung_run / "checkpoints" / "best" / "model.json").read_text())
+    assert meta["task"] == "segmentation" and meta["name"] == "lightm_unet_2d_tiny"
+    assert meta["labels"] == {"background": 0, "lung": 1} and meta["plan"]["patch_size"] == [64, 64]
+    assert meta["recipe"]["optimizer"] == "adam" and meta["recipe"]["grad_clip"] == 12.0
+    splits = json.loads((lung_run / "splits.json").read_text())
+    cases = sorted(p.name[:-9] for p in (lung / "imagesTr").glob("*.png"))
+    assert len(splits) == 5 and sorted(c for s in splits for c in s["val"]) == cases
+    log = json.loads((lung_run / "log.json").read_text())
+    assert [r["epoch"] for r in log] == [1, 2] and all(0 <= r["val_dice"] <= 1 for r in log)
+
+
+def test_predict_and_evaluate_cli(lung_run, lung, tmp_path):
+    before = tree_snapshot(lung)
+    pred = tmp_path / "pred"
+    assert cli(["predict", "-i", str(lung / "imagesTr"), "-o", str(pred), "-m", str(lung_run), "--no-progress"]) == 0
+    outs = sorted(pred.glob("*.png"))
+    assert len(outs) == 6
+    from medssm.data.io import read_image
+
+    label, _ = read_image(outs[0])
+    assert label.shape == (64, 64) and set(np.unique(label)) <= {0, 1}
+    # An existing output is only replaced with --overwrite; nothing is touched otherwise.
+    stamp = outs[0].stat().st_mtime_ns
+    with pytest.raises(FileExistsError, match="--overwrite"):
+        cli(["predict", "-i", str(lung / "imagesTr"), "-o", str(pred), "-m", str(lung_run), "--no-progress"])
+    assert outs[0].stat().st_mtime_ns == stamp
+    ev = tmp_path / "eval"
+    assert cli(["evaluate", str(pred), str(lung / "labelsTr"), "-o", str(ev), "--no-progress"]) == 0
+    summary = json.loads((ev / "summary.json").read_text())
+    assert summary["n_cases"] == 6 and set(summary["per_class"]) == {"lung"}
+    assert 0 <= summary["mean"]["dice"] <= 1
+    assert len((ev / "metrics.csv").read_text().splitlines()) == 7
+    assert len(list((ev / "overlays").glob("*.png"))) == 6
+    assert tree_snapshot(lung) == before  # inputs untouched
+
+
+def test_killed_and_resumed_run_matches_uninterrupted(lung, tmp_path, monkeypatch):
+    whole = train(lung_config(lung, tmp_path / "whole"))
+    real_step, calls = train_mod.train_step, {"n": 0}
+
+    def dying_step(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 4:  # in the middle of epoch 2
+            raise KeyboardInterrupt
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(train_mod, "train_step", dying_step)
+    with pytest.raises(KeyboardInterrupt):
+        train(lung_config(lung, tmp_path / "killed"))
+    monkeypatch.setattr(train_mod, "train_step", real_step)
+    with pytest.raises(FileExistsError, match="--resume"):
+        train(lung_config(lung, tmp_path / "killed"))
+    resumed = train(lung_config(lung, tmp_path / "killed", resume=True))
+    a = load_file(str(whole / "checkpoints" / "last" / "model.safetensors"))
+    b = load_file(str(resumed / "checkpoints" / "last" / "model.safetensors"))
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=k)
+    log_a = json.loads((whole / "log.json").read_text())
+    log_b = json.loads((resumed / "log.json").read_text())
+    assert [(r["epoch"], r["train_loss"], r["val_dice"]) for r in log_a] == \
+           [(r["epoch"], r["train_loss"], r["val_dice"]) for r in log_b]
+
+
+def test_train_refuses_broken_dataset_before_writing(lung, tmp_path):
+    broken = tmp_path / "broken"
+    shutil.copytree(lung, broken)
+    (broken / "labelsTr" / sorted(p.name for p in (broken / "labelsTr").iterdir())[2]).unlink()
+    before = tree_snapshot(broken)
+    out = tmp_path / "run"
+    with pytest.raises(DatasetError, match="missing label file"):
+        train(lung_config(broken, out))
+    assert not out.exists()
+    assert tree_snapshot(broken) == before
+
+
+def test_hippocampus_3d_geometry_and_probabilities(data_root, tmp_path):
+    ds = hippocampus_subset(data_root, tmp_path / "Dataset002_Hippocampus", n=5)
+    run = train(TrainConfig(data=str(ds), out=str(tmp_path / "run"), model="lightm_unet_3d_tiny", epochs=1,
+                            iterations_per_epoch=2, patch_size=(32, 32, 32), batch_size=2, val_cases=1,
+                            progress=False))
+    from medssm.inference.predict import PredictConfig, predict
+
+    case = sorted((ds / "imagesTr").iterdir())[0]
+    inp = tmp_path / "in"
+    inp.mkdir()
+    shutil.copy(case, inp)
+    out = predict(PredictConfig(input=str(inp), output=str(tmp_path / "out"), model=str(run), mirror=True,
+                                save_probabilities=True, progress=False))
+    name = case.name.replace("_0000", "")
+    src, pred = sitk.ReadImage(str(case)), sitk.ReadImage(str(out / name))
+    assert pred.GetSize() == src.GetSize()
+    np.testing.assert_allclose(pred.GetSpacing(), src.GetSpacing(), rtol=1e-6)
+    np.testing.assert_allclose(pred.GetOrigin(), src.GetOrigin(), atol=1e-5)
+    np.testing.assert_allclose(pred.GetDirection(), src.GetDirection(), atol=1e-6)
+    with np.load(out / name.replace(".nii.gz", ".npz")) as f:
+        probs = f["probabilities"]
+    assert probs.shape == (3, *sitk.GetArrayFromImage(src).shape)
+    np.testing.assert_allclose(probs.sum(0), 1, atol=1e-4)
+    assert (probs.argmax(0) == sitk.GetArrayFromImage(pred)).all()
+
+
+def test_monai_baseline_through_the_same_factory():
+    model = build_model("monai:SegResNet", 2, 1, 3, {"init_filters": 8})
+    assert model(torch.randn(1, 1, 32, 32)).shape == (1, 3, 32, 32)
+    assert model.medssm_config["kwargs"]["spatial_dims"] == 2
+    with pytest.raises(ValueError, match="3D but the data are 2D"):
+        build_model("lightm_unet_3d_tiny", 2, 1, 2)
+    with pytest.raises(ValueError, match="no network"):
+        build_model("monai:NoSuchNet", 2, 1, 2)
