@@ -1,0 +1,191 @@
+"""Selective-scan benchmark: ``reference``, ``chunked``, ``fused`` and mambapy's ``pscan``, one run.
+
+Prints one table and writes ``benchmarks/results/scan.json``. float32, 2 threads, best and median
+of ``--repeats`` runs (the table shows the best: on a shared machine it is the least disturbed);
+forward under ``torch.no_grad()``, forward+backward with every input requiring grad; peak
+memory = rise of the process's resident set over the first run (Linux). Every time is also
+given as a multiple of a floor measured in the same run: per element of batch*D*L*N,
+1 exp + 6 flops forward and 2 exps + 26 flops forward+backward, at this machine's measured
+``torch.exp`` and float32 matmul throughput.
+
+    python benchmarks/scan.py [--repeats 5] [--out benchmarks/results/scan.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import json
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import numba
+import torch
+import torch.nn.functional as F
+from mambapy.pscan import pscan
+
+from medssm.ssm import selective_scan
+
+SHAPES = [(1, 128, 4096, 16), (1, 256, 1024, 16), (1, 512, 256, 16), (1, 64, 32768, 16), (8, 384, 196, 16)]
+IMPLEMENTATIONS = ["reference", "chunked", "fused", "pscan"]
+THREADS = 2
+REFERENCE_MAX_LENGTH = 8192  # the sequential loop costs ~20 us a step: skipped above this
+
+
+def memory_kib() -> tuple[int, int]:
+    """(current, peak) resident set of this process in KiB."""
+    fields = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines())
+    return int(fields["VmRSS"].split()[0]), int(fields["VmHWM"].split()[0])
+
+
+def reset_peak_memory() -> None:
+    _libc.malloc_trim(0)  # hand freed heap memory back, so the next run's peak shows in the RSS
+    Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS
+
+
+_libc = ctypes.CDLL("libc.so.6")
+_libc.mallopt(-3, 1 << 16)  # M_MMAP_THRESHOLD fixed at 64 KiB: large tensors are mmap'd and unmapped on free
+
+
+def best_seconds(fn, repeats: int = 20) -> float:
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def measure_floor_rates() -> dict[str, float]:
+    """Throughput of torch.exp (elements/s, float32, in cache) and of float32 matmul (flop/s)."""
+    x, y = torch.randn(1 << 18), torch.empty(1 << 18)
+    exp_rate = x.numel() / best_seconds(lambda: torch.exp(x, out=y))
+    a, b, c = torch.randn(1024, 1024), torch.randn(1024, 1024), torch.empty(1024, 1024)
+    flop_rate = 2 * 1024**3 / best_seconds(lambda: torch.mm(a, b, out=c))
+    return {"exp_per_s": exp_rate, "flop_per_s": flop_rate}
+
+
+def make_inputs(batch, dim, length, n, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    r = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
+    return dict(u=r(batch, dim, length), delta=r(batch, dim, length) * 0.5 - 3,
+                A=-torch.arange(1.0, n + 1).repeat(dim, 1), B=r(batch, n, length), C=r(batch, n, length),
+                D=r(dim), z=r(batch, dim, length), delta_bias=r(dim) * 0.1)
+
+
+def medssm_call(backend):
+    def call(t):
+        return selective_scan(t["u"], t["delta"], t["A"], t["B"], t["C"], t["D"], t["z"], t["delta_bias"],
+                              delta_softplus=True, backend=backend)
+
+    return call, lambda kw: kw
+
+
+def pscan_call():
+    """mambapy 1.2.0's selective scan (its MambaBlock.selective_scan) with the same softplus, D, z."""
+
+    def call(t):
+        delta = F.softplus(t["delta"] + t["delta_bias"])  # (B, L, D)
+        delta_a = torch.exp(delta.unsqueeze(-1) * t["A"])  # (B, L, D, N)
+        bx = delta.unsqueeze(-1) * t["B"].unsqueeze(2) * t["u"].unsqueeze(-1)
+        hs = pscan(delta_a, bx)
+        y = (hs @ t["C"].unsqueeze(-1)).squeeze(3) + t["D"] * t["u"]
+        return y * F.silu(t["z"])
+
+    def native_layout(kw):  # mambapy works in (B, L, D): transposed before timing
+        return {k: (v.transpose(1, 2).contiguous() if v.dim() == 3 else v) for k, v in kw.items()}
+
+    return call, native_layout
+
+
+def run_one(call, inputs, backward: bool, repeats: int) -> tuple[float, float, float]:
+    """(best ms, median ms, peak MiB over the first measured run)."""
+    def step():
+        if backward:
+            leaves = {k: v.detach().requires_grad_(True) for k, v in inputs.items()}
+            call(leaves).sum().backward()
+        else:
+            with torch.no_grad():
+                call(inputs)
+
+    step()  # warm-up: numba cache load, first allocations
+    rss, _ = memory_kib()
+    reset_peak_memory()
+    step()
+    peak_mib = (memory_kib()[1] - rss) / 1024
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - start)
+    return min(times) * 1e3, statistics.median(times) * 1e3, peak_mib
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "scan.json"))
+    args = parser.parse_args()
+    torch.set_num_threads(THREADS)
+    numba.set_num_threads(THREADS)
+    rates = measure_floor_rates()
+    rows = []
+    for shape in SHAPES:
+        elements = shape[0] * shape[1] * shape[2] * shape[3]
+        floor_ms = {
+            "fwd": elements * (1 / rates["exp_per_s"] + 6 / rates["flop_per_s"]) * 1e3,
+            "fwd_bwd": elements * (2 / rates["exp_per_s"] + 26 / rates["flop_per_s"]) * 1e3,
+        }
+        kw = make_inputs(*shape)
+        for name in IMPLEMENTATIONS:
+            row = {"shape": shape, "impl": name,
+                   "floor_fwd_ms": floor_ms["fwd"], "floor_fwd_bwd_ms": floor_ms["fwd_bwd"]}
+            if name == "reference" and shape[2] > REFERENCE_MAX_LENGTH:
+                row["skipped"] = f"L > {REFERENCE_MAX_LENGTH}: the sequential loop would take minutes"
+                rows.append(row)
+                continue
+            call, layout = pscan_call() if name == "pscan" else medssm_call(name)
+            inputs = layout(kw)
+            for mode, backward in (("fwd", False), ("fwd_bwd", True)):
+                ms, median_ms, peak = run_one(call, inputs, backward, args.repeats)
+                row[f"{mode}_ms"], row[f"{mode}_median_ms"], row[f"{mode}_peak_mib"] = ms, median_ms, peak
+                row[f"{mode}_x_floor"] = ms / floor_ms[mode]
+            rows.append(row)
+        pscan_fwd = next(r["fwd_ms"] for r in rows if r["shape"] == shape and r["impl"] == "pscan")
+        for r in rows:
+            if r["shape"] == shape and "fwd_ms" in r:
+                r["fwd_speedup_vs_pscan"] = pscan_fwd / r["fwd_ms"]
+    print_table(rows, rates)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    machine = {"cpu": platform.processor() or platform.machine(), "threads": THREADS, "torch": torch.__version__,
+               "numba": numba.__version__, "load_average_1min": os.getloadavg()[0], **rates}
+    Path(args.out).write_text(json.dumps({"machine": machine, "results": rows}, indent=1))
+    print(f"\nwritten {args.out}")
+
+
+def print_table(rows, rates) -> None:
+    print(f"floor rates: exp {rates['exp_per_s'] / 1e9:.2f} G/s, "
+          f"float32 matmul {rates['flop_per_s'] / 1e9:.0f} GFLOP/s; "
+          f"{THREADS} threads; 1-min load average {os.getloadavg()[0]:.1f}")
+    header = ("| (batch, D, L, N) | impl | fwd ms (best) | fwd ×floor | fwd+bwd ms (best) | fwd+bwd ×floor "
+              "| peak MiB fwd | peak MiB fwd+bwd | fwd speed-up vs pscan |")
+    print(header)
+    print("|" + "---|" * (header.count("|") - 1))
+    for r in rows:
+        shape = "(" + ", ".join(map(str, r["shape"])) + ")"
+        if r["impl"] == IMPLEMENTATIONS[0]:
+            print(f"| {shape} | floor | {r['floor_fwd_ms']:.2f} | 1 | {r['floor_fwd_bwd_ms']:.2f} | 1 | | | |")
+        if "skipped" in r:
+            print(f"| {shape} | {r['impl']} | skipped: {r['skipped']} | | | | | | |")
+            continue
+        print(f"| {shape} | {r['impl']} | {r['fwd_ms']:.2f} | {r['fwd_x_floor']:.1f} | {r['fwd_bwd_ms']:.1f} "
+              f"| {r['fwd_bwd_x_floor']:.1f} | {r['fwd_peak_mib']:.0f} | {r['fwd_bwd_peak_mib']:.0f} "
+              f"| {r['fwd_speedup_vs_pscan']:.1f} |")
+
+
+if __name__ == "__main__":
+    main()
