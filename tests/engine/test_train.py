@@ -151,3 +151,18 @@ def test_monai_baseline_through_the_same_factory():
         build_model("lightm_unet_3d_tiny", 2, 1, 2)
     with pytest.raises(ValueError, match="no network"):
         build_model("monai:NoSuchNet", 2, 1, 2)
+
+
+def test_quickstart_report_on_a_small_copy(lung, tmp_path):
+    from medssm.engine.quickstart import QuickstartConfig, quickstart
+
+    report = quickstart(QuickstartConfig(data=str(lung), out=str(tmp_path / "qs"), model="lightm_unet_2d_tiny",
+                                         epochs=1, iterations_per_epoch=1, target_spacing=1.0, patch_size=64,
+                                         batch_size=2, val_cases=1, progress=False))
+    for f in ("report.md", "summary.json", "metrics.csv", "curves.png", "log.csv", "timings.json"):
+        assert (report / f).is_file(), f
+    held_out = json.loads((tmp_path / "qs" / "run" / "splits.json").read_text())[0]["val"]
+    assert sorted(p.stem for p in (report / "overlays").glob("*.png")) == held_out
+    assert "Held-out fold" in (report / "report.md").read_text()
+    with pytest.raises(FileExistsError, match="--resume"):
+        quickstart(QuickstartConfig(data=str(lung), out=str(tmp_path / "qs"), model="lightm_unet_2d_tiny"))

@@ -132,7 +132,7 @@ def quickstart(cfg: QuickstartConfig) -> Path:
     if cfg.iterations_per_epoch:
         iterations = cfg.iterations_per_epoch
     else:
-        preprocess_s = 0.15 * len(dataset.cases)
+        preprocess_s = 0.4 * len(dataset.cases)  # fingerprint + cache, first run only
         validation_s = 2 * cfg.val_cases * timing["s_per_prediction"] * 1.2
         left = budget - (time.perf_counter() - t0) - preprocess_s - validation_s - n_predict * per_case - 30
         iterations = max(1, int(left / (cfg.epochs * timing["s_per_step"] * 1.1)))
@@ -190,7 +190,7 @@ def write_report(report: Path, cfg: QuickstartConfig, plan_txt: str, summary: di
         "| epoch | train loss | val Dice |", "|---|---|---|",
         *[f"| {r['epoch']} | {fmt(r.get('train_loss'))} | {fmt(r.get('val_dice'))} |" for r in log], "",
         "## Time", "",
-        *[f"- {k.replace('_s', '')}: {v / 60:.1f} min" for k, v in timings.items() if k.endswith("_s")], "",
+        *[f"- {k[:-2].replace('_', ' ')}: {v / 60:.1f} min" for k, v in timings.items() if k.endswith("_s")], "",
         "A full run of the official recipe: `medssm train --data DATA/Dataset001_LungXray --model lightm_unet_2d` "
         "(100 epochs x 250 iterations at 256²).",
     ]

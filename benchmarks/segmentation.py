@@ -1,0 +1,131 @@
+"""Segmentation benchmark: full training schedules through medssm's own pipeline, validation Dice
+beside the published numbers, and wall time.
+
+    python benchmarks/segmentation.py --data ../shared/data                 # both tasks, full schedules
+    python benchmarks/segmentation.py --task lung --epochs 20 --iterations 250
+    python benchmarks/segmentation.py --task hippocampus --skip-baseline
+
+Each task trains the medssm model and a MONAI baseline (SegResNet) with the same pipeline (plan,
+patches, augmentation, Dice + CE, sliding-window validation on fold 0 of the sorted-case splits);
+the baseline is given the same wall time as the medssm model (its iterations are set from a timed
+run of a few steps), so the comparison is per unit of compute. Results: a table on stdout and
+``benchmarks/results/segmentation.json``.
+
+Targets (issue 9): lung Dice ≥ 0.970 and above SegResNet's; hippocampus mean Dice ≥ 0.89.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+PUBLISHED = {
+    "lung": {"LightM-UNet (paper, 512²)": 0.9617, "SegResNet (paper, 512²)": 0.9597, "nnU-Net (paper, 512²)": 0.9613,
+             "SegResNet 16 filters, 20 epochs, 256², flips only, 2-core CPU (issue)": 0.967},
+    "hippocampus": {"nnU-Net 3D (MSD, mean of anterior 0.90 / posterior 0.89)": 0.895},
+}
+TASKS = {
+    # name: dataset, medssm model, baseline, official-schedule epochs x iterations, target
+    "lung": dict(dataset="Dataset001_LungXray", model="lightm_unet_2d", baseline="monai:SegResNet",
+                 baseline_kwargs={"init_filters": 16}, patch=(256, 256), batch=4, target=0.970),
+    "hippocampus": dict(dataset="Dataset002_Hippocampus", model="lightm_unet_3d", baseline="monai:SegResNet",
+                        baseline_kwargs={"init_filters": 16}, patch=(40, 56, 40), batch=9, target=0.89),
+}
+
+
+def seconds_per_step(model: str, kwargs: dict, spatial_dims: int, classes: int, patch, batch: int) -> float:
+    """Time of one training step of ``model`` at this patch and batch (best of 2, after a warm-up)."""
+    import torch
+
+    from medssm.engine.losses import make_loss
+    from medssm.engine.train import build_model, quiet_numba_threads
+
+    quiet_numba_threads()
+    net = build_model(model, spatial_dims, 1, classes, kwargs)
+    opt = torch.optim.Adam(net.parameters())
+    x, y = torch.randn(batch, 1, *patch), torch.randint(0, classes, (batch, 1, *patch))
+    times = []
+    for _ in range(3):
+        t = time.perf_counter()
+        opt.zero_grad()
+        make_loss("dice_ce")(net(x), y).backward()
+        opt.step()
+        times.append(time.perf_counter() - t)
+    return min(times[1:])
+
+
+def run_task(name: str, args) -> list[dict]:
+    from medssm.engine.train import TrainConfig, train
+
+    spec = TASKS[name]
+    data = Path(args.data) / spec["dataset"]
+    dims, classes = len(spec["patch"]), 2 if name == "lung" else 3
+    out = Path(args.out) / name
+    rows = []
+    base = dict(data=str(data), fold=0, epochs=args.epochs, val_every=args.val_every, patch_size=spec["patch"],
+                batch_size=spec["batch"], progress=not args.no_progress, resume=args.resume)
+    iterations = args.iterations
+    t = time.perf_counter()
+    run = train(TrainConfig(out=str(out / spec["model"]), model=spec["model"], iterations_per_epoch=iterations,
+                            **base))
+    wall = time.perf_counter() - t
+    rows.append(_row(name, spec["model"], run, wall, spec["target"]))
+    if not args.skip_baseline:
+        # Same wall time: scale the baseline's iterations by the ratio of step times.
+        ratio = (seconds_per_step(spec["model"], {}, dims, classes, spec["patch"], spec["batch"])
+                 / seconds_per_step(spec["baseline"], spec["baseline_kwargs"], dims, classes, spec["patch"], spec["batch"]))
+        t = time.perf_counter()
+        run = train(TrainConfig(out=str(out / spec["baseline"].replace(":", "_")), model=spec["baseline"],
+                                model_kwargs=json.dumps(spec["baseline_kwargs"]),
+                                iterations_per_epoch=max(1, round(iterations * ratio)),
+                                optimizer="adam", lr=1e-4 if not args.lr else args.lr, weight_decay=1e-5, **base))
+        rows.append(_row(name, spec["baseline"], run, time.perf_counter() - t, None,
+                         note=f"same wall time: {round(iterations * ratio)} it/epoch, LightM-UNet's optimiser"))
+    return rows
+
+
+def _row(task: str, model: str, run: Path, wall: float, target, note: str = "") -> dict:
+    log = json.loads((run / "log.json").read_text())
+    dice = [r["val_dice"] for r in log if "val_dice" in r]
+    return {"task": task, "model": model, "best_val_dice": max(dice) if dice else None,
+            "last_val_dice": dice[-1] if dice else None, "epochs": log[-1]["epoch"], "wall_s": round(wall, 1),
+            "target": target, "run": str(run), "note": note}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--data", default=os.environ.get("MEDSSM_DATA", "../shared/data"))
+    p.add_argument("--task", choices=[*TASKS, "all"], default="all")
+    p.add_argument("--epochs", type=int, default=100, help="official: 100")
+    p.add_argument("--iterations", type=int, default=250, help="per epoch; official: 250")
+    p.add_argument("--val-every", type=int, default=10)
+    p.add_argument("--lr", type=float, default=None, help="baseline lr (default LightM-UNet's 1e-4)")
+    p.add_argument("--skip-baseline", action="store_true")
+    p.add_argument("--resume", action="store_true")
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--out", default="benchmarks/results/segmentation")
+    args = p.parse_args(argv)
+    rows = []
+    for task in (TASKS if args.task == "all" else [args.task]):
+        rows += run_task(task, args)
+    print(f"\n{'task':12} {'model':22} {'best val Dice':>13} {'target':>7} {'wall':>9}  note")
+    for r in rows:
+        best = f"{r['best_val_dice']:.4f}" if r["best_val_dice"] is not None else "n/a"
+        target = f"{r['target']:.3f}" if r["target"] else ""
+        print(f"{r['task']:12} {r['model']:22} {best:>13} {target:>7} {r['wall_s'] / 60:8.1f}m  {r['note']}")
+    for task in {r["task"] for r in rows}:
+        for k, v in PUBLISHED[task].items():
+            print(f"{task:12} {k}: {v:.4f} (published)")
+    out = Path("benchmarks/results/segmentation.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"rows": rows, "published": PUBLISHED, "argv": sys.argv[1:]}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
