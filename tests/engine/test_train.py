@@ -166,3 +166,10 @@ def test_quickstart_report_on_a_small_copy(lung, tmp_path):
     assert "Held-out fold" in (report / "report.md").read_text()
     with pytest.raises(FileExistsError, match="--resume"):
         quickstart(QuickstartConfig(data=str(lung), out=str(tmp_path / "qs"), model="lightm_unet_2d_tiny"))
+
+
+def test_too_few_cases_for_five_folds_writes_nothing(data_root, tmp_path):
+    ds = lung_subset(data_root, tmp_path / "three", n=3, size=32)
+    with pytest.raises(ValueError, match="cannot make 5 folds of 3 cases"):
+        train(lung_config(ds, tmp_path / "run", patch_size=(32, 32)))
+    assert not (tmp_path / "run").exists()

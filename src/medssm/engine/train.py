@@ -34,6 +34,8 @@ import numpy as np
 import torch
 
 from ..nets.registry import atomic_path, create_model
+from . import distributed
+from .devices import autocast, backward_and_step, check_precision, grad_scaler
 from .schedules import Recipe, make_optimizer, make_scheduler, recipe_for
 
 N_FOLDS = 5
@@ -75,7 +77,10 @@ class TrainConfig:
     oversample_foreground: float = 1 / 3
     seed: int = 12345
     resume: bool = dataclasses.field(default=False, metadata={"help": "continue RUN from checkpoints/last"})
-    precision: str = dataclasses.field(default="fp32", metadata={"help": "fp32"})
+    precision: str = dataclasses.field(default="fp32", metadata={
+        "help": "fp32, bf16 or fp16 (mixed precision; fp16 on a GPU only; the scan stays float32)"})
+    device: str = dataclasses.field(default="auto", metadata={
+        "help": "cpu, cuda, cuda:N, mps or auto (CUDA, else MPS, else CPU); under torchrun: the LOCAL_RANK GPU"})
     num_workers: int = 0
     cache: str | None = dataclasses.field(default=None, metadata={
         "help": "preprocessing cache folder (default RUN/preprocessed)"})
@@ -142,7 +147,7 @@ def load_trained(run: str | os.PathLike, which: str = "best", device: str | torc
 
 
 # ----------------------------------------------------------------------------------------------
-# One optimisation step, and the device: kept in one place each so precision/DDP can be added.
+# One optimisation step (device, precision and DDP helpers: medssm.engine.devices / .distributed).
 
 
 def quiet_numba_threads() -> None:
@@ -162,25 +167,20 @@ def quiet_numba_threads() -> None:
         sys.modules["numba"].config.THREADING_LAYER = "workqueue"
 
 
-def resolve_device(cfg: TrainConfig) -> torch.device:
-    """Where training runs. CPU for now; device choice belongs here."""
-    if cfg.precision != "fp32":
-        raise ValueError(f"precision {cfg.precision!r} is not supported yet; use fp32")
-    return torch.device("cpu")
-
-
 def train_step(model: torch.nn.Module, batch: dict, loss_fn, optimizer: torch.optim.Optimizer,
-               scheduler=None, grad_clip: float = 12.0, device: torch.device | str = "cpu") -> float:
-    """Forward, loss, backward, gradient-norm clipping, optimiser and schedule step; returns the
-    loss. A non-finite loss skips the update (and is returned, so the caller can count it)."""
-    image, label = (_plain(batch[k]).to(device, non_blocking=True) for k in ("image", "label"))
+               scheduler=None, grad_clip: float = 12.0, device: torch.device | str = "cpu",
+               precision: str = "fp32", scaler: torch.amp.GradScaler | None = None) -> float:
+    """Forward (this process's slice of the global batch, under autocast unless fp32), loss on the
+    global batch, backward, gradient-norm clipping, optimiser and schedule step; returns the loss.
+    A non-finite loss skips the update (and is returned, so the caller can count it)."""
+    device = torch.device(device)
+    image = distributed.shard(_plain(batch["image"])).to(device, non_blocking=True)
+    label = _plain(batch["label"]).to(device, non_blocking=True)
     optimizer.zero_grad(set_to_none=True)
-    loss = loss_fn(model(image), label)
+    with autocast(device, precision):
+        loss = distributed.global_loss(loss_fn, model(image), label)
     if torch.isfinite(loss):
-        loss.backward()
-        if grad_clip and grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-        optimizer.step()
+        backward_and_step(loss, model, optimizer, scaler, grad_clip)
     if scheduler is not None:
         scheduler.step()
     return float(loss.detach())
@@ -263,7 +263,7 @@ def train(cfg: TrainConfig) -> Path:
     from ..data.plan import Plan, make_plan
     from ..data.preprocess import build_cache, load_cache
     from ..data.sampling import PatchSampler
-    from ..data.splits import load_or_create_splits
+    from ..data.splits import load_or_create_splits, make_splits
     from ..data.transforms import training_transforms
     from .checkpoint import load_checkpoint, save_checkpoint
     from .history import History
@@ -272,7 +272,9 @@ def train(cfg: TrainConfig) -> Path:
     quiet_numba_threads()
     # 1. Check everything that can be checked before anything is written.
     model_kwargs = _check_config(cfg)
-    device = resolve_device(cfg)
+    env, device = distributed.setup(cfg.device)  # one process, or one of torchrun's / srun's
+    check_precision(cfg.precision, device)
+    main, progress = env.rank == 0, cfg.progress and env.rank == 0
     root = resolve_data(cfg.data)
     dataset = verify_dataset(root)  # DatasetError listing every bad case; nothing written yet
     model_name = cfg.model or f"lightm_unet_{dataset.spatial_dims}d"
@@ -293,15 +295,19 @@ def train(cfg: TrainConfig) -> Path:
             if v}
         plan = make_plan(dataset, divisor=model_divisor(model_name), oversample_foreground=cfg.oversample_foreground,
                          **overrides)
+    distributed.local_batch(plan.batch_size)  # refuse a global batch that does not split over the ranks
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed % 2**32)
     model = build_model(model_name, plan.spatial_dims, plan.num_channels, plan.num_classes, model_kwargs).to(device)
+    if not (run / "splits.json").exists():
+        make_splits(dataset.cases, N_FOLDS, seed=12345)  # too few cases for 5 folds: refuse before writing
 
     # 2. The run folder: plan, splits, config, model description.
     run.mkdir(parents=True, exist_ok=True)
-    if not cfg.resume:
+    if main and not cfg.resume:
         plan.save(run / "plan.json")
-    splits = load_or_create_splits(run / "splits.json", dataset.cases)
+    with distributed.main_first():  # rank 0 writes splits.json, the other ranks read it
+        splits = load_or_create_splits(run / "splits.json", dataset.cases)
     train_cases, val_cases = list(splits[cfg.fold]["train"]), list(splits[cfg.fold]["val"])
     if cfg.val_cases > 0:
         val_cases = val_cases[: cfg.val_cases]
@@ -309,12 +315,14 @@ def train(cfg: TrainConfig) -> Path:
     metadata = {"task": "segmentation", "dataset": dataset.name, "labels": labels, "plan": _plan_dict(plan),
                 "fold": cfg.fold, "recipe": dataclasses.asdict(recipe), "file_ending": dataset.file_ending,
                 "channel_names": dataset.channel_names}
-    _write_json(run / "model.json", {**model.medssm_config, **metadata})
-    _write_json(run / "config.json", dataclasses.asdict(cfg))
+    if main:
+        _write_json(run / "model.json", {**model.medssm_config, **metadata})
+        _write_json(run / "config.json", dataclasses.asdict(cfg))
 
     # 3. Preprocess once; patches; augmentation; loss; optimiser; schedule.
-    cache = load_cache(build_cache(dataset, plan, Path(cfg.cache) if cfg.cache else run / "preprocessed",
-                                   progress=cfg.progress, cases=sorted({*train_cases, *val_cases})))
+    with distributed.main_first():  # rank 0 preprocesses, the other ranks find the cache built
+        cache = load_cache(build_cache(dataset, plan, Path(cfg.cache) if cfg.cache else run / "preprocessed",
+                                       progress=progress, cases=sorted({*train_cases, *val_cases})))
     sampler = PatchSampler(cache, train_cases, plan.patch_size, plan.batch_size,
                            oversample_foreground=plan.oversample_foreground, seed=cfg.seed)
     augment = training_transforms(plan.spatial_dims, plan.patch_size, seed=cfg.seed) if cfg.augment else None
@@ -322,6 +330,7 @@ def train(cfg: TrainConfig) -> Path:
     optimizer = make_optimizer(model.parameters(), recipe.optimizer, lr=recipe.lr, weight_decay=recipe.weight_decay,
                                momentum=recipe.momentum, nesterov=recipe.nesterov)
     scheduler = make_scheduler(optimizer, recipe.schedule, total_steps=cfg.epochs * cfg.iterations_per_epoch)
+    scaler = grad_scaler(device, cfg.precision)
 
     start_epoch, best = 0, -math.inf
     if cfg.resume:
@@ -331,9 +340,14 @@ def train(cfg: TrainConfig) -> Path:
         sampler.load_state_dict(extra["sampler"])
         if augment is not None and "augment" in extra:
             augment.load_state_dict(extra["augment"])
-        print(f"resuming {run} after epoch {start_epoch}/{cfg.epochs}")
+        if extra.get("scaler"):
+            scaler.load_state_dict(extra["scaler"])
+        if main:
+            print(f"resuming {run} after epoch {start_epoch}/{cfg.epochs}")
     history = History(run, resume=cfg.resume, resume_epoch=start_epoch)
-    val_data = [(cache[c]["image"], cache[c]["label"]) for c in val_cases]
+    # Each rank validates every world_size-th held-out case; the means are then combined.
+    val_data = [(cache[c]["image"], cache[c]["label"]) for c in val_cases[env.rank::env.world_size]]
+    ddp_model = distributed.wrap(model, device)  # `model` itself is what is validated and saved
 
     # 4. The loop.
     batches = iter(sampler)
@@ -341,12 +355,13 @@ def train(cfg: TrainConfig) -> Path:
         model.train()
         t0, losses = time.time(), []
         bar = tqdm(range(cfg.iterations_per_epoch), desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="it",
-                   disable=not cfg.progress, leave=False)
+                   disable=not progress, leave=False)
         for _ in bar:
             batch = next(batches)
             if augment is not None:
                 batch = augment(batch)
-            losses.append(train_step(model, batch, loss_fn, optimizer, scheduler, recipe.grad_clip, device))
+            losses.append(train_step(ddp_model, batch, loss_fn, optimizer, scheduler, recipe.grad_clip, device,
+                                     cfg.precision, scaler))
             bar.set_postfix(loss=f"{losses[-1]:.4f}")
         finite = [v for v in losses if math.isfinite(v)]
         row = {"epoch": epoch + 1, "train_loss": float(np.mean(finite)) if finite else math.nan,
@@ -354,7 +369,9 @@ def train(cfg: TrainConfig) -> Path:
         is_last = epoch + 1 == cfg.epochs
         improved = False
         if val_cases and (is_last or (cfg.val_every > 0 and (epoch + 1) % cfg.val_every == 0)):
-            per_class = validate(model, val_data, plan.patch_size, plan.num_classes, device, cfg.progress)
+            with autocast(device, cfg.precision):
+                per_class = validate(model, val_data, plan.patch_size, plan.num_classes, device, progress)
+            per_class = distributed.weighted_mean(per_class, len(val_data))
             row["val_dice"] = float(np.mean(per_class))
             names = [k for k, v in sorted(labels.items(), key=lambda kv: kv[1]) if v > 0]
             row.update({f"val_dice_{n}": d for n, d in zip(names, per_class)})
@@ -362,7 +379,9 @@ def train(cfg: TrainConfig) -> Path:
             best = max(best, row["val_dice"])
         row["time_s"] = round(time.time() - t0, 2)
         extra = {"best": best, "sampler": sampler.state_dict(),
-                 "augment": augment.state_dict() if augment is not None else {}}
+                 "augment": augment.state_dict() if augment is not None else {}, "scaler": scaler.state_dict()}
+        if not main:  # rank 0 alone writes checkpoints and logs
+            continue
         ckpt_meta = {**metadata, "epoch": epoch + 1, "val_dice": row.get("val_dice"), "best_val_dice": best
                      if math.isfinite(best) else None}
         if improved:
@@ -376,9 +395,10 @@ def train(cfg: TrainConfig) -> Path:
             msg += f", val Dice {row['val_dice']:.4f}" + (" (best)" if improved else "")
         if cfg.progress:
             tqdm.write(msg + f" [{row['time_s']:.0f} s]")
-    if not (run / "checkpoints" / "best").is_dir():  # no validation at all (e.g. no held-out cases)
+    if main and not (run / "checkpoints" / "best").is_dir():  # no validation at all (e.g. no held-out cases)
         save_checkpoint(run / "checkpoints" / "best", model, epoch=cfg.epochs,
                         metadata={**metadata, "epoch": cfg.epochs})
+    distributed.barrier()  # every rank returns once rank 0's checkpoints are written
     return run
 
 
