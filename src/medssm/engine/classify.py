@@ -30,7 +30,9 @@ import torch.nn.functional as F
 from ..data.classification import ClassificationDataset, class_weights, open_classification_data
 from ..metrics.classification import classification_metrics
 from ..nets.registry import atomic_path, create_model, save_model
+from . import distributed
 from .checkpoint import load_checkpoint, save_checkpoint
+from .devices import autocast, backward_and_step, check_precision, grad_scaler, resolve_device
 from .history import History
 
 __all__ = ["ClassifierTrainConfig", "train_classifier", "predict_proba", "resolve_device"]
@@ -76,14 +78,11 @@ class ClassifierTrainConfig:
         "help": "use at most this many (seeded, stratified) samples of train and of val: quick runs"})
     max_steps: int | None = field(default=None, metadata={"help": "at most this many steps per epoch"})
     num_workers: int = field(default=0, metadata={"help": "data-loading worker processes"})
-    device: str = field(default="auto", metadata={"help": "cpu, cuda, cuda:1 ... (auto: cuda if available)"})
+    device: str = field(default="auto", metadata={
+        "help": "cpu, cuda, cuda:N, mps or auto (CUDA, else MPS, else CPU); under torchrun: the LOCAL_RANK GPU"})
+    precision: str = field(default="fp32", metadata={
+        "help": "fp32, bf16 or fp16 (mixed precision; fp16 on a GPU only; the scan stays float32)"})
     progress: bool = field(default=True, metadata={"help": "show progress bars"})
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 def _seed_all(seed: int) -> None:
@@ -159,8 +158,10 @@ def train_classifier(cfg: ClassifierTrainConfig) -> Path:
         raise FileExistsError(f"{out}: already holds a run; pass --resume to continue it or choose another --out")
     if cfg.resume and not (out / "last").exists():
         raise FileNotFoundError(f"{out / 'last'}: no checkpoint to resume from")
+    env, device = distributed.setup(cfg.device)  # one process, or one of torchrun's / srun's
+    check_precision(cfg.precision, device)
+    main = env.rank == 0
     _seed_all(cfg.seed)
-    device = resolve_device(cfg.device)
 
     opts = dict(root=cfg.data_root, size=cfg.size, download=cfg.download, val_fraction=cfg.val_fraction, seed=cfg.seed)
     train_src = open_classification_data(cfg.data, "train", **opts)
@@ -196,7 +197,9 @@ def train_classifier(cfg: ClassifierTrainConfig) -> Path:
     train_ds = ClassificationDataset(train_src, input_size, train=True, crop_scale=cfg.crop_scale,
                                      hflip=cfg.hflip, vflip=cfg.vflip)
     val_ds = ClassificationDataset(val_src, input_size, train=False)
-    loader = torch.utils.data.DataLoader(train_ds, batch_size=cfg.batch_size, shuffle=True, drop_last=False,
+    sampler = distributed.data_sampler(train_ds, cfg.seed)  # --batch-size is the global batch
+    loader = torch.utils.data.DataLoader(train_ds, batch_size=distributed.local_batch(cfg.batch_size),
+                                         shuffle=sampler is None, sampler=sampler, drop_last=False,
                                          num_workers=cfg.num_workers)
     weights = _class_weights(cfg.class_weights, train_src.labels, k)
     criterion = torch.nn.CrossEntropyLoss(weight=None if weights is None else weights.to(device),
@@ -204,14 +207,18 @@ def train_classifier(cfg: ClassifierTrainConfig) -> Path:
     opt_cls = torch.optim.Adam if cfg.optimizer == "adam" else torch.optim.AdamW
     optimizer = opt_cls(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(cfg))
+    scaler = grad_scaler(device, cfg.precision)
 
     start, best_auc, best_epoch = 1, -math.inf, 0
     if cfg.resume:
         state = load_checkpoint(out / "last", model, optimizer=optimizer, scheduler=scheduler)
         start = int(state["epoch"]) + 1
         best_auc, best_epoch = float(state["extra"]["best_auc"]), int(state["extra"]["best_epoch"])
-        print(f"resuming {out} after epoch {state['epoch']} (best val AUC {best_auc:.4f} at epoch {best_epoch})")
-    else:
+        if state["extra"].get("scaler"):
+            scaler.load_state_dict(state["extra"]["scaler"])
+        if main:
+            print(f"resuming {out} after epoch {state['epoch']} (best val AUC {best_auc:.4f} at epoch {best_epoch})")
+    elif main:
         out.mkdir(parents=True, exist_ok=True)
         with atomic_path(out / "config.json") as tmp:
             tmp.write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
@@ -219,23 +226,29 @@ def train_classifier(cfg: ClassifierTrainConfig) -> Path:
             tmp.write_text(json.dumps({"train": [train_src.name(i) for i in range(len(train_src))],
                                        "val": [val_src.name(i) for i in range(len(val_src))]}, indent=0))
     history = History(out, resume=cfg.resume, resume_epoch=start - 1)
-    print(f"{cfg.model}: {sum(p.numel() for p in model.parameters()):,} parameters, {k} classes {classes}, "
-          f"{len(train_src)} train / {len(val_src)} val samples at {input_size}px on {device}")
+    ddp_model = distributed.wrap(model, device)  # `model` itself is what is validated and saved
+    if main:
+        print(f"{cfg.model}: {sum(p.numel() for p in model.parameters()):,} parameters, {k} classes {classes}, "
+              f"{len(train_src)} train / {len(val_src)} val samples at {input_size}px on {device}"
+              + (f" x {env.world_size} processes" if env.distributed else ""))
 
     for epoch in range(start, cfg.epochs + 1):
         t0 = time.perf_counter()
         model.train()
+        if sampler is not None:
+            sampler.set_epoch(epoch)
         total, seen = 0.0, 0
         steps = len(loader) if cfg.max_steps is None else min(len(loader), cfg.max_steps)
-        bar = tqdm(loader, total=steps, desc=f"epoch {epoch}/{cfg.epochs}", leave=False, disable=not cfg.progress)
+        bar = tqdm(loader, total=steps, desc=f"epoch {epoch}/{cfg.epochs}", leave=False,
+                   disable=not (cfg.progress and main))
         for step, (x, y, _) in enumerate(bar):
             if step >= steps:
                 break
-            x, y = x.to(device), y.to(device)
-            loss = criterion(model(x), y)
+            x, y = x.to(device), distributed.all_gather(y.to(device))  # the loss sees the global batch
+            with autocast(device, cfg.precision):
+                loss = distributed.global_loss(criterion, ddp_model(x), y)
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            backward_and_step(loss, ddp_model, optimizer, scaler)
             total += loss.item() * len(y)
             seen += len(y)
             bar.set_postfix(loss=f"{total / seen:.4f}")
@@ -243,8 +256,9 @@ def train_classifier(cfg: ClassifierTrainConfig) -> Path:
         lr = optimizer.param_groups[0]["lr"]
         scheduler.step()
 
-        probs = predict_proba(model, val_ds, batch_size=max(cfg.batch_size, 64), device=device,
-                              progress=cfg.progress, desc="validate")
+        with autocast(device, cfg.precision):  # every rank validates (same result); rank 0 writes
+            probs = predict_proba(model, val_ds, batch_size=max(cfg.batch_size, 64), device=device,
+                                  progress=cfg.progress and main, desc="validate")
         val_loss = float(F.nll_loss(torch.log(torch.from_numpy(probs).clamp_min(1e-12)),
                                     torch.from_numpy(val_src.labels)))
         m = classification_metrics(val_src.labels, probs, classes)
@@ -252,14 +266,20 @@ def train_classifier(cfg: ClassifierTrainConfig) -> Path:
         improved = score > best_auc
         if improved:
             best_auc, best_epoch = score, epoch
+        if not main:
+            continue
+        if improved:
             save_model(model, out, extra={**metadata, "best_epoch": epoch, "val_auc": m["auc"], "val_acc": m["acc"]})
         save_checkpoint(out / "last", model, epoch=epoch, optimizer=optimizer, scheduler=scheduler,
-                        metadata=metadata, extra_state={"best_auc": best_auc, "best_epoch": best_epoch})
+                        metadata=metadata, extra_state={"best_auc": best_auc, "best_epoch": best_epoch,
+                                                        "scaler": scaler.state_dict()})
         history.log(epoch=epoch, train_loss=total / max(seen, 1), val_loss=val_loss, val_acc=m["acc"],
                     val_auc=m["auc"], val_f1=m["f1"], lr=lr, time_s=round(time.perf_counter() - t0, 2))
         history.plot()
         print(f"epoch {epoch}/{cfg.epochs}: train loss {total / max(seen, 1):.4f}  val loss {val_loss:.4f}  "
               f"val ACC {m['acc']:.4f}  val AUC {m['auc']:.4f}{'  *best*' if improved else ''}  "
               f"({time.perf_counter() - t0:.1f}s)")
-    print(f"done: best val AUC {best_auc:.4f} at epoch {best_epoch}; model in {out}")
+    if main:
+        print(f"done: best val AUC {best_auc:.4f} at epoch {best_epoch}; model in {out}")
+    distributed.barrier()  # every rank returns once rank 0's files are written
     return out
