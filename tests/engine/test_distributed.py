@@ -1,0 +1,102 @@
+"""Distributed training: the launchers' variables, and a two-process Gloo run on real lung cases
+that ends with the same weights on both ranks as one process given the same global batch."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from medssm.engine.distributed import DistEnv, environment, shard, weighted_mean
+from medssm.engine.train import TrainConfig, train
+
+from .seg_data import lung_subset
+
+# Run by torchrun in each process: train, then save this rank's final weights and its wrapper's type.
+WORKER = """
+import json, sys
+from safetensors.torch import save_file
+from medssm.engine import distributed, train
+seen = {}
+real_wrap = distributed.wrap
+def wrap(model, device):
+    seen["model"], seen["wrapped"] = model, real_wrap(model, device)
+    return seen["wrapped"]
+distributed.wrap = wrap
+train.train(train.TrainConfig(**json.loads(sys.argv[1])))
+rank = distributed.world().rank
+save_file({k: v.contiguous() for k, v in seen["model"].state_dict().items()}, f"{sys.argv[2]}/rank{rank}.safetensors",
+          metadata={"wrapper": type(seen["wrapped"]).__name__})
+"""
+
+
+def test_environment_from_torchrun_slurm_or_nothing():
+    assert environment({"RANK": "3", "WORLD_SIZE": "8", "LOCAL_RANK": "1"}) == DistEnv(3, 8, 1)
+    slurm = {"SLURM_PROCID": "5", "SLURM_NTASKS": "6", "SLURM_LOCALID": "2"}
+    assert environment(slurm) == DistEnv(5, 6, 2)
+    assert environment({**slurm, "RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0"}) == DistEnv(0, 2, 0)  # torchrun's win
+    assert environment({}) == DistEnv(0, 1, 0) and not environment({}).distributed
+
+
+def test_single_process_helpers_pass_through():
+    x = torch.arange(6)
+    assert shard(x) is x
+    assert weighted_mean([0.5, 0.25], 3) == [0.5, 0.25]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_process_gloo_run_equals_single_process(data_root, tmp_path):
+    lung = lung_subset(data_root, tmp_path / "Dataset001_LungXray", n=6, size=64)
+    cfg = dict(data=str(lung), model="lightm_unet_2d_tiny", epochs=1, iterations_per_epoch=3, val_every=1,
+               val_cases=2, patch_size=(64, 64), batch_size=4, device="cpu", progress=False)
+    single = train(TrainConfig(**cfg, out=str(tmp_path / "single")))
+
+    env = {**os.environ, "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1"}
+    (tmp_path / "worker.py").write_text(WORKER)
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+         "--master_port", str(_free_port()), str(tmp_path / "worker.py"),
+         json.dumps({**cfg, "out": str(tmp_path / "ddp")}), str(tmp_path)],
+        env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+    ranks = [load_file(str(tmp_path / f"rank{r}.safetensors")) for r in (0, 1)]
+    with safe_open(str(tmp_path / "rank1.safetensors"), "pt") as f:
+        assert f.metadata()["wrapper"] == "DistributedDataParallel"
+    reference = load_file(str(single / "checkpoints" / "last" / "model.safetensors"))
+    saved = load_file(str(tmp_path / "ddp" / "checkpoints" / "last" / "model.safetensors"))
+    initial = train_initial_weights(cfg, tmp_path)
+    assert ranks[0].keys() == ranks[1].keys() == reference.keys() == saved.keys()
+    for k in reference:
+        torch.testing.assert_close(ranks[0][k], ranks[1][k], rtol=0, atol=0, msg=k)  # replicas identical
+        torch.testing.assert_close(saved[k], ranks[0][k], rtol=0, atol=0, msg=k)     # rank 0 saved them
+        torch.testing.assert_close(ranks[0][k], reference[k], rtol=0, atol=1e-5, msg=k)
+    assert any(not torch.equal(initial[k], reference[k]) for k in reference)  # training moved the weights
+
+    log_single = json.loads((single / "log.json").read_text())
+    log_ddp = json.loads((tmp_path / "ddp" / "log.json").read_text())
+    assert len(log_ddp) == 1 and log_ddp[0]["nonfinite_steps"] == 0
+    assert log_ddp[0]["train_loss"] == pytest.approx(log_single[0]["train_loss"], abs=1e-5)
+    assert log_ddp[0]["val_dice"] == pytest.approx(log_single[0]["val_dice"], abs=1e-4)
+    assert not (tmp_path / "ddp" / "checkpoints" / "last.old").exists()
+
+
+def train_initial_weights(cfg: dict, tmp_path: Path) -> dict[str, torch.Tensor]:
+    """The weights both runs started from (same seed, same construction as the trainer)."""
+    from medssm.engine.train import build_model
+
+    torch.manual_seed(TrainConfig(data="").seed)
+    return build_model(cfg["model"], 2, 1, 2).state_dict()

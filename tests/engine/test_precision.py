@@ -1,0 +1,106 @@
+"""Devices and mixed precision: device selection, precision checks, and bf16 training on the CPU
+(real lung cases and real PneumoniaMNIST images) that stays finite."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from medssm.engine.classify import ClassifierTrainConfig, train_classifier
+from medssm.engine.devices import autocast, check_precision, grad_scaler, resolve_device
+from medssm.engine.train import TrainConfig, build_model, train
+
+from .seg_data import lung_subset
+
+
+@pytest.fixture
+def no_gpu(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+
+
+def test_device_selection_without_gpu(no_gpu):
+    assert resolve_device("auto") == torch.device("cpu") == resolve_device("cpu")
+    with pytest.raises(ValueError, match="no CUDA GPU"):
+        resolve_device("cuda")
+    with pytest.raises(ValueError, match="MPS backend"):
+        resolve_device("mps")
+    with pytest.raises(ValueError, match="expected cpu, cuda"):
+        resolve_device("gpu0")
+
+
+def test_device_selection_with_cuda_and_local_rank(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert resolve_device("auto") == torch.device("cuda", 0)
+    assert resolve_device("cuda", local_rank=1) == torch.device("cuda", 1)  # torchrun's LOCAL_RANK
+    assert resolve_device("cuda:1", local_rank=0) == torch.device("cuda", 1)
+    with pytest.raises(ValueError, match="only 2 CUDA"):
+        resolve_device("cuda:2")
+
+
+def test_mps_chosen_by_auto_when_it_is_the_only_gpu(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
+    assert resolve_device("auto") == torch.device("mps")
+
+
+def test_precision_checks_and_autocast():
+    cpu = torch.device("cpu")
+    check_precision("bf16", cpu)
+    check_precision("fp32", cpu)
+    with pytest.raises(ValueError, match="needs a GPU.*use bf16"):
+        check_precision("fp16", cpu)
+    with pytest.raises(ValueError, match="fp32, bf16, fp16"):
+        check_precision("fp8", cpu)
+    a = torch.randn(4, 4)
+    with autocast(cpu, "bf16"):
+        assert (a @ a).dtype == torch.bfloat16
+    with autocast(cpu, "fp32"):
+        assert (a @ a).dtype == torch.float32
+    assert not grad_scaler(cpu, "bf16").is_enabled()  # only fp16 scales the loss
+
+
+def test_bf16_forward_close_to_fp32():
+    torch.manual_seed(0)
+    model = build_model("lightm_unet_2d_tiny", 2, 1, 2).eval()
+    x = torch.randn(2, 1, 32, 32)
+    with torch.no_grad():
+        ref = model(x)
+        with autocast(torch.device("cpu"), "bf16"):
+            out = model(x)
+    assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
+    # bf16 keeps ~3 digits; an untrained network's GroupNorms amplify a few pixels, so compare on the whole map
+    assert (out.float() - ref).abs().mean() < 0.05 * ref.abs().mean()
+    assert torch.corrcoef(torch.stack([out.float().flatten(), ref.flatten()]))[0, 1] > 0.99
+
+
+def test_bf16_segmentation_training_on_cpu_stays_finite(data_root, tmp_path):
+    lung = lung_subset(data_root, tmp_path / "Dataset001_LungXray", n=6, size=32)
+    run = train(TrainConfig(data=str(lung), out=str(tmp_path / "run"), model="lightm_unet_2d_tiny", epochs=1,
+                            iterations_per_epoch=2, val_cases=1, patch_size=(32, 32), batch_size=2, device="cpu",
+                            precision="bf16", progress=False))
+    row = json.loads((run / "log.json").read_text())[0]
+    assert row["nonfinite_steps"] == 0 and torch.isfinite(torch.tensor(row["train_loss"]))
+    assert 0 <= row["val_dice"] <= 1
+    weights = load_file(str(run / "checkpoints" / "last" / "model.safetensors"))
+    assert all(w.dtype == torch.float32 and torch.isfinite(w).all() for w in weights.values())  # fp32 masters
+
+
+def test_fp16_on_cpu_refused_before_anything_is_written(data_root, tmp_path):
+    with pytest.raises(ValueError, match="fp16 needs a GPU"):
+        train(TrainConfig(data=str(data_root / "Dataset001_LungXray"), out=str(tmp_path / "run"), device="cpu",
+                          precision="fp16", progress=False))
+    assert not (tmp_path / "run").exists()
+
+
+def test_bf16_classification_training_on_cpu_stays_finite(data_root, tmp_path):
+    out = train_classifier(ClassifierTrainConfig(
+        data=str(data_root / "medmnist" / "pneumoniamnist.npz"), out=str(tmp_path / "run"), model="medmamba_tiny",
+        epochs=1, batch_size=8, max_steps=2, limit=24, device="cpu", precision="bf16", progress=False))
+    row = json.loads((out / "log.json").read_text())[0]
+    assert torch.isfinite(torch.tensor([row["train_loss"], row["val_loss"]])).all()
+    assert all(torch.isfinite(w).all() for w in load_file(str(out / "model.safetensors")).values())
