@@ -1,0 +1,449 @@
+"""Export any medssm network to ONNX and prove the file computes what PyTorch computes.
+
+``export_onnx(model, "model.onnx")`` traces the network with a pure-PyTorch selective scan, writes
+an opset >= 17 graph with a dynamic batch axis and (for every registered architecture) dynamic
+spatial axes, then runs the file in onnxruntime (CPU) on random inputs, at the traced size and at
+a second size and batch, and raises :class:`ExportParityError` if any output differs from
+PyTorch's by more than ``rtol`` (default 1e-4) relative to the output's largest magnitude. The file
+only appears at its path once that check has passed.
+
+``medssm export RUN_OR_MODEL --onnx out.onnx`` does the same from the command line
+(:class:`ExportConfig`, :func:`export_cli`).
+
+Why a scan of its own: the library's ``chunked`` scan picks its recursion depth and padding with
+Python arithmetic on the sequence length. A trace freezes those decisions at the example's
+length, so the graph is only right at that length. The export scan below (backend ``"export"``)
+has a structure that depends on nothing but a depth fixed at trace time:
+
+    level k (k < depth): pad to a multiple of 8 (the padding amount is a graph computation),
+    run the recurrence over the 8 steps of every chunk (unrolled), and hand the chunks'
+    (total decay, end state) pairs to level k + 1;
+    top level: ``h_i = sum_{j<=i} exp(c_i - c_j) x_j`` with ``c`` the cumulative log-decay, one
+    masked (n x n) product for any number n of remaining chunks.
+
+Every exponent is ``<= 0`` (decays ``delta * A`` with ``delta >= 0``, ``A < 0``), so nothing
+overflows at any length, and any sequence length is exact; the depth (what the traced length
+needs) only decides how large the top level's n x n product gets at longer sequences.
+
+The graph is written by PyTorch's TorchScript-based exporter (``dynamo=False``): the
+``torch.export`` path needs ``onnxscript`` and would meet the same length-dependent Python logic.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import time
+import warnings
+from pathlib import Path
+from typing import Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..nets.registry import atomic_path, create_model, list_models, load_model
+from ..ssm.scan import expand_groups, finish_output, prepare_delta, register_backend
+
+__all__ = ["ExportConfig", "ExportParityError", "ExportResult", "export_cli", "export_onnx", "export_scan",
+           "load_for_export", "onnx_parity", "size_rule"]
+
+EXPORT_BACKEND = "export"
+CHUNK = 8
+MIN_OPSET = 17
+
+
+class ExportParityError(RuntimeError):
+    """onnxruntime's output differs from PyTorch's by more than the tolerance."""
+
+
+# ----------------------------------------------------------------------------------------------
+# The export scan: fixed structure, any length.
+
+
+def _levels_for(length: int) -> int:
+    """Chunk levels that bring ``length`` steps down to one chunk (at least one level)."""
+    levels = 1
+    while CHUNK ** levels < length:
+        levels += 1
+    return levels
+
+
+def _top_states(log_decay: torch.Tensor, x: torch.Tensor, n) -> torch.Tensor:
+    """All states of ``h_t = exp(a_t) h_{t-1} + x_t`` along dim -2 of (..., n, N) by one masked product."""
+    cum = log_decay.cumsum(-2)  # (..., n, N)
+    steps = torch.arange(n, device=cum.device)
+    causal = (steps[:, None] >= steps[None, :])[..., None]  # (n, n, 1): j <= i
+    diff = cum.unsqueeze(-2) - cum.unsqueeze(-3)  # (..., n_i, n_j, N): c_i - c_j
+    weights = torch.exp(torch.where(causal, diff, -math.inf))
+    return (weights * x.unsqueeze(-3)).sum(-2)  # (..., n, N)
+
+
+def _level_states(log_decay: torch.Tensor, x: torch.Tensor, depth: int, length) -> torch.Tensor:
+    """All states along dim -2 of (..., L, N): ``depth`` chunk levels, then :func:`_top_states`.
+
+    ``length`` (L) is passed down rather than read from the tensors: the exporter's shape inference
+    loses track of some intermediate sizes and would freeze them at the traced values.
+    """
+    if depth == 0:
+        return _top_states(log_decay, x, length)
+    # Pad to a multiple of CHUNK (padded steps: decay 1, input 0). F.pad would freeze a traced pad
+    # amount, so pad by a constant CHUNK and cut at the traced length (a dynamic Slice); the integer
+    # division has non-negative operands, so it exports exactly.
+    padded = (length + CHUNK - 1) // CHUNK * CHUNK
+    a = F.pad(log_decay, (0, 0, 0, CHUNK))[..., :padded, :].unflatten(-2, (-1, CHUNK))  # (..., chunks, CHUNK, N)
+    x = F.pad(x, (0, 0, 0, CHUNK))[..., :padded, :].unflatten(-2, (-1, CHUNK))
+    # Within each chunk, from a zero state: the recurrence unrolled over the CHUNK steps, on
+    # (..., chunks, 1, N) pieces (one Split and one Concat per level keep the graph small; no
+    # zeros_like, which the TorchScript exporter folds to a fixed shape).
+    decays, inputs = torch.exp(a).split(1, dim=-2), x.split(1, dim=-2)
+    h = inputs[0]
+    local = [h]
+    for t in range(1, CHUNK):
+        h = decays[t] * h + inputs[t]
+        local.append(h)
+    local, cum = torch.cat(local, -2), a.cumsum(-2)  # (..., chunks, CHUNK, N)
+    ends = _level_states(cum[..., -1, :], local[..., -1, :], depth - 1, padded // CHUNK)  # every chunk's true end state
+    carry_in = F.pad(ends[..., :-1, :], (0, 0, 1, 0))  # state entering each chunk: (..., chunks, N)
+    states = local + torch.exp(cum) * carry_in.unsqueeze(-2)
+    return states.flatten(-3, -2)[..., :length, :]
+
+
+@register_backend(EXPORT_BACKEND)
+def export_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state):
+    """Selective-scan backend with a length-independent graph (see the module docstring)."""
+    delta = prepare_delta(delta, delta_bias, delta_softplus)
+    batch, dim, length = u.shape
+    with warnings.catch_warnings():  # reading the traced length as a Python int only fixes the depth
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        depth = _levels_for(int(length))
+    B_rows = expand_groups(B, dim).transpose(-1, -2)  # (batch, dim, L, N)
+    C_rows = expand_groups(C, dim).transpose(-1, -2)
+    log_decay = delta.unsqueeze(-1) * A[:, None, :]  # (batch, dim, L, N)
+    states = _level_states(log_decay, (delta * u).unsqueeze(-1) * B_rows, depth, length)
+    out = finish_output((states * C_rows).sum(-1), u, D, z)  # (batch, dim, L)
+    if return_last_state:
+        return out, states[..., -1, :]
+    return out
+
+
+@contextlib.contextmanager
+def scan_backend(model: nn.Module, backend: str):
+    """Set every ``scan_backend`` attribute in ``model`` to ``backend`` inside the block."""
+    saved = [(m, m.scan_backend) for m in model.modules() if isinstance(getattr(m, "scan_backend", None), str)]
+    try:
+        for m, _ in saved:
+            m.scan_backend = backend
+        yield model
+    finally:
+        for m, old in saved:
+            m.scan_backend = old
+
+
+def _movedim_symbolic(g, self, source, destination):
+    """``aten::movedim`` as one Transpose. The stock TorchScript symbolic writes negative axes
+    (e.g. ``movedim(-1, 1)``) into the permutation as they are, which onnxruntime rejects."""
+    from torch.onnx import symbolic_helper
+
+    rank = symbolic_helper._get_tensor_rank(self)
+    if rank is None:
+        raise RuntimeError("movedim on a tensor of unknown rank cannot be exported")
+    src, dst = ([int(d) % rank for d in torch.as_tensor(symbolic_helper._maybe_get_const(v, "t")).reshape(-1).tolist()]
+                for v in (source, destination))
+    rest = [d for d in range(rank) if d not in src]
+    perm = [-1] * rank
+    for s_, d_ in zip(src, dst):
+        perm[d_] = s_
+    free = iter(rest)
+    perm = [p if p >= 0 else next(free) for p in perm]
+    return self if perm == list(range(rank)) else g.op("Transpose", self, perm_i=perm)
+
+
+_SYMBOLICS = {"aten::movedim": _movedim_symbolic}
+
+
+@contextlib.contextmanager
+def _export_symbolics(opset: int):
+    """Our symbolic functions, registered for the duration of one export only."""
+    for name, fn in _SYMBOLICS.items():
+        torch.onnx.register_custom_op_symbolic(name, fn, opset)
+    try:
+        yield
+    finally:
+        for name in _SYMBOLICS:
+            torch.onnx.unregister_custom_op_symbolic(name, opset)
+
+
+# ----------------------------------------------------------------------------------------------
+# Which input sizes a network takes.
+
+
+@dataclasses.dataclass(frozen=True)
+class SizeRule:
+    """Spatial sizes of a network: ``divisor`` every size must be a multiple of; ``default`` example
+    size; ``trace`` the size to trace at (one that takes every data-dependent branch, e.g. padding);
+    ``segmentation``: the output keeps the input's spatial axes."""
+
+    spatial_dims: int
+    divisor: int
+    default: tuple[int, ...]
+    trace: tuple[int, ...] | None
+    segmentation: bool
+
+
+def size_rule(model: nn.Module) -> SizeRule:
+    """The :class:`SizeRule` of a medssm network (LightMUNet, SegMamba, MedMamba); other networks
+    get a generic rule from ``spatial_dims`` (segmentation, divisor 16)."""
+    name = type(model).__name__
+    dims = getattr(model, "spatial_dims", None)
+    if dims not in (2, 3):
+        raise ValueError(f"cannot tell the input dimensionality of {name}: it has no spatial_dims attribute "
+                         "(pass input_size with the batch and channel axes to export it)")
+    if name == "MedMamba":
+        # Every padding branch must be traced: patch embedding pads S to a multiple of the patch size,
+        # each merging pads odd sizes. Size 35 (patch 4, 3 mergings) gives 9, 5, 3 tokens: all odd.
+        patch = model.patch_embed.patch_size
+        odd = 3
+        for _ in range(len(model.layers) - 2):
+            odd = 2 * odd - 1
+        return SizeRule(dims, 1, (224,) * dims if dims == 2 else (64,) * 3, (patch * odd - 1,) * dims, False)
+    divisor = getattr(model, "size_divisor", None) or 16  # SegMamba: four halvings
+    default = (64,) * dims if dims == 2 else (32,) * 3
+    return SizeRule(dims, divisor, default, None, True)
+
+
+def _in_channels(model: nn.Module) -> int:
+    for m in model.modules():
+        if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+            return m.in_channels
+    raise ValueError(f"cannot tell the input channels of {type(model).__name__}: pass input_size with them")
+
+
+# ----------------------------------------------------------------------------------------------
+# Export and parity.
+
+
+@dataclasses.dataclass
+class ExportResult:
+    path: Path
+    input_shape: tuple[int, ...]
+    dynamic_axes: dict[str, dict[int, str]]
+    checks: list[dict]  # one per checked input: shape, rel_error, max_abs_error, ...
+    opset: int
+    seconds: float
+
+    @property
+    def rel_error(self) -> float:
+        """The largest norm-wise relative error of the checks (0 when unchecked)."""
+        return max((c["rel_error"] for c in self.checks), default=0.0)
+
+
+def _random_input(shape: Sequence[int], seed: int) -> torch.Tensor:
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+
+
+def onnx_parity(session, model: nn.Module, x: torch.Tensor) -> dict:
+    """Run ``x`` through an onnxruntime ``session`` and ``model``. ``rel_error`` is the norm-wise
+    relative error ``||ort - torch||_2 / ||torch||_2``; the largest element-wise error is reported too."""
+    import numpy as np
+
+    with torch.no_grad():
+        ref = model(x).float().numpy()
+    got = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
+    if got.shape != ref.shape:
+        return {"shape": tuple(x.shape), "output_shape": tuple(got.shape), "max_abs_error": math.inf,
+                "max_rel_error": math.inf, "error": f"output shape {got.shape}, PyTorch gives {ref.shape}"}
+    diff = got.astype(np.float64) - ref
+    abs_err = float(np.max(np.abs(diff))) if ref.size else 0.0
+    norm = float(np.linalg.norm(ref))
+    rel = float(np.linalg.norm(diff)) / norm if norm > 0 else (0.0 if abs_err == 0 else math.inf)
+    if not np.isfinite(got).all():
+        rel = math.inf
+    return {"shape": tuple(x.shape), "output_shape": tuple(got.shape), "max_abs_error": abs_err,
+            "max_abs_error_over_max_output": abs_err / float(np.max(np.abs(ref))) if norm > 0 else abs_err,
+            "rel_error": rel}
+
+
+def ort_session(path: str | os.PathLike, threads: int | None = None):
+    """An onnxruntime CPU session for ``path`` (``threads`` intra-op threads; default torch's)."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads or torch.get_num_threads()
+    opts.log_severity_level = 3
+    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+
+
+def export_onnx(model: nn.Module, path: str | os.PathLike, input_size: Sequence[int] | None = None,
+                batch_size: int = 1, opset: int = MIN_OPSET, dynamic_batch: bool = True,
+                dynamic_spatial: bool = True, rtol: float = 1e-4, check: bool = True,
+                check_size: Sequence[int] | None = None, reference_backend: str | None = None) -> ExportResult:
+    """Export ``model`` to ONNX at ``path`` and check it against PyTorch in onnxruntime.
+
+    Args:
+        model: a medssm network (any ``nn.Module`` taking one image tensor works if ``input_size``
+            gives the full shape).
+        path: the ``.onnx`` file; written atomically, and only once the parity check has passed.
+        input_size: spatial size of the example input (e.g. ``(256, 256)``), or a full
+            ``(B, C, *S)`` shape; default: the family's usual size (64² / 32³ for the
+            segmentation networks, 224² for MedMamba).
+        batch_size: batch of the example input.
+        opset: ONNX opset, at least 17.
+        dynamic_batch, dynamic_spatial: mark the batch / spatial axes dynamic. Every registered
+            architecture supports both; with ``dynamic_spatial`` the check also runs at a second size.
+        rtol: largest allowed norm-wise relative error ``||ort - torch|| / ||torch||`` of every check.
+            (Element-wise errors of random-weight networks reach ~1e-4 of the largest output where
+            a normalisation divides by a small spread: both runtimes round, the net amplifies.)
+        check: run the onnxruntime parity check (needs ``onnxruntime``).
+        check_size: spatial size of the second check (default: each size plus the size divisor).
+        reference_backend: scan backend of the PyTorch side of the check (default: the model's own,
+            i.e. what the model computes when it is run normally).
+
+    Returns:
+        :class:`ExportResult` with the checks' errors.
+
+    Raises:
+        ExportParityError: an output differs by more than ``rtol`` (nothing is written).
+        ValueError: bad arguments (opset < 17, a size the network cannot take, ...).
+
+    Example:
+        >>> net = medssm.create_model("lightm_unet_2d", in_channels=1, out_channels=2)
+        >>> export_onnx(net, "lightm_unet.onnx", input_size=(256, 256)).rel_error  # doctest: +SKIP
+        3.1e-07
+    """
+    if opset < MIN_OPSET:
+        raise ValueError(f"opset must be >= {MIN_OPSET} (LayerNormalization), got {opset}")
+    if rtol <= 0:
+        raise ValueError(f"rtol must be positive, got {rtol}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    path = Path(path)
+    if path.suffix != ".onnx":
+        raise ValueError(f"{path}: the output file must end in .onnx")
+    start = time.perf_counter()
+    rule = size_rule(model) if input_size is None or len(input_size) <= 3 else None
+    if input_size is not None and len(input_size) > 3:  # a full (B, C, *S) shape
+        shape = tuple(int(s) for s in input_size)
+        spatial_dims = len(shape) - 2
+        try:
+            rule = size_rule(model)
+        except ValueError:
+            rule = SizeRule(spatial_dims, 1, shape[2:], None, True)
+    else:
+        spatial = tuple(int(s) for s in (input_size or rule.default))
+        if len(spatial) != rule.spatial_dims:
+            raise ValueError(f"{type(model).__name__} is {rule.spatial_dims}D: input_size needs {rule.spatial_dims} "
+                             f"spatial sizes, got {spatial}")
+        shape = (batch_size, _in_channels(model), *spatial)
+    spatial = shape[2:]
+    if any(s < 1 for s in shape):
+        raise ValueError(f"input shape {shape} has an empty axis")
+    if hasattr(model, "check_input_size"):
+        model.check_input_size(shape)  # a clear error naming the sizes that work
+    trace_shape = shape if (rule.trace is None or not dynamic_spatial) else (*shape[:2], *rule.trace)
+    if check_size is None:
+        check_size = tuple(s + rule.divisor * (1 if rule.divisor > 1 else 5) for s in spatial)
+    check_shape = ((shape[0] + 1) if dynamic_batch else shape[0], shape[1],
+                   *(check_size if dynamic_spatial else spatial))
+
+    names = [f"dim{i}" for i in range(len(spatial))]
+    in_axes = ({0: "batch"} if dynamic_batch else {}) | ({2 + i: n for i, n in enumerate(names)} if dynamic_spatial else {})
+    def reference():  # the PyTorch side of the check
+        return scan_backend(model, reference_backend) if reference_backend else contextlib.nullcontext()
+
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad(), reference():
+            probe = model(_random_input(trace_shape, 0))
+        out_axes = {0: "batch"} if dynamic_batch else {}
+        if dynamic_spatial and probe.dim() == len(shape) and tuple(probe.shape[2:]) == tuple(trace_shape[2:]):
+            out_axes |= {2 + i: n for i, n in enumerate(names)}
+        dynamic_axes = {"input": in_axes, "logits": out_axes}
+        with atomic_path(path) as tmp:
+            with scan_backend(model, EXPORT_BACKEND), _export_symbolics(opset), warnings.catch_warnings(), torch.no_grad():
+                warnings.simplefilter("ignore", torch.jit.TracerWarning)  # Python shape checks seen by the tracer
+                warnings.filterwarnings("ignore", message=".*legacy TorchScript-based ONNX export.*")
+                warnings.filterwarnings("ignore", message=".*Constant folding.*")
+                warnings.filterwarnings("ignore", message=".*instance_norm' is set to train=True.*")  # no running stats: same
+                torch.onnx.export(model, (_random_input(trace_shape, 0),), str(tmp), dynamo=False,
+                                  opset_version=opset, input_names=["input"], output_names=["logits"],
+                                  dynamic_axes=dynamic_axes, do_constant_folding=True)
+            checks = []
+            if check:
+                session = ort_session(tmp)
+                inputs = [shape] + ([check_shape] if check_shape != shape else [])
+                with reference():
+                    for seed, s in enumerate(inputs, start=1):
+                        checks.append(onnx_parity(session, model, _random_input(s, seed)))
+                bad = [c for c in checks if not c["rel_error"] <= rtol]
+                if bad:
+                    lines = "; ".join(f"input {c['shape']}: {c.get('error') or 'relative error %.3g' % c['rel_error']}"
+                                      for c in bad)
+                    hint = (" (the spatial size is dynamic: if only the second size fails, export with "
+                            "dynamic_spatial=False / --no-dynamic-spatial)") if dynamic_spatial and len(inputs) > 1 else ""
+                    raise ExportParityError(f"ONNX export of {type(model).__name__} does not match PyTorch within "
+                                            f"rtol={rtol:g}: {lines}{hint}; {path} was not written")
+    finally:
+        model.train(was_training)
+    return ExportResult(path, shape, dynamic_axes, checks, opset, time.perf_counter() - start)
+
+
+# ----------------------------------------------------------------------------------------------
+# Command line.
+
+
+def load_for_export(source: str | os.PathLike, model_kwargs: dict | None = None) -> tuple[nn.Module, str]:
+    """A model from a registered name (random weights), a saved model folder, or a training run
+    (``RUN/checkpoints/best``, falling back to ``last``). Returns ``(model, description)``."""
+    p = Path(source)
+    if p.is_dir():
+        if model_kwargs:
+            raise ValueError("model_kwargs only apply to a registered model name, not to a saved model or run")
+        for folder in (p, p / "checkpoints" / "best", p / "checkpoints" / "last"):
+            if (folder / "model.json").is_file() and (folder / "model.safetensors").is_file():
+                return load_model(folder).eval(), str(folder)
+        raise FileNotFoundError(f"{p}: neither a saved model (model.json + model.safetensors) nor a training run "
+                                "(checkpoints/best or checkpoints/last holding them)")
+    if str(source) in list_models():
+        return create_model(str(source), **(model_kwargs or {})).eval(), f"{source} (random weights)"
+    raise ValueError(f"{source!r} is not a folder and not a registered model; registered: {', '.join(list_models())}")
+
+
+@dataclasses.dataclass
+class ExportConfig:
+    """Export a registered model, a saved model folder or a training run to ONNX, then check the
+    file against PyTorch with onnxruntime (fails if they differ by more than --rtol)."""
+
+    model: str = dataclasses.field(metadata={"positional": True,
+                                             "help": "registered model name, saved model folder, or training run folder"})
+    onnx: str = dataclasses.field(metadata={"help": "output .onnx file"})
+    input_size: tuple[int, ...] | None = dataclasses.field(
+        default=None, metadata={"help": "spatial size of the example input, e.g. 256 256 (default: the family's)"})
+    batch_size: int = dataclasses.field(default=1, metadata={"help": "batch of the example input"})
+    opset: int = dataclasses.field(default=MIN_OPSET, metadata={"help": f"ONNX opset (>= {MIN_OPSET})"})
+    dynamic_batch: bool = dataclasses.field(default=True, metadata={"help": "dynamic batch axis"})
+    dynamic_spatial: bool = dataclasses.field(default=True, metadata={"help": "dynamic spatial axes"})
+    rtol: float = dataclasses.field(default=1e-4, metadata={"help": "largest allowed ||ort-torch||/||torch||"})
+    check: bool = dataclasses.field(default=True, metadata={"help": "run the onnxruntime parity check"})
+    model_kwargs: str = dataclasses.field(
+        default="", metadata={"help": "JSON arguments for a registered model name, e.g. '{\"out_channels\": 3}'"})
+
+
+def export_cli(cfg: ExportConfig) -> int:
+    kwargs = json.loads(cfg.model_kwargs) if cfg.model_kwargs else None
+    if kwargs is not None and not isinstance(kwargs, dict):
+        raise SystemExit(f"--model-kwargs must be a JSON object, got {cfg.model_kwargs!r}")
+    model, what = load_for_export(cfg.model, kwargs)
+    result = export_onnx(model, cfg.onnx, cfg.input_size, cfg.batch_size, cfg.opset, cfg.dynamic_batch,
+                         cfg.dynamic_spatial, cfg.rtol, cfg.check)
+    axes = ", ".join(f"{i}:{n}" for i, n in result.dynamic_axes["input"].items()) or "none"
+    print(f"exported {what} -> {result.path} (opset {result.opset}, input {result.input_shape}, dynamic axes {axes}) "
+          f"in {result.seconds:.1f} s")
+    for c in result.checks:
+        print(f"  onnxruntime vs PyTorch at {c['shape']}: relative error {c['rel_error']:.3g} (<= {cfg.rtol:g}), "
+              f"largest element error {c['max_abs_error']:.3g}")
+    return 0

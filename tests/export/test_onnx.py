@@ -1,0 +1,135 @@
+"""ONNX export: the export scan against the reference, the graph at lengths it was not traced at,
+parity of every registered tiny model in onnxruntime at two sizes and batches, the CLI, bad input."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import medssm
+from medssm.cli import main
+from medssm.export import ExportParityError, export_onnx
+from medssm.export.onnx import ort_session, scan_backend
+from medssm.ssm import Mamba, selective_scan
+
+pytest.importorskip("onnxruntime")
+pytest.importorskip("onnx")
+
+# Every registered model family, at its tiny size (the full sizes are exported by benchmarks/export.py).
+TINY_CASES = {
+    "lightm_unet_2d_tiny": ({}, (32, 32)),
+    "lightm_unet_3d_tiny": ({}, (32, 32, 32)),
+    "segmamba_tiny": ({"in_channels": 1, "out_channels": 3}, (32, 16, 16)),
+    "medmamba_tiny": ({"in_chans": 1, "num_classes": 3}, (64, 64)),
+}
+
+
+@pytest.mark.parametrize("length", [1, 7, 8, 9, 100, 600])
+@pytest.mark.parametrize("groups", [1, 4])
+def test_export_scan_matches_reference(length, groups):
+    g = torch.Generator().manual_seed(length)
+    b, d, n = 2, 8, 4
+    u, dt, z = (torch.randn(b, d, length, generator=g, dtype=torch.float64) for _ in range(3))
+    A = -torch.rand(d, n, generator=g, dtype=torch.float64) * 5
+    B, C = (torch.randn(b, groups, n, length, generator=g, dtype=torch.float64) for _ in range(2))
+    D, bias = torch.randn(d, generator=g, dtype=torch.float64), torch.randn(d, generator=g, dtype=torch.float64)
+    ref, ref_last = selective_scan(u, dt, A, B, C, D, z, bias, True, True, backend="reference")
+    out, last = selective_scan(u, dt, A, B, C, D, z, bias, True, True, backend="export")
+    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(last, ref_last, rtol=1e-10, atol=1e-12)
+
+
+def test_scan_graph_is_right_at_lengths_it_was_not_traced_at(tmp_path):
+    """Traced at L=64, run at shorter, unaligned and far longer sequences (top level n > 1)."""
+    layer = Mamba(8, scan_backend="export").eval()
+    with torch.no_grad():
+        torch.onnx.export(layer, (torch.randn(1, 64, 8),), str(tmp_path / "m.onnx"), dynamo=False, opset_version=17,
+                          input_names=["x"], dynamic_axes={"x": {0: "b", 1: "L"}})
+    session = ort_session(tmp_path / "m.onnx", threads=1)
+    for batch, length in [(1, 5), (2, 100), (1, 3001)]:
+        x = torch.randn(batch, length, 8)
+        got = session.run(None, {"x": x.numpy()})[0]
+        with torch.no_grad(), scan_backend(layer, "reference"):
+            ref = layer(x).numpy()
+        assert got.shape == ref.shape
+        np.testing.assert_allclose(got, ref, rtol=0, atol=1e-5 * np.abs(ref).max())
+
+
+@pytest.mark.parametrize("case", [pytest.param(c, marks=pytest.mark.slow) if c in ("lightm_unet_3d_tiny", "segmamba_tiny")
+                                  else c for c in sorted(TINY_CASES)])
+def test_parity_of_every_registered_model(case, tmp_path):
+    name = case.split("-")[0]
+    kwargs, size = TINY_CASES[case]
+    model = medssm.create_model(name, **kwargs)
+    result = export_onnx(model, tmp_path / "m.onnx", size)
+    assert (tmp_path / "m.onnx").is_file()
+    assert [c["shape"][0] for c in result.checks] == [1, 2]  # dynamic batch ...
+    assert result.checks[1]["shape"][2:] != result.checks[0]["shape"][2:]  # ... and dynamic spatial size checked
+    assert result.rel_error <= 1e-4
+    assert model.training  # left as it was
+    assert all(m.scan_backend == "auto" for m in model.modules() if hasattr(m, "scan_backend"))
+    out_channels = kwargs.get("num_classes") or kwargs.get("out_channels", 2)
+    for check in result.checks:  # a segmentation output follows the input's size
+        spatial = () if name.startswith("medmamba") else check["shape"][2:]
+        assert check["output_shape"] == (check["shape"][0], out_channels, *spatial)
+
+
+def test_every_registered_model_has_a_tested_tiny_size():
+    families = {"lightm_unet_2d": "lightm_unet_2d_tiny", "lightm_unet_3d": "lightm_unet_3d_tiny",
+                "segmamba": "segmamba_tiny", "medmamba": "medmamba_tiny"}
+    tested = {c.split("-")[0] for c in TINY_CASES}
+    for name in medssm.list_models():
+        family = next((f for f in families if name.startswith(f)), None)
+        assert family is not None and families[family] in tested, f"{name}: no ONNX parity test for its family"
+
+
+def test_parity_failure_is_loud_and_writes_nothing(tmp_path):
+    model = medssm.create_model("medmamba_tiny", in_chans=1, num_classes=2)
+    with pytest.raises(ExportParityError, match="does not match PyTorch"):
+        export_onnx(model, tmp_path / "m.onnx", (32, 32), rtol=1e-30)
+    assert not list(tmp_path.iterdir())
+
+
+def test_static_export_rejects_other_sizes(tmp_path):
+    model = medssm.create_model("medmamba_tiny", in_chans=1, num_classes=2)
+    result = export_onnx(model, tmp_path / "m.onnx", (32, 32), dynamic_spatial=False, dynamic_batch=False)
+    assert len(result.checks) == 1 and result.dynamic_axes["input"] == {}
+    with pytest.raises(Exception):
+        ort_session(tmp_path / "m.onnx").run(None, {"input": np.zeros((1, 1, 48, 48), np.float32)})
+
+
+def test_bad_arguments(tmp_path):
+    model = medssm.create_model("lightm_unet_2d_tiny")
+    with pytest.raises(ValueError, match="opset"):
+        export_onnx(model, tmp_path / "m.onnx", opset=13)
+    with pytest.raises(ValueError, match=r"\.onnx"):
+        export_onnx(model, tmp_path / "m.txt")
+    with pytest.raises(ValueError, match="divisible by 8"):
+        export_onnx(model, tmp_path / "m.onnx", (30, 32))
+    with pytest.raises(ValueError, match="2 spatial sizes"):
+        export_onnx(model, tmp_path / "m.onnx", (32, 32, 32))
+
+
+def test_cli_exports_a_saved_model_folder(tmp_path, capsys):
+    model = medssm.create_model("medmamba_tiny", in_chans=1, num_classes=3)
+    medssm.save_model(model, tmp_path / "run" / "checkpoints" / "best", extra={"task": "classification"})
+    out = tmp_path / "exported" / "net.onnx"
+    assert main(["export", str(tmp_path / "run"), "--onnx", str(out), "--input-size", "32", "32"]) == 0
+    text = capsys.readouterr().out
+    assert "relative error" in text and out.is_file()
+    x = np.random.default_rng(1).standard_normal((2, 1, 40, 48), dtype=np.float32)
+    got = ort_session(out, threads=1).run(None, {"input": x})[0]
+    with torch.no_grad():
+        ref = medssm.load_model(tmp_path / "run" / "checkpoints" / "best").eval()(torch.from_numpy(x)).numpy()
+    assert np.linalg.norm(got - ref) <= 1e-4 * np.linalg.norm(ref)
+
+
+def test_cli_bad_source(tmp_path):
+    with pytest.raises(ValueError, match="not a registered model"):
+        main(["export", "no_such_model", "--onnx", str(tmp_path / "m.onnx")])
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="neither a saved model"):
+        main(["export", str(tmp_path / "empty"), "--onnx", str(tmp_path / "m.onnx")])
+    with pytest.raises(SystemExit):
+        main(["export", "lightm_unet_2d_tiny", "--onnx", str(tmp_path / "m.onnx"), "--model-kwargs", json.dumps([1])])
