@@ -8,8 +8,6 @@ import os
 import socket
 import subprocess
 import sys
-from pathlib import Path
-
 import pytest
 import torch
 from safetensors import safe_open
@@ -78,7 +76,7 @@ def test_two_process_gloo_run_equals_single_process(data_root, tmp_path):
         assert f.metadata()["wrapper"] == "DistributedDataParallel"
     reference = load_file(str(single / "checkpoints" / "last" / "model.safetensors"))
     saved = load_file(str(tmp_path / "ddp" / "checkpoints" / "last" / "model.safetensors"))
-    initial = train_initial_weights(cfg, tmp_path)
+    initial = _initial_weights(cfg["model"])
     assert ranks[0].keys() == ranks[1].keys() == reference.keys() == saved.keys()
     for k in reference:
         torch.testing.assert_close(ranks[0][k], ranks[1][k], rtol=0, atol=0, msg=k)  # replicas identical
@@ -94,9 +92,9 @@ def test_two_process_gloo_run_equals_single_process(data_root, tmp_path):
     assert not (tmp_path / "ddp" / "checkpoints" / "last.old").exists()
 
 
-def train_initial_weights(cfg: dict, tmp_path: Path) -> dict[str, torch.Tensor]:
+def _initial_weights(model: str) -> dict[str, torch.Tensor]:
     """The weights both runs started from (same seed, same construction as the trainer)."""
     from medssm.engine.train import build_model
 
     torch.manual_seed(TrainConfig(data="").seed)
-    return build_model(cfg["model"], 2, 1, 2).state_dict()
+    return build_model(model, 2, 1, 2).state_dict()
