@@ -43,9 +43,8 @@ def seconds_per_step(model: str, kwargs: dict, spatial_dims: int, classes: int, 
     import torch
 
     from medssm.engine.losses import make_loss
-    from medssm.engine.train import build_model, quiet_numba_threads
+    from medssm.engine.train import build_model
 
-    quiet_numba_threads()
     net = build_model(model, spatial_dims, 1, classes, kwargs)
     opt = torch.optim.Adam(net.parameters())
     x, y = torch.randn(batch, 1, *patch), torch.randint(0, classes, (batch, 1, *patch))

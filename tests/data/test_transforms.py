@@ -21,6 +21,7 @@ def test_shapes_dtypes_and_labels(spatial):
         assert out["image"].shape == batch["image"].shape and out["image"].dtype == torch.float32
         assert out["label"].shape == batch["label"].shape and out["label"].dtype == torch.int64
         assert set(out["label"].unique().tolist()) <= {0, 2} and out["case"] == ["a", "b"]
+        assert type(out["image"]) is torch.Tensor and type(out["label"]) is torch.Tensor  # no MetaTensor
 
 
 def test_seeded_and_resumable():

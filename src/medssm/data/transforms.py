@@ -52,8 +52,8 @@ class TrainingTransforms:
         images, labels = [], []
         for image, label in zip(batch["image"], batch["label"]):
             out = self.compose({"image": image, "label": label.float()})
-            images.append(torch.as_tensor(out["image"]).float())
-            labels.append(torch.as_tensor(out["label"]).round().long())
+            images.append(_plain(out["image"]).float())
+            labels.append(_plain(out["label"]).round().long())
         return {**batch, "image": torch.stack(images), "label": torch.stack(labels)}
 
     def set_random_state(self, seed: int | None) -> TrainingTransforms:
@@ -101,3 +101,9 @@ def training_transforms(spatial_dims: int, patch_size=None, rotation_deg: float 
         *[RandFlipd(keys, prob=0.5, spatial_axis=axis) for axis in mirror_axes],
     ]
     return TrainingTransforms(Compose(transforms), seed, patch_size)
+
+
+def _plain(t) -> torch.Tensor:
+    """A plain tensor: MONAI hands back MetaTensors, which compiled kernels (the fused scan) refuse."""
+    t = torch.as_tensor(t)
+    return t.as_tensor() if hasattr(t, "as_tensor") else t

@@ -80,9 +80,8 @@ def find_lung_data(data: str | None) -> Path:
 def calibrate(model_name: str, patch: int, batch: int, steps: int = 2) -> dict:
     """Seconds per training step and per prediction at this size, on this machine, now."""
     from .losses import make_loss
-    from .train import build_model, quiet_numba_threads
+    from .train import build_model
 
-    quiet_numba_threads()
     model = build_model(model_name, 2, 1, 2)
     opt = torch.optim.Adam(model.parameters(), 1e-4)
     loss_fn = make_loss("dice_ce")

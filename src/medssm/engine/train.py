@@ -150,23 +150,6 @@ def load_trained(run: str | os.PathLike, which: str = "best", device: str | torc
 # One optimisation step (device, precision and DDP helpers: medssm.engine.devices / .distributed).
 
 
-def quiet_numba_threads() -> None:
-    """Make numba's parallel scan use its ``workqueue`` threads, which sleep between calls.
-
-    Numba's default OpenMP layer leaves spinning threads behind after every fused scan; they starve
-    torch's own threads and made a whole LightM-UNet forward pass 5-10x slower on a 2-core CPU
-    (measured: tiny model at 64², 0.035 s → 0.23-0.55 s). Has no effect once numba has started
-    its threads, or when ``NUMBA_THREADING_LAYER`` is set by the user.
-    """
-    if os.environ.get("NUMBA_THREADING_LAYER"):
-        return
-    os.environ["NUMBA_THREADING_LAYER"] = "workqueue"
-    import sys
-
-    if "numba" in sys.modules:
-        sys.modules["numba"].config.THREADING_LAYER = "workqueue"
-
-
 def train_step(model: torch.nn.Module, batch: dict, loss_fn, optimizer: torch.optim.Optimizer,
                scheduler=None, grad_clip: float = 12.0, device: torch.device | str = "cpu",
                precision: str = "fp32", scaler: torch.amp.GradScaler | None = None) -> float:
@@ -174,8 +157,8 @@ def train_step(model: torch.nn.Module, batch: dict, loss_fn, optimizer: torch.op
     global batch, backward, gradient-norm clipping, optimiser and schedule step; returns the loss.
     A non-finite loss skips the update (and is returned, so the caller can count it)."""
     device = torch.device(device)
-    image = distributed.shard(_plain(batch["image"])).to(device, non_blocking=True)
-    label = _plain(batch["label"]).to(device, non_blocking=True)
+    image = distributed.shard(batch["image"]).to(device, non_blocking=True)
+    label = batch["label"].to(device, non_blocking=True)
     optimizer.zero_grad(set_to_none=True)
     with autocast(device, precision):
         loss = distributed.global_loss(loss_fn, model(image), label)
@@ -184,11 +167,6 @@ def train_step(model: torch.nn.Module, batch: dict, loss_fn, optimizer: torch.op
     if scheduler is not None:
         scheduler.step()
     return float(loss.detach())
-
-
-def _plain(t: torch.Tensor) -> torch.Tensor:
-    """A plain tensor (MONAI transforms may hand back MetaTensors, which some kernels refuse)."""
-    return t.as_tensor() if hasattr(t, "as_tensor") else t
 
 
 # ----------------------------------------------------------------------------------------------
@@ -269,7 +247,6 @@ def train(cfg: TrainConfig) -> Path:
     from .history import History
     from .losses import make_loss
 
-    quiet_numba_threads()
     # 1. Check everything that can be checked before anything is written.
     model_kwargs = _check_config(cfg)
     env, device = distributed.setup(cfg.device)  # one process, or one of torchrun's / srun's

@@ -105,9 +105,8 @@ def predict(cfg: PredictConfig) -> Path:
 
     from ..data.io import write_image
     from ..data.plan import Plan
-    from ..engine.train import checkpoint_dir, load_trained, quiet_numba_threads
+    from ..engine.train import checkpoint_dir, load_trained
 
-    quiet_numba_threads()
     ckpt = checkpoint_dir(cfg.model, cfg.checkpoint)
     model, meta = load_trained(ckpt)
     if meta.get("task", "segmentation") != "segmentation" or "plan" not in meta:

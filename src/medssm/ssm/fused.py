@@ -15,6 +15,7 @@ in float64 it is libm's ``exp`` (exact to the last bit, for float64 parity with 
 from __future__ import annotations
 
 import math
+import os
 
 import numba
 import numpy as np
@@ -24,6 +25,11 @@ from numba import njit, prange, types
 from numba.extending import intrinsic, overload
 
 from .scan import finish_output, prepare_delta, register_backend
+
+# Numba's default OpenMP layer leaves its threads spinning after each call, starving torch's own
+# threads (a whole LightM-UNet step ran 5-10x slower on 2 cores); workqueue threads sleep.
+if "NUMBA_THREADING_LAYER" not in os.environ:
+    numba.config.THREADING_LAYER = "workqueue"
 
 CHECKPOINT = 64
 # Reassociation lets LLVM vectorise the sums over N; no "nnan"/"ninf", so inf and NaN propagate.
