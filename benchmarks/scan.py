@@ -113,8 +113,8 @@ def run_one(call, inputs, backward: bool, repeats: int) -> tuple[float, float, f
                 call(inputs)
 
     step()  # warm-up: numba cache load, first allocations
-    rss, _ = memory_kib()
     reset_peak_memory()
+    rss, _ = memory_kib()
     step()
     peak_mib = (memory_kib()[1] - rss) / 1024
     times = []
