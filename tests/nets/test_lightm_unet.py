@@ -5,7 +5,7 @@ import torch
 import torch.nn as nn
 
 import medssm
-from medssm.nets.lightm_unet import LightMUNet, NormedMamba, RVMLayer
+from medssm.nets.lightm_unet import LightMUNet, RVMLayer
 from medssm.ssm import Mamba
 
 from .base import ModelTester
@@ -120,7 +120,7 @@ def test_rvm_layer_follows_the_formula():
 
 
 def test_ssm_norm_variant_is_the_layer_plus_a_norm_before_the_gate():
-    plain, normed = Mamba(16), NormedMamba(16)
+    plain, normed = Mamba(16), Mamba(16, out_norm=True)
     missing, unexpected = normed.load_state_dict(plain.state_dict(), strict=False)
     assert sorted(missing) == ["out_norm.bias", "out_norm.weight"] and not unexpected
     x = torch.randn(2, 10, 16)
@@ -129,7 +129,7 @@ def test_ssm_norm_variant_is_the_layer_plus_a_norm_before_the_gate():
     torch.testing.assert_close(normed(x), plain(x))
 
     base, paper = LightMUNet(2, 1, 2), LightMUNet(2, 1, 2, ssm_norm=True)
-    widths = [m.d_inner for m in paper.modules() if isinstance(m, NormedMamba)]
+    widths = [m.d_inner for m in paper.modules() if isinstance(m, Mamba) and m.out_norm is not None]
     assert len(widths) == 21
     assert sum(p.numel() for p in paper.parameters()) - sum(p.numel() for p in base.parameters()) == 2 * sum(widths)
 

@@ -13,9 +13,8 @@ from typing import Sequence
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
-from medssm.ssm import Mamba, image_to_tokens, selective_scan, tokens_to_image
+from medssm.ssm import Mamba, image_to_tokens, tokens_to_image
 
 from .registry import register_model
 
@@ -44,26 +43,6 @@ def dw_conv(spatial_dims: int, in_channels: int, out_channels: int, kernel_size:
     )
 
 
-class NormedMamba(Mamba):
-    """Mamba with a LayerNorm on the scan output before the SiLU(z) gate: the VSS module as the
-    paper draws it (``LightMUNet(ssm_norm=True)``). One forward direction only."""
-
-    def __init__(self, d_model: int, **kwargs):
-        super().__init__(d_model, **kwargs)
-        self.out_norm = nn.LayerNorm(self.d_inner)
-
-    def _scan_direction(self, xz: torch.Tensor, order: str) -> torch.Tensor:
-        x, z = xz.chunk(2, dim=1)  # (B, d_inner, L) each
-        x = F.silu(self.conv1d(x)[..., : x.shape[-1]])  # causal: keep the first L outputs
-        dt, B, C = torch.split(self.x_proj(x.transpose(1, 2)), [self.dt_rank, self.d_state, self.d_state], dim=-1)
-        dt = (dt @ self.dt_proj.weight.t()).transpose(1, 2)  # (B, d_inner, L); bias added in the scan
-        y = selective_scan(x, dt, -torch.exp(self.A_log.float()), B.transpose(1, 2), C.transpose(1, 2),
-                           self.D.float(), delta_bias=self.dt_proj.bias.float(), delta_softplus=True,
-                           backend=self.scan_backend)
-        y = self.out_norm(y.transpose(1, 2)).transpose(1, 2)  # (B, d_inner, L), normalised per token
-        return y * F.silu(z)
-
-
 class RVMLayer(nn.Module):
     """Residual Vision Mamba layer (the authors' ``MambaLayer``) on a (B, C_in, *S) feature map.
 
@@ -75,8 +54,8 @@ class RVMLayer(nn.Module):
                  expand: int = 2, ssm_norm: bool = False, scan_backend: str = "auto"):
         super().__init__()
         self.norm = nn.LayerNorm(in_channels)
-        mamba = NormedMamba if ssm_norm else Mamba
-        self.mamba = mamba(in_channels, d_state=d_state, d_conv=d_conv, expand=expand, scan_backend=scan_backend)
+        self.mamba = Mamba(in_channels, d_state=d_state, d_conv=d_conv, expand=expand, scan_backend=scan_backend,
+                           out_norm=ssm_norm)
         self.proj = nn.Linear(in_channels, out_channels)
         self.skip_scale = nn.Parameter(torch.ones(1))
 

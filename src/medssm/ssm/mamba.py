@@ -49,6 +49,8 @@ class Mamba(nn.Module):
             SegMamba's tri-orientated layer. Orders other than raster/reversed need ``spatial_shape``
             in ``forward``.
         scan_backend: see :func:`medssm.ssm.selective_scan`.
+        out_norm: a LayerNorm (``out_norm``) on each direction's scan output before the SiLU(z) gate,
+            as the VSS module is drawn in the LightM-UNet paper; off in the released models.
 
     Example:
         >>> layer = Mamba(d_model=64, orders=("raster", "reversed", "slice"))
@@ -57,7 +59,7 @@ class Mamba(nn.Module):
 
     def __init__(self, d_model: int, d_state: int = 16, d_conv: int = 4, expand: int = 2,
                  dt_rank: int | str = "auto", orders: Sequence[str] = ("raster",),
-                 scan_backend: str = "auto", bias: bool = False, conv_bias: bool = True):
+                 scan_backend: str = "auto", bias: bool = False, conv_bias: bool = True, out_norm: bool = False):
         super().__init__()
         unknown = [o for o in orders if o not in ORDER_SUFFIX]
         if unknown or len(set(orders)) != len(orders) or not orders:
@@ -86,6 +88,7 @@ class Mamba(nn.Module):
             setattr(self, f"dt_proj{s}", dt_proj)
             setattr(self, f"A{s}_log", A_log)
             setattr(self, f"D{s}", D)
+        self.out_norm = nn.LayerNorm(self.d_inner) if out_norm else None
         self.out_proj = nn.Linear(self.d_inner, d_model, bias=bias)
 
     def forward(self, hidden: torch.Tensor, spatial_shape: Sequence[int] | None = None) -> torch.Tensor:
@@ -110,6 +113,10 @@ class Mamba(nn.Module):
         x_dbl = x_proj(x.transpose(1, 2))  # (B, L, dt_rank + 2N)
         dt, B, C = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=-1)
         dt = (dt @ dt_proj.weight.t()).transpose(1, 2)  # (B, d_inner, L); bias added in the scan
-        return selective_scan(x, dt, A, B.transpose(1, 2), C.transpose(1, 2), getattr(self, f"D{s}").float(),
-                              z=z, delta_bias=dt_proj.bias.float(), delta_softplus=True,
-                              backend=self.scan_backend)
+        gate_in_scan = self.out_norm is None
+        y = selective_scan(x, dt, A, B.transpose(1, 2), C.transpose(1, 2), getattr(self, f"D{s}").float(),
+                           z=z if gate_in_scan else None, delta_bias=dt_proj.bias.float(), delta_softplus=True,
+                           backend=self.scan_backend)
+        if gate_in_scan:
+            return y
+        return self.out_norm(y.transpose(1, 2)).transpose(1, 2) * F.silu(z)  # normalised per token, then gated
