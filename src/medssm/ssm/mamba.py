@@ -35,6 +35,13 @@ def init_A_log(d_inner: int, d_state: int) -> torch.Tensor:
     return torch.log(torch.arange(1, d_state + 1, dtype=torch.float32)).repeat(d_inner, 1)
 
 
+def _linear_cf(x: torch.Tensor, linear: nn.Linear) -> torch.Tensor:
+    """``linear`` applied to channels-first (B, C_in, L) ``x``: (B, C_out, L), contiguous."""
+    if linear.bias is None:
+        return torch.matmul(linear.weight, x)
+    return torch.baddbmm(linear.bias[:, None], linear.weight.expand(x.shape[0], -1, -1), x)
+
+
 class Mamba(nn.Module):
     """Mamba-1 layer on ``(B, L, d_model)`` tokens.
 
@@ -98,10 +105,13 @@ class Mamba(nn.Module):
         shape = tuple(spatial_shape) if spatial_shape is not None else (length,)
         if math.prod(shape) != length:
             raise ValueError(f"spatial_shape {shape} does not hold L={length} tokens")
-        xz = self.in_proj(hidden).transpose(1, 2)  # (B, 2*d_inner, L)
+        # Channels-first (B, C, L) throughout, straight out of the matmuls: the conv, the projections
+        # and the scan then read contiguous rows and their gradients come back contiguous, with no
+        # transposing copies (the weights are used as the Linear modules store them).
+        xz = _linear_cf(hidden.transpose(1, 2), self.in_proj)  # (B, 2*d_inner, L)
         y = sum(from_order(self._scan_direction(to_order(xz, shape, order), order), shape, order)
                 for order in self.orders)  # (B, d_inner, L), raster order
-        return self.out_proj(y.transpose(1, 2))  # (B, L, d_model)
+        return _linear_cf(y, self.out_proj).transpose(1, 2)  # (B, L, d_model), a channels-first view
 
     def _scan_direction(self, xz: torch.Tensor, order: str) -> torch.Tensor:
         """One direction on (B, 2*d_inner, L) already in ``order``: gated scan output (B, d_inner, L)."""
@@ -110,11 +120,11 @@ class Mamba(nn.Module):
         A = -torch.exp(getattr(self, f"A{s}_log").float())  # (d_inner, N)
         x, z = xz.chunk(2, dim=1)  # (B, d_inner, L) each
         x = F.silu(conv(x)[..., : x.shape[-1]])  # causal: keep the first L outputs
-        x_dbl = x_proj(x.transpose(1, 2))  # (B, L, dt_rank + 2N)
-        dt, B, C = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=-1)
-        dt = (dt @ dt_proj.weight.t()).transpose(1, 2)  # (B, d_inner, L); bias added in the scan
+        x_dbl = _linear_cf(x, x_proj)  # (B, dt_rank + 2N, L)
+        dt, B, C = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=1)
+        dt = torch.matmul(dt_proj.weight, dt)  # (B, d_inner, L); bias added in the scan
         gate_in_scan = self.out_norm is None
-        y = selective_scan(x, dt, A, B.transpose(1, 2), C.transpose(1, 2), getattr(self, f"D{s}").float(),
+        y = selective_scan(x, dt, A, B, C, getattr(self, f"D{s}").float(),
                            z=z if gate_in_scan else None, delta_bias=dt_proj.bias.float(), delta_softplus=True,
                            backend=self.scan_backend)
         if gate_in_scan:
