@@ -6,12 +6,17 @@ import torch
 
 from medssm.engine.checkpoint import load_checkpoint, save_checkpoint
 from medssm.engine.history import History
-from medssm.nets.registry import register_model
+from medssm.nets import registry
 
 
-@register_model
-def _test_linear(in_features=3, out_features=2):
+def _linear(in_features=3, out_features=2):
     return torch.nn.Linear(in_features, out_features)
+
+
+@pytest.fixture(autouse=True)
+def _registered_linear(monkeypatch):
+    """A tiny model registered for these tests only (no other test sees it)."""
+    monkeypatch.setitem(registry._MODELS, "_test_linear", _linear)
 
 
 def _trained(model):
