@@ -125,11 +125,15 @@ def test_cli_exports_a_saved_model_folder(tmp_path, capsys):
     assert np.linalg.norm(got - ref) <= 1e-4 * np.linalg.norm(ref)
 
 
-def test_cli_bad_source(tmp_path):
-    with pytest.raises(ValueError, match="not a registered model"):
-        main(["export", "no_such_model", "--onnx", str(tmp_path / "m.onnx")])
+def test_cli_bad_source(tmp_path, capsys):
+    # The CLI reports bad input on stderr with exit status 2 (no traceback).
+    assert main(["export", "no_such_model", "--onnx", str(tmp_path / "m.onnx")]) == 2
+    assert "not a registered model" in capsys.readouterr().err
     (tmp_path / "empty").mkdir()
-    with pytest.raises(FileNotFoundError, match="neither a saved model"):
-        main(["export", str(tmp_path / "empty"), "--onnx", str(tmp_path / "m.onnx")])
+    assert main(["export", str(tmp_path / "empty"), "--onnx", str(tmp_path / "m.onnx")]) == 2
+    assert "neither a saved model" in capsys.readouterr().err
+    assert main(["export", "lightm_unet_2d_tiny", "--onnx", str(tmp_path / "m.txt")]) == 2
+    assert ".onnx" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["export", "lightm_unet_2d_tiny", "--onnx", str(tmp_path / "m.onnx"), "--model-kwargs", json.dumps([1])])
+    assert not list(tmp_path.glob("*.onnx"))
