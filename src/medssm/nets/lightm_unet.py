@@ -14,7 +14,8 @@ from typing import Sequence
 import torch
 import torch.nn as nn
 
-from medssm.ssm import Mamba, image_to_tokens, tokens_to_image
+from medssm.ssm import Mamba, image_to_tokens
+from medssm.ssm.mamba import _linear_cf
 
 from .registry import register_model
 
@@ -62,10 +63,10 @@ class RVMLayer(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dtype == torch.float16:
             x = x.float()
-        tokens = image_to_tokens(x)  # (B, L, C_in)
-        y = self.mamba(self.norm(tokens)) + self.skip_scale * tokens
-        y = self.proj(self.norm(y))  # (B, L, C_out)
-        return tokens_to_image(y, x.shape[2:])  # (B, C_out, *S)
+        tokens = image_to_tokens(x)  # (B, L, C_in), a view of the channels-first map
+        y = self.mamba(self.norm(tokens)) + self.skip_scale * tokens  # Mamba returns a channels-first view too
+        y = _linear_cf(self.norm(y).transpose(1, 2), self.proj)  # (B, C_out, L), contiguous: no copy back
+        return y.reshape(*y.shape[:2], *x.shape[2:])  # (B, C_out, *S)
 
 
 class ResMambaBlock(nn.Module):

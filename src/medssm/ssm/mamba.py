@@ -35,11 +35,14 @@ def init_A_log(d_inner: int, d_state: int) -> torch.Tensor:
     return torch.log(torch.arange(1, d_state + 1, dtype=torch.float32)).repeat(d_inner, 1)
 
 
-def _linear_cf(x: torch.Tensor, linear: nn.Linear) -> torch.Tensor:
-    """``linear`` applied to channels-first (B, C_in, L) ``x``: (B, C_out, L), contiguous."""
+def _linear_cf(x: torch.Tensor, linear: nn.Linear, rows: slice = slice(None)) -> torch.Tensor:
+    """Output channels ``rows`` of ``linear`` applied to channels-first (B, C_in, L) ``x``:
+    (B, C_out, L), contiguous. ``bmm`` rather than ``matmul``, which would fold the batch into
+    rows and copy both ``x`` and the result to transpose them."""
+    weight = linear.weight[rows].expand(x.shape[0], -1, -1)
     if linear.bias is None:
-        return torch.matmul(linear.weight, x)
-    return torch.baddbmm(linear.bias[:, None], linear.weight.expand(x.shape[0], -1, -1), x)
+        return torch.bmm(weight, x)
+    return torch.baddbmm(linear.bias[rows, None], weight, x)
 
 
 class Mamba(nn.Module):
@@ -108,21 +111,24 @@ class Mamba(nn.Module):
         # Channels-first (B, C, L) throughout, straight out of the matmuls: the conv, the projections
         # and the scan then read contiguous rows and their gradients come back contiguous, with no
         # transposing copies (the weights are used as the Linear modules store them).
-        xz = _linear_cf(hidden.transpose(1, 2), self.in_proj)  # (B, 2*d_inner, L)
-        y = sum(from_order(self._scan_direction(to_order(xz, shape, order), order), shape, order)
+        hidden = hidden.transpose(1, 2)  # (B, d_model, L)
+        # x and z from separate halves of in_proj: their gradients then need no concatenation
+        x = _linear_cf(hidden, self.in_proj, slice(None, self.d_inner))  # (B, d_inner, L)
+        z = _linear_cf(hidden, self.in_proj, slice(self.d_inner, None))
+        y = sum(from_order(self._scan_direction(to_order(x, shape, order), to_order(z, shape, order), order),
+                           shape, order)
                 for order in self.orders)  # (B, d_inner, L), raster order
         return _linear_cf(y, self.out_proj).transpose(1, 2)  # (B, L, d_model), a channels-first view
 
-    def _scan_direction(self, xz: torch.Tensor, order: str) -> torch.Tensor:
-        """One direction on (B, 2*d_inner, L) already in ``order``: gated scan output (B, d_inner, L)."""
+    def _scan_direction(self, x: torch.Tensor, z: torch.Tensor, order: str) -> torch.Tensor:
+        """One direction on x, z (B, d_inner, L) already in ``order``: gated scan output (B, d_inner, L)."""
         s = ORDER_SUFFIX[order]
         conv, x_proj, dt_proj = getattr(self, f"conv1d{s}"), getattr(self, f"x_proj{s}"), getattr(self, f"dt_proj{s}")
         A = -torch.exp(getattr(self, f"A{s}_log").float())  # (d_inner, N)
-        x, z = xz.chunk(2, dim=1)  # (B, d_inner, L) each
         x = F.silu(conv(x)[..., : x.shape[-1]])  # causal: keep the first L outputs
         x_dbl = _linear_cf(x, x_proj)  # (B, dt_rank + 2N, L)
         dt, B, C = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=1)
-        dt = torch.matmul(dt_proj.weight, dt)  # (B, d_inner, L); bias added in the scan
+        dt = torch.bmm(dt_proj.weight.expand(dt.shape[0], -1, -1), dt)  # (B, d_inner, L); bias added in the scan
         gate_in_scan = self.out_norm is None
         y = selective_scan(x, dt, A, B, C, getattr(self, f"D{s}").float(),
                            z=z if gate_in_scan else None, delta_bias=dt_proj.bias.float(), delta_softplus=True,
