@@ -62,26 +62,27 @@ def demo(cfg: DemoConfig) -> None:
 
 
 def detect_task(command: str, argv: list[str]) -> str:
-    """Which task ``argv`` is about: from ``--task``, the run's model.json, the model or the data."""
+    """Which task ``argv`` is about: ``--task``, else the run's model.json, the model, or the data."""
     pre = argparse.ArgumentParser(add_help=False)
-    for flag in ("--task", "--data", "--model", "-m", "--run", "-i", "--input"):
-        pre.add_argument(flag)
+    for flags in (("--task",), ("-d", "--data"), ("--model",), ("-m", "--run"), ("-i", "--input")):
+        pre.add_argument(*flags)
     pre.add_argument("positional", nargs="*")
     known, _ = pre.parse_known_args(argv)
     if known.task:
         return known.task
-    run = known.m or known.run or known.model
-    if run and (Path(run) / "model.json").is_file():
-        return json.loads((Path(run) / "model.json").read_text()).get("task", "segmentation")
+    for run in filter(None, (known.run, known.model)):
+        if (Path(run) / "model.json").is_file():
+            return json.loads((Path(run) / "model.json").read_text()).get("task", "segmentation")
     if known.model and known.model.startswith("medmamba"):
         return "classification"
-    candidates = [known.data, known.input, *known.positional]
-    for c in filter(None, candidates):
+    from .data.medmnist import parse_name
+
+    for c in filter(None, (known.data, known.input, *known.positional)):
         p = Path(c)
         if p.suffix.lower() in (".npz", ".csv") or (p.is_dir() and (p / "train").is_dir()):
             return "classification"
-        if (p / "dataset.json").is_file() or p.is_dir():
-            return "segmentation"
+        if not p.exists() and parse_name(c):  # a MedMNIST name such as "pneumoniamnist"
+            return "classification"
     return "segmentation"
 
 
@@ -166,7 +167,11 @@ def main(argv: list[str] | None = None) -> int:
                             help="segmentation or classification (default: taken from the data, model or run)")
     add_config_arguments(parser, config_cls)
     args = parser.parse_args(rest)
-    result = function(config_from_args(config_cls, args))
+    try:
+        result = function(config_from_args(config_cls, args))
+    except (ValueError, FileNotFoundError, FileExistsError) as e:  # bad input: say what, no traceback
+        print(f"medssm {command}: error: {e}", file=sys.stderr)
+        return 2
     return result if isinstance(result, int) else 0
 
 

@@ -25,7 +25,6 @@ def register_model(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
 
 def list_models(pattern: str = "*") -> list[str]:
     """Registered model names matching a shell-style ``pattern``, sorted."""
-    _import_families()
     return sorted(n for n in _MODELS if fnmatch.fnmatch(n, pattern))
 
 
@@ -35,7 +34,6 @@ def create_model(name: str, **kwargs) -> nn.Module:
     The model remembers how it was made (``model.medssm_config``), so :func:`save_model` can
     write it and :func:`load_model` can rebuild it.
     """
-    _import_families()
     if name not in _MODELS:
         raise ValueError(f"unknown model {name!r}; registered: {', '.join(sorted(_MODELS))}")
     model = _MODELS[name](**kwargs)
@@ -93,15 +91,3 @@ class atomic_path:
             os.replace(self.tmp, self.path)
         else:
             self.tmp.unlink(missing_ok=True)
-
-
-def _import_families() -> None:
-    """Import the model families so their constructors register themselves."""
-    import importlib
-
-    for module in ("lightm_unet", "segmamba", "medmamba"):
-        try:
-            importlib.import_module(f"medssm.nets.{module}")
-        except ModuleNotFoundError as e:
-            if e.name != f"medssm.nets.{module}":
-                raise
