@@ -16,10 +16,14 @@ from __future__ import annotations
 
 import math
 import os
+import sys
+import tempfile
+from contextlib import contextmanager
 
 import numba
 import numpy as np
 import torch
+from llvmlite import binding as llvm
 from llvmlite import ir
 from numba import njit, prange, types
 from numba.extending import intrinsic, overload
@@ -290,6 +294,45 @@ def _backward_kernel(u, delta, bias, softplus, A, B, C, D, z, gate, checkpoints,
             dbias_parts[w, d] += dbias_acc
 
 
+# LLVM's cost model vectorises the loops over N 8 wide and interleaves 4 times: 32 states per
+# iteration, so at Mamba's N = 16 the vector body never runs and every state goes through the
+# scalar remainder (the backward ran at ~2.7 ns per element). One 16-wide vector per iteration
+# makes the forward 1.25x and the backward 1.4x faster. These are process-wide LLVM options, so
+# they are set only while the kernels compile (first call per dtype; a cache load does not
+# compile) and reset to their defaults (0: cost model decides) right after.
+_VECTOR_OPTIONS = ("-force-vector-width=16", "-force-vector-interleave=1")
+_compiled: set[tuple[str, torch.dtype]] = set()
+
+
+@contextmanager
+def _compiling(kernel: str, dtype: torch.dtype):
+    if (kernel, dtype) in _compiled:
+        yield
+        return
+    # With a forced width LLVM prints a "remark: loop not vectorized" line to stderr (fd 2) for
+    # every loop it leaves scalar; they are held back and any other output is passed on.
+    sys.stderr.flush()
+    saved_fd = os.dup(2)
+    with tempfile.TemporaryFile() as captured:
+        os.dup2(captured.fileno(), 2)
+        for option in _VECTOR_OPTIONS:
+            llvm.set_option("", option)
+        try:
+            yield
+        finally:
+            for option in _VECTOR_OPTIONS:
+                llvm.set_option("", option.split("=")[0] + "=0")
+            sys.stderr.flush()
+            os.dup2(saved_fd, 2)
+            os.close(saved_fd)
+            captured.seek(0)
+            other = [line for line in captured.read().decode(errors="replace").splitlines(keepends=True)
+                     if not line.startswith("remark: ")]
+            if other:
+                sys.stderr.write("".join(other))
+        _compiled.add((kernel, dtype))
+
+
 def _np(t: torch.Tensor) -> np.ndarray:
     return t.detach().contiguous().numpy()
 
@@ -309,8 +352,9 @@ class FusedScan(torch.autograd.Function):
         out = u.new_empty(batch, dim, length)
         checkpoints = u.new_empty(batch, dim, -(-length // CHECKPOINT), A.shape[1])
         last = u.new_empty(batch, dim, A.shape[1])
-        _forward_kernel(_np(u), _np(delta), _np(bias), bool(softplus), _np(A), _np(B_rows), _np(C_rows),
-                        _np(D_), _np(z_), z is not None, out.numpy(), checkpoints.numpy(), last.numpy())
+        with _compiling("forward", u.dtype):
+            _forward_kernel(_np(u), _np(delta), _np(bias), bool(softplus), _np(A), _np(B_rows), _np(C_rows),
+                            _np(D_), _np(z_), z is not None, out.numpy(), checkpoints.numpy(), last.numpy())
         ctx.save_for_backward(u, delta, A, B_rows, C_rows, D_, z_, bias, checkpoints)
         ctx.flags = (bool(softplus), D is not None, z is not None, delta_bias is not None)
         return out, last
@@ -327,10 +371,11 @@ class FusedScan(torch.autograd.Function):
         dC_parts = C_rows.new_zeros(workers, *C_rows.shape)
         dD_parts = u.new_zeros(workers, u.shape[1])
         dbias_parts = u.new_zeros(workers, u.shape[1])
-        _backward_kernel(_np(u), _np(delta), _np(bias), softplus, _np(A), _np(B_rows), _np(C_rows),
-                         _np(D_), _np(z_), gate, _np(checkpoints), _np(dout), _np(dlast),
-                         du.numpy(), ddelta.numpy(), dz.numpy(), dA_parts.numpy(), dB_parts.numpy(),
-                         dC_parts.numpy(), dD_parts.numpy(), dbias_parts.numpy())
+        with _compiling("backward", u.dtype):
+            _backward_kernel(_np(u), _np(delta), _np(bias), softplus, _np(A), _np(B_rows), _np(C_rows),
+                             _np(D_), _np(z_), gate, _np(checkpoints), _np(dout), _np(dlast),
+                             du.numpy(), ddelta.numpy(), dz.numpy(), dA_parts.numpy(), dB_parts.numpy(),
+                             dC_parts.numpy(), dD_parts.numpy(), dbias_parts.numpy())
         total = lambda parts: parts[0] if workers == 1 else parts.sum(0)  # noqa: E731
         return (du, ddelta, total(dA_parts), total(dB_parts).transpose(-1, -2),
                 total(dC_parts).transpose(-1, -2), total(dD_parts) if has_D else None,
