@@ -56,3 +56,26 @@ def test_slice_order_needs_shape_and_gradients_flow():
     assert all(p.grad is not None for p in m.parameters())
     with pytest.raises(ValueError, match="spatial_shape"):
         m(x, spatial_shape=(3, 4, 4))
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_long_sequence_conv_matches_conv1d_module(bias):
+    """The sliding-window bmm path of the causal depthwise conv (long rows) equals the module's conv1d,
+    values and gradients; gradcheck in float64."""
+    from medssm.ssm.mamba import CONV_BMM_MIN_LENGTH, _CausalDepthwiseConv1d, causal_conv1d
+
+    torch.manual_seed(0)
+    conv = torch.nn.Conv1d(6, 6, 4, groups=6, padding=3, bias=bias)
+    x = torch.randn(2, 6, CONV_BMM_MIN_LENGTH + 5, requires_grad=True)
+    params = [x, *conv.parameters()]
+    ref = conv(x)[..., : x.shape[-1]]
+    ref_grads = torch.autograd.grad((ref * ref.detach().cos()).sum(), params)
+    out = causal_conv1d(x, conv)
+    assert out.grad_fn.name().startswith("_CausalDepthwiseConv1d")
+    grads = torch.autograd.grad((out * ref.detach().cos()).sum(), params)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-4)
+    small = conv.double()
+    args = (torch.randn(2, 6, 9, dtype=torch.float64, requires_grad=True), small.weight, small.bias)
+    assert torch.autograd.gradcheck(_CausalDepthwiseConv1d.apply, args)

@@ -45,6 +45,62 @@ def _linear_cf(x: torch.Tensor, linear: nn.Linear, rows: slice = slice(None)) ->
     return torch.baddbmm(linear.bias[rows, None], weight, x)
 
 
+# From this sequence length on, the causal depthwise conv runs as batched mat-vecs over a sliding
+# window (below): oneDNN's depthwise conv1d gets 5-20x slower per element on long rows (64 x 16384:
+# ~15 ms forward against ~2 ms); its backward too. 2-14% off a whole RVM layer at L >= 4096, a loss below.
+CONV_BMM_MIN_LENGTH = 4096
+
+
+class _CausalDepthwiseConv1d(torch.autograd.Function):
+    """``conv1d(x, weight, bias, padding=K-1, groups=C)[..., :L]`` on (B, C, L): each output row is the
+    (K,) kernel times the (K, L) window view of the left-padded input row, one ``bmm`` for all rows;
+    the input gradient is the same with the flipped kernel over the right-padded output gradient."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias):
+        batch, dim, length = x.shape
+        k = weight.shape[-1]
+        padded = F.pad(x, (k - 1, 0)).reshape(batch * dim, length + k - 1)
+        kernel = weight.reshape(1, dim, 1, k).expand(batch, -1, -1, -1).reshape(batch * dim, 1, k)
+        windows = padded.unfold(-1, length, 1)  # (B*C, K, L), a view
+        if bias is None:
+            y = torch.bmm(kernel, windows)
+        else:
+            y = torch.baddbmm(bias.reshape(1, dim, 1, 1).expand(batch, -1, -1, -1).reshape(batch * dim, 1, 1),
+                              kernel, windows)
+        ctx.save_for_backward(padded, kernel)
+        ctx.has_bias = bias is not None
+        return y.view(batch, dim, length)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        padded, kernel = ctx.saved_tensors
+        batch, dim, length = grad.shape
+        k = kernel.shape[-1]
+        grad = grad.contiguous().view(batch * dim, length)
+        grad_x = grad_w = grad_b = None
+        if ctx.needs_input_grad[0]:
+            windows = F.pad(grad, (0, k - 1)).unfold(-1, length, 1)
+            grad_x = torch.bmm(kernel.flip(-1), windows).view(batch, dim, length)
+        if ctx.needs_input_grad[1]:
+            grad_w = torch.bmm(padded.unfold(-1, length, 1), grad.unsqueeze(-1)).view(batch, dim, k).sum(0)
+            grad_w = grad_w.view(dim, 1, k)
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_b = grad.view(batch, dim, length).sum((0, 2))
+        return grad_x, grad_w, grad_b
+
+
+def causal_conv1d(x: torch.Tensor, conv: nn.Conv1d) -> torch.Tensor:
+    """Mamba's causal depthwise conv (``conv`` built with ``padding=K-1, groups=C``) on (B, C, L):
+    the first L outputs, computed with ``conv``'s weight and bias."""
+    length = x.shape[-1]
+    if (length < CONV_BMM_MIN_LENGTH or x.device.type != "cpu" or torch.jit.is_tracing()
+            or torch.onnx.is_in_onnx_export()):
+        return conv(x)[..., :length]
+    return _CausalDepthwiseConv1d.apply(x, conv.weight, conv.bias)
+
+
 class Mamba(nn.Module):
     """Mamba-1 layer on ``(B, L, d_model)`` tokens.
 
@@ -125,7 +181,7 @@ class Mamba(nn.Module):
         s = ORDER_SUFFIX[order]
         conv, x_proj, dt_proj = getattr(self, f"conv1d{s}"), getattr(self, f"x_proj{s}"), getattr(self, f"dt_proj{s}")
         A = -torch.exp(getattr(self, f"A{s}_log").float())  # (d_inner, N)
-        x = F.silu(conv(x)[..., : x.shape[-1]])  # causal: keep the first L outputs
+        x = F.silu(causal_conv1d(x, conv))
         x_dbl = _linear_cf(x, x_proj)  # (B, dt_rank + 2N, L)
         dt, B, C = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=1)
         dt = torch.bmm(dt_proj.weight.expand(dt.shape[0], -1, -1), dt)  # (B, d_inner, L); bias added in the scan
