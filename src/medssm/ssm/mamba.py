@@ -45,49 +45,77 @@ def _linear_cf(x: torch.Tensor, linear: nn.Linear, rows: slice = slice(None)) ->
     return torch.baddbmm(linear.bias[rows, None], weight, x)
 
 
-# From this sequence length on, the causal depthwise conv runs as batched mat-vecs over a sliding
-# window (below): oneDNN's depthwise conv1d gets 5-20x slower per element on long rows (64 x 16384:
-# ~15 ms forward against ~2 ms); its backward too. 2-14% off a whole RVM layer at L >= 4096, a loss below.
-CONV_BMM_MIN_LENGTH = 4096
+try:  # one serial pass per row for the causal depthwise conv; torch's own ops below without numba
+    from numba import njit
+except ImportError:  # pragma: no cover
+    njit = None
+
+if njit is not None:
+    @njit(cache=True, fastmath={"reassoc", "contract", "nsz", "arcp"}, boundscheck=False)
+    def _conv_forward_kernel(x, w, b, y):
+        """x, y: (rows, L); w: (rows, K); b: (rows,). y[t] = b + sum_k w[k] x[t - (K-1) + k], x[<0] = 0."""
+        rows, length = x.shape
+        k_size = w.shape[1]
+        for r in range(rows):
+            xr, yr = x[r], y[r]
+            yr[:] = b[r]
+            for k in range(k_size):
+                shift = k_size - 1 - k  # y[t] += w[k] x[t - shift]
+                wk = w[r, k]
+                for t in range(shift, length):
+                    yr[t] += wk * xr[t - shift]
+
+    @njit(cache=True, fastmath={"reassoc", "contract", "nsz", "arcp"}, boundscheck=False)
+    def _conv_backward_kernel(x, w, g, gx, gw):
+        """gx[s] = sum_k w[k] g[s + (K-1) - k] (g[>=L] = 0); gw[r, k] = sum_t g[t] x[t - (K-1) + k]."""
+        rows, length = x.shape
+        k_size = w.shape[1]
+        for r in range(rows):
+            xr, gr, gxr = x[r], g[r], gx[r]
+            gxr[:] = 0
+            for k in range(k_size):
+                shift = k_size - 1 - k
+                wk = w[r, k]
+                acc = gr[0] * 0
+                for s in range(length - shift):
+                    gxr[s] += wk * gr[s + shift]
+                    acc += gr[s + shift] * xr[s]
+                gw[r, k] = acc
 
 
 class _CausalDepthwiseConv1d(torch.autograd.Function):
-    """``conv1d(x, weight, bias, padding=K-1, groups=C)[..., :L]`` on (B, C, L): each output row is the
-    (K,) kernel times the (K, L) window view of the left-padded input row, one ``bmm`` for all rows;
-    the input gradient is the same with the flipped kernel over the right-padded output gradient."""
+    """``conv1d(x, weight, bias, padding=K-1, groups=C)[..., :L]`` on (B, C, L) CPU tensors in one
+    pass over each row (numba). oneDNN's depthwise conv1d is 5-20x slower per element on long rows
+    (64 x 16384: ~15 ms forward, against ~2 ms at 128 x 4096), and its backward too."""
 
     @staticmethod
     def forward(ctx, x, weight, bias):
         batch, dim, length = x.shape
         k = weight.shape[-1]
-        padded = F.pad(x, (k - 1, 0)).reshape(batch * dim, length + k - 1)
-        kernel = weight.reshape(1, dim, 1, k).expand(batch, -1, -1, -1).reshape(batch * dim, 1, k)
-        windows = padded.unfold(-1, length, 1)  # (B*C, K, L), a view
-        if bias is None:
-            y = torch.bmm(kernel, windows)
-        else:
-            y = torch.baddbmm(bias.reshape(1, dim, 1, 1).expand(batch, -1, -1, -1).reshape(batch * dim, 1, 1),
-                              kernel, windows)
-        ctx.save_for_backward(padded, kernel)
+        x = x.contiguous()
+        rows_w = weight.reshape(1, dim, k).expand(batch, -1, -1).reshape(batch * dim, k).contiguous()
+        rows_b = (bias if bias is not None else weight.new_zeros(dim)).reshape(1, dim).expand(batch, -1)
+        y = torch.empty_like(x)
+        _conv_forward_kernel(x.detach().view(batch * dim, length).numpy(), rows_w.detach().numpy(),
+                             rows_b.reshape(-1).contiguous().detach().numpy(), y.view(batch * dim, length).numpy())
+        ctx.save_for_backward(x, rows_w)
         ctx.has_bias = bias is not None
-        return y.view(batch, dim, length)
+        return y
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad):
-        padded, kernel = ctx.saved_tensors
-        batch, dim, length = grad.shape
-        k = kernel.shape[-1]
-        grad = grad.contiguous().view(batch * dim, length)
-        grad_x = grad_w = grad_b = None
-        if ctx.needs_input_grad[0]:
-            windows = F.pad(grad, (0, k - 1)).unfold(-1, length, 1)
-            grad_x = torch.bmm(kernel.flip(-1), windows).view(batch, dim, length)
-        if ctx.needs_input_grad[1]:
-            grad_w = torch.bmm(padded.unfold(-1, length, 1), grad.unsqueeze(-1)).view(batch, dim, k).sum(0)
-            grad_w = grad_w.view(dim, 1, k)
-        if ctx.has_bias and ctx.needs_input_grad[2]:
-            grad_b = grad.view(batch, dim, length).sum((0, 2))
+        x, rows_w = ctx.saved_tensors
+        batch, dim, length = x.shape
+        k = rows_w.shape[-1]
+        grad = grad.contiguous()
+        grad_x = torch.empty_like(x)
+        grad_w = rows_w.new_empty(batch * dim, k)
+        _conv_backward_kernel(x.detach().view(batch * dim, length).numpy(), rows_w.detach().numpy(),
+                              grad.view(batch * dim, length).numpy(), grad_x.view(batch * dim, length).numpy(),
+                              grad_w.numpy())
+        grad_w = grad_w.view(batch, dim, 1, k).sum(0)
+        grad_b = grad.sum((0, 2)) if ctx.has_bias else None
         return grad_x, grad_w, grad_b
 
 
@@ -95,8 +123,8 @@ def causal_conv1d(x: torch.Tensor, conv: nn.Conv1d) -> torch.Tensor:
     """Mamba's causal depthwise conv (``conv`` built with ``padding=K-1, groups=C``) on (B, C, L):
     the first L outputs, computed with ``conv``'s weight and bias."""
     length = x.shape[-1]
-    if (length < CONV_BMM_MIN_LENGTH or x.device.type != "cpu" or torch.jit.is_tracing()
-            or torch.onnx.is_in_onnx_export()):
+    if (njit is None or x.device.type != "cpu" or x.dtype not in (torch.float32, torch.float64)
+            or conv.weight.dtype != x.dtype or torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()):
         return conv(x)[..., :length]
     return _CausalDepthwiseConv1d.apply(x, conv.weight, conv.bias)
 
