@@ -49,8 +49,9 @@ class History:
         path = Path(path or self.run_dir / "curves.png")
         columns = [k for k in dict.fromkeys(k for r in self.rows for k in r)
                    if k != x and all(isinstance(r.get(k), (int, float)) for r in self.rows if k in r)]
-        groups = {"loss": [c for c in columns if "loss" in c], "metrics": [c for c in columns if "loss" not in c
-                                                                           and c not in ("lr", "time_s")]}
+        bookkeeping = ("lr", "time", "step", "nonfinite")  # columns that are not curves to look at
+        columns = [c for c in columns if not any(word in c for word in bookkeeping)]
+        groups = {"loss": [c for c in columns if "loss" in c], "metrics": [c for c in columns if "loss" not in c]}
         groups = {k: v for k, v in groups.items() if v}
         fig, axes = plt.subplots(1, max(len(groups), 1), figsize=(6 * max(len(groups), 1), 4), squeeze=False)
         for ax, (title, cols) in zip(axes[0], groups.items()):
