@@ -56,7 +56,7 @@ CASES = [  # batch, dim, L, N, groups, D, z, delta_bias, softplus, last state
 def test_matches_reference_float64(backend, case):
     batch, dim, length, n, groups, with_D, with_z, with_bias, softplus, last = case
     kw = make_inputs(batch, dim, length, n, groups, with_D, with_z, with_bias, requires_grad=True,
-                     generator=torch.Generator().manual_seed(length))
+                     generator=torch.Generator().manual_seed(length), step_sizes=not softplus)
     check_against_reference(backend, kw, softplus, last, seed=length)
 
 
@@ -68,7 +68,7 @@ def test_property_matches_reference_float64(batch, per_group, groups, length, n,
     with_D, with_z, with_bias, softplus, last = flags
     dim = per_group * (groups or 1)
     kw = make_inputs(batch, dim, length, n, groups, with_D, with_z, with_bias, requires_grad=True,
-                     generator=torch.Generator().manual_seed(seed))
+                     generator=torch.Generator().manual_seed(seed), step_sizes=not softplus)
     for backend in BACKENDS:
         check_against_reference(backend, kw, softplus, last, seed)
 

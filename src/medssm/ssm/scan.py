@@ -9,8 +9,11 @@ return_last_state=False, backend="auto")`` computes, per batch ``b``, channel ``
 Shapes follow ``mamba_ssm.ops.selective_scan_interface.selective_scan_fn``: ``u, delta, z``:
 ``(batch, dim, L)``; ``A``: ``(dim, N)``; ``B, C``: ``(batch, N, L)`` or grouped
 ``(batch, G, N, L)`` where group ``g`` serves channels ``g*dim/G ... (g+1)*dim/G - 1``;
-``D, delta_bias``: ``(dim,)``. The scan always computes in float32 (float64 if any input is
-float64), also under autocast, and returns the dtype of ``u``.
+``D, delta_bias``: ``(dim,)``. The step size ``delta`` (after ``delta_bias`` and softplus) must be
+>= 0 and ``A`` <= 0, as in every Mamba: then the state decays and every backend stays finite; a
+negative step makes it grow, which ``reference`` follows further than ``chunked`` before overflowing.
+The scan always computes in float32 (float64 if any input is float64), also under autocast, and
+returns the dtype of ``u``.
 """
 
 from __future__ import annotations
