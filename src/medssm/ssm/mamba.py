@@ -15,6 +15,7 @@ from typing import Sequence
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils._python_dispatch import is_in_torch_dispatch_mode
 
 from .orders import from_order, to_order
 from .scan import selective_scan
@@ -124,7 +125,8 @@ def causal_conv1d(x: torch.Tensor, conv: nn.Conv1d) -> torch.Tensor:
     the first L outputs, computed with ``conv``'s weight and bias."""
     length = x.shape[-1]
     if (njit is None or x.device.type != "cpu" or x.dtype not in (torch.float32, torch.float64)
-            or conv.weight.dtype != x.dtype or torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()):
+            or conv.weight.dtype != x.dtype or torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()
+            or is_in_torch_dispatch_mode()):  # counters and profilers (medssm info) see only aten ops
         return conv(x)[..., :length]
     return _CausalDepthwiseConv1d.apply(x, conv.weight, conv.bias)
 

@@ -69,7 +69,7 @@ def image_to_tokens(x: torch.Tensor, order: str = "raster") -> torch.Tensor:
 def tokens_to_image(tokens: torch.Tensor, spatial_shape: Sequence[int], order: str = "raster") -> torch.Tensor:
     """(B, L, C) tokens in ``order`` -> (B, C, *S) feature map; inverse of :func:`image_to_tokens`."""
     seq = from_order(tokens.transpose(1, 2), spatial_shape, order)  # (B, C, L)
-    return seq.reshape(*seq.shape[:2], *spatial_shape)
+    return seq.unflatten(-1, tuple(spatial_shape))  # keeps B and C as they are (a traced export needs C)
 
 
 def cross_scan(x: torch.Tensor, orders: Sequence[str] | None = None) -> torch.Tensor:
