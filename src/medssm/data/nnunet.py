@@ -169,16 +169,7 @@ class NnUNetDataset:
 
     def _read_case(self, case: str) -> tuple[Case | None, list[tuple[str, str, str]]]:
         files = self.image_files(case)
-        problems: list[tuple[str, str, str]] = []
-        channels, geometries = [], []
-        for path in files:
-            try:
-                array, geometry = read_channels(path)
-            except ImageFileError as e:
-                problems.append((case, str(path), str(e).removeprefix(f"{path}: ")))
-                continue
-            channels.append(array)
-            geometries.append((path, geometry))
+        channels, geometries, problems = _read_channel_files(case, files)
         label_path = self.label_file(case)
         label = label_geometry = None
         if not label_path.is_file():
@@ -295,15 +286,7 @@ def read_case_images(files: list[str | os.PathLike], case: str = "") -> tuple[np
     the first file's geometry; unreadable files, shape or geometry mismatches and NaN/Inf raise
     DatasetError."""
     files = [Path(f) for f in files]
-    problems, channels, geometries = [], [], []
-    for path in files:
-        try:
-            array, geometry = read_channels(path)
-        except ImageFileError as e:
-            problems.append((case, str(path), str(e).removeprefix(f"{path}: ")))
-            continue
-        channels.append(array)
-        geometries.append((path, geometry))
+    channels, geometries, problems = _read_channel_files(case, files)
     problems += _check_geometry(case, geometries, None, None)
     problems += _check_values(case, [p for p, _ in geometries], channels, None, None, [])
     if problems or not files:
@@ -349,3 +332,17 @@ def find_cases(folder: str | os.PathLike, file_ending: str | None = None) -> dic
     if problems:
         raise DatasetError(folder, problems)
     return {case: [p for _, p in sorted(files.items())] for case, files in sorted(groups.items())}
+
+
+def _read_channel_files(case: str, files: list[Path]):
+    """Read a case's channel files: (arrays, [(path, geometry)], problems for the unreadable ones)."""
+    channels, geometries, problems = [], [], []
+    for path in files:
+        try:
+            array, geometry = read_channels(path)
+        except ImageFileError as e:
+            problems.append((case, str(path), str(e).removeprefix(f"{path}: ")))
+            continue
+        channels.append(array)
+        geometries.append((path, geometry))
+    return channels, geometries, problems
