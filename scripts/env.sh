@@ -1,4 +1,6 @@
-# Sourced by the set-up scripts: create .venv (once) with torch==2.13.0 (CPU) and medssm installed.
+# Sourced by the set-up scripts as `source env.sh EXTRAS` (EXTRAS may be ""): create .venv (once) with
+# torch==2.13.0 (CPU) and medssm[EXTRAS] installed. EXTRAS must be passed: a sourced script would
+# otherwise see its caller's arguments as $1.
 # Everything beside torch is installed under constraints.txt so no dependency can swap torch out.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
