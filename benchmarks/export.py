@@ -17,12 +17,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
+
+from timing import median_seconds
 
 RESULTS = Path(__file__).resolve().parent / "results" / "export.json"
 
@@ -60,18 +60,10 @@ def run_case(name: str, kwargs: dict, size: tuple[int, ...], repeats: int) -> di
         session = ort_session(path)
         x = torch.randn(result.input_shape, generator=torch.Generator().manual_seed(0))
 
-        def timed(fn) -> float:
-            fn()  # warm-up (compiles the fused scan, plans onnxruntime's kernels)
-            times = []
-            for _ in range(repeats):
-                start = time.perf_counter()
-                fn()
-                times.append(time.perf_counter() - start)
-            return statistics.median(times)
 
         with torch.no_grad():
-            t_torch = timed(lambda: model(x))
-        t_ort = timed(lambda: session.run(None, {"input": x.numpy()}))
+            t_torch = median_seconds(lambda: model(x), repeats)
+        t_ort = median_seconds(lambda: session.run(None, {"input": x.numpy()}), repeats)
     return {"model": name, "input": list(result.input_shape), "params": sum(p.numel() for p in model.parameters()),
             "export_s": result.seconds, "onnx_mb": size_mb, "rel_error": result.rel_error,
             "checked": [list(c["shape"]) for c in result.checks], "torch_ms": 1e3 * t_torch, "ort_ms": 1e3 * t_ort}

@@ -25,11 +25,11 @@ import argparse
 import json
 import os
 import resource
-import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
+
+from timing import median_seconds
 
 RESULTS = Path(__file__).resolve().parent / "results" / "models.json"
 
@@ -111,20 +111,12 @@ def run_case(key: str, threads: int, repeats: int) -> dict:
         F.cross_entropy(out, labels).backward()
         optimiser.step()
 
-    def timed(fn) -> float:
-        fn()  # warm-up (also compiles kernels on first use)
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - start)
-        return statistics.median(times)
 
     model.eval()
-    forward_s = timed(forward)
+    forward_s = median_seconds(forward, repeats)
     forward_peak = peak_activation_bytes(model, x)
     model.train()
-    train_s = timed(train_step)
+    train_s = median_seconds(train_step, repeats)
     train_peak = peak_tensor_bytes(train_step)
     batch = shape[0]
     return {

@@ -17,7 +17,6 @@ Targets (issue 9): lung Dice ≥ 0.970 and above SegResNet's; hippocampus mean D
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import sys
