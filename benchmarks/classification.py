@@ -110,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
         for method, (acc, auc) in PUBLISHED.get(name, {}).items():
             print(f"{'':<16} {method:<38} {acc:>6.3f} {auc:>6.3f}")
     print(f"total wall time {results['wall_s']:.0f}s")
-    from medssm.nets.registry import atomic_path
+    from medssm.files import atomic_path
 
     with atomic_path(RESULTS) as tmp:
         tmp.write_text(json.dumps(results, indent=2))

@@ -20,7 +20,7 @@ import nibabel as nib
 import numpy as np
 import SimpleITK as sitk
 
-from ..nets.registry import atomic_path
+from ..files import atomic_path
 
 SUPPORTED_ENDINGS: tuple[str, ...] = (
     ".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd", ".gipl.gz", ".gipl",

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..nets.registry import atomic_path
+from ..files import atomic_path
 from .classification import SPLITS, ClassificationSource
 
 __all__ = ["MEDMNIST", "SIZES_2D", "SIZES_3D", "MedMNISTSource", "open_medmnist", "medmnist_file", "medmnist_url",

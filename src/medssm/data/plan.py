@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..nets.registry import atomic_path
+from ..files import atomic_path
 from .nnunet import NnUNetDataset
 from .normalization import SCHEMES, scheme_for_channel
 from .preprocess import nonzero_box

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 from scipy import ndimage
 
-from ..nets.registry import atomic_path
+from ..files import atomic_path
 from .io import Geometry
 from .normalization import normalize
 

@@ -29,7 +29,8 @@ import torch.nn.functional as F
 
 from ..data.classification import ClassificationDataset, class_weights, open_classification_data
 from ..metrics.classification import classification_metrics
-from ..nets.registry import atomic_path, create_model, save_model
+from ..files import atomic_path
+from ..nets.registry import create_model, save_model
 from . import distributed
 from .checkpoint import load_checkpoint, save_checkpoint
 from .devices import autocast, backward_and_step, check_precision, grad_scaler, resolve_device

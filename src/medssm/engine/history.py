@@ -8,7 +8,7 @@ import json
 import os
 from pathlib import Path
 
-from ..nets.registry import atomic_path
+from ..files import atomic_path
 
 
 class History:

@@ -34,7 +34,7 @@ from pathlib import Path
 
 import torch
 
-from ..nets.registry import atomic_path
+from ..files import atomic_path
 
 LUNG = "Dataset001_LungXray"
 

@@ -33,7 +33,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..nets.registry import atomic_path, create_model
+from ..files import atomic_path
+from ..nets.registry import create_model
 from . import distributed
 from .devices import autocast, backward_and_step, check_precision, grad_scaler
 from .schedules import Recipe, make_optimizer, make_scheduler, recipe_for

@@ -45,7 +45,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..nets.registry import atomic_path, create_model, list_models, load_model
+from ..files import atomic_path
+from ..nets.registry import create_model, list_models, load_model
 from ..ssm.scan import expand_groups, finish_output, prepare_delta, register_backend
 
 __all__ = ["ExportConfig", "ExportParityError", "ExportResult", "export_cli", "export_onnx", "export_scan",

@@ -20,7 +20,8 @@ import numpy as np
 
 from ..data.classification import ClassificationDataset, open_classification_data
 from ..metrics.classification import predict_labels
-from ..nets.registry import atomic_path, load_model
+from ..files import atomic_path
+from ..nets.registry import load_model
 
 __all__ = ["ClassifierPredictConfig", "predict_classifier", "load_classifier", "write_predictions", "read_predictions"]
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..nets.registry import atomic_path
+from ..files import atomic_path
 
 
 @dataclasses.dataclass

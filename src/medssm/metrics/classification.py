@@ -178,7 +178,7 @@ def _figure():
 
 
 def _save(fig, path: str | os.PathLike) -> Path:
-    from ..nets.registry import atomic_path
+    from ..files import atomic_path
 
     plt = _figure()
     path = Path(path)

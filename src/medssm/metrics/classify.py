@@ -16,7 +16,7 @@ from typing import Sequence
 
 import numpy as np
 
-from ..nets.registry import atomic_path
+from ..files import atomic_path
 from .classification import classification_metrics, format_metrics, plot_confusion_matrix, plot_roc
 
 __all__ = ["ClassifierEvaluateConfig", "evaluate_classifier", "evaluate_predictions"]

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..nets.registry import atomic_path
+from ..files import atomic_path
 from .segmentation import case_metrics, summarize
 
 

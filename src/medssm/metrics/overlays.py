@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..nets.registry import atomic_path
+from ..files import atomic_path
 
 # Class colours (RGB), class k uses COLOURS[(k - 1) % len]: the tab10 palette.
 COLOURS = np.array([[255, 127, 14], [31, 119, 180], [44, 160, 44], [214, 39, 40], [148, 103, 189],

@@ -6,11 +6,12 @@ from __future__ import annotations
 import fnmatch
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Callable
 
 import torch.nn as nn
+
+from ..files import atomic_path
 
 _MODELS: dict[str, Callable[..., nn.Module]] = {}
 
@@ -71,23 +72,3 @@ def load_model(directory: str | os.PathLike, device: str = "cpu") -> nn.Module:
     model = create_model(config["name"], **config.get("kwargs", {}))
     model.load_state_dict(load_file(str(directory / "model.safetensors"), device=device), strict=True)
     return model.to(device)
-
-
-class atomic_path:
-    """Context manager giving a temporary path beside ``path``; renamed onto ``path`` on success."""
-
-    def __init__(self, path: str | os.PathLike):
-        self.path = Path(path)
-
-    def __enter__(self) -> Path:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent)
-        os.close(fd)
-        self.tmp = Path(tmp)
-        return self.tmp
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is None:
-            os.replace(self.tmp, self.path)
-        else:
-            self.tmp.unlink(missing_ok=True)
