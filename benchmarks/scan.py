@@ -19,7 +19,6 @@ import json
 import os
 import platform
 import statistics
-import time
 from pathlib import Path
 
 import numba
@@ -28,6 +27,7 @@ import torch.nn.functional as F
 from mambapy.pscan import pscan
 
 from medssm.ssm import selective_scan
+from timing import call_seconds
 
 SHAPES = [(1, 128, 4096, 16), (1, 256, 1024, 16), (1, 512, 256, 16), (1, 64, 32768, 16), (8, 384, 196, 16)]
 IMPLEMENTATIONS = ["reference", "chunked", "fused", "pscan"]
@@ -51,13 +51,7 @@ _libc.mallopt(-3, 1 << 16)  # M_MMAP_THRESHOLD fixed at 64 KiB: large tensors ar
 
 
 def best_seconds(fn, repeats: int = 20) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
+    return min(call_seconds(fn, repeats))
 
 
 def measure_floor_rates() -> dict[str, float]:
@@ -117,11 +111,7 @@ def run_one(call, inputs, backward: bool, repeats: int) -> tuple[float, float, f
     rss, _ = memory_kib()
     step()
     peak_mib = (memory_kib()[1] - rss) / 1024
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - start)
+    times = call_seconds(step, repeats, warmup=False)  # warmed up above
     return min(times) * 1e3, statistics.median(times) * 1e3, peak_mib
 
 

@@ -4,13 +4,19 @@ import statistics
 import time
 
 
-def median_seconds(fn, repeats: int) -> float:
-    """Median wall time of ``repeats`` calls of ``fn`` after one warm-up call (which compiles
-    kernels on first use and lets onnxruntime plan its own)."""
-    fn()
+def call_seconds(fn, repeats: int, warmup: bool = True) -> list[float]:
+    """Wall time of each of ``repeats`` calls of ``fn``, after one warm-up call unless told
+    otherwise (it compiles kernels on first use and lets onnxruntime plan its own)."""
+    if warmup:
+        fn()
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
         fn()
         times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return times
+
+
+def median_seconds(fn, repeats: int) -> float:
+    """Median of :func:`call_seconds`."""
+    return statistics.median(call_seconds(fn, repeats))
