@@ -79,3 +79,14 @@ def test_scan_flops_are_counted_analytically():
     assert calls == [9 * 2 * 4 * 7 * 3] * 2
     selective_scan(**kw, backend="reference")
     assert len(calls) == 2
+
+
+def test_counting_without_computing_gives_zeros_of_the_right_shapes():
+    from medssm.ssm import count_scan_flops
+
+    kw = make_inputs(batch=2, dim=4, length=7, n=3)
+    with count_scan_flops(compute=False) as calls:
+        out, last = selective_scan(**kw, return_last_state=True, backend="reference")
+    assert calls == [9 * 2 * 4 * 7 * 3]
+    assert out.shape == (2, 4, 7) and last.shape == (2, 4, 3) and not out.any() and not last.any()
+    assert selective_scan(**kw, backend="reference").any()  # outside the block: computed again

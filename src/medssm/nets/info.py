@@ -18,10 +18,8 @@ Every measure works on CPU and for any ``nn.Module``:
 from __future__ import annotations
 
 import weakref
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Iterator, Sequence
-from unittest import mock
+from typing import Callable, Sequence
 
 import torch
 import torch.nn as nn
@@ -30,7 +28,6 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
 from medssm.ssm import count_scan_flops
-from medssm.ssm import scan as scan_module
 
 DEFAULT_SPATIAL = {2: (224, 224), 3: (64, 64, 64)}
 
@@ -40,25 +37,10 @@ def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def _shape_only_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state):
-    """A selective-scan stand-in with the right output shape and no arithmetic."""
-    out = torch.zeros_like(u)
-    return (out, u.new_zeros(*u.shape[:2], A.shape[1])) if return_last_state else out
-
-
-@contextmanager
-def _scans_shape_only() -> Iterator[None]:
-    """Make every scan backend a shape-only stand-in: the scan's arithmetic is counted analytically,
-    so its internal products must not reach the MAC counter (and counting stays fast). The analytic
-    counters still run: ``selective_scan`` records each call before it calls a backend."""
-    with mock.patch.dict(scan_module._BACKENDS, {name: _shape_only_scan for name in scan_module._BACKENDS}):
-        yield
-
-
 def count_macs(model: nn.Module, x: torch.Tensor) -> tuple[int, int]:
     """(conv/matmul MACs, selective-scan FLOPs) of one forward of ``model`` on ``x`` (eval, no_grad)."""
     model.eval()
-    with torch.no_grad(), _scans_shape_only(), count_scan_flops() as scans, FlopCounterMode(display=False) as counter:
+    with torch.no_grad(), count_scan_flops(compute=False) as scans, FlopCounterMode(display=False) as counter:
         model(x)
     return counter.get_total_flops() // 2, sum(scans)
 

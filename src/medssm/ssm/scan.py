@@ -70,6 +70,9 @@ def selective_scan(
     _check_shapes(u, delta, A, B, C, D, z, delta_bias)
     for counter in _flop_counters:
         counter.append(scan_flops(u.shape[0], u.shape[1], u.shape[2], A.shape[1]))
+    if _flop_counters and not _flop_counters[-1].compute:  # counted only: no arithmetic, right shapes
+        out = torch.zeros_like(u)
+        return (out, u.new_zeros(*u.shape[:2], A.shape[1])) if return_last_state else out
     name = resolve_backend(backend, u)
     out_dtype = u.dtype
     compute = torch.float64 if torch.float64 in {t.dtype for t in (u, delta, A, B, C)} else torch.float32
@@ -90,7 +93,15 @@ def selective_scan(
 
 
 _warned_fallback = False
-_flop_counters: list[list[int]] = []
+class _ScanCalls(list):
+    """FLOPs of the scans made inside one :func:`count_scan_flops` block."""
+
+    def __init__(self, compute: bool):
+        super().__init__()
+        self.compute = compute
+
+
+_flop_counters: list[_ScanCalls] = []
 
 
 def scan_flops(batch: int, dim: int, length: int, d_state: int) -> int:
@@ -99,14 +110,18 @@ def scan_flops(batch: int, dim: int, length: int, d_state: int) -> int:
 
 
 @contextmanager
-def count_scan_flops() -> Iterator[list[int]]:
+def count_scan_flops(compute: bool = True) -> Iterator[list[int]]:
     """Collect the analytic FLOPs of every ``selective_scan`` call made inside the block.
+
+    With ``compute=False`` each scan is only counted and returns zeros of its output's shape: for
+    profilers that count the rest of a model (medssm info), so the scan's own arithmetic is not
+    counted twice and costs nothing.
 
     >>> with count_scan_flops() as calls:
     ...     model(x)
     >>> total = sum(calls)
     """
-    calls: list[int] = []
+    calls = _ScanCalls(compute)
     _flop_counters.append(calls)
     try:
         yield calls
