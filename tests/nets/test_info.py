@@ -9,7 +9,7 @@ import torch.nn as nn
 import medssm
 from medssm.cli import main
 from medssm.nets.info import (count_macs, count_parameters, default_input_size, model_info, parse_kwargs,
-                              peak_activation_bytes, peak_tensor_bytes)
+                              peak_activation_bytes, peak_tensor_bytes, resolve_input_size)
 from medssm.ssm import Mamba
 
 
@@ -62,6 +62,15 @@ def test_model_info_of_a_registered_model():
     assert info.scan_flops == 9 * 2 * tokens_x_width * 16
     assert info.macs > 0 and info.flops == 2 * info.macs + info.scan_flops
     assert info.peak_activation_bytes > 4 * 3 * 16 * 16  # more than the output alone
+
+
+def test_input_size_in_full_or_spatial_only():
+    model = medssm.create_model("lightm_unet_3d_tiny", in_channels=2)
+    assert resolve_input_size(model, (16, 24, 32)) == (1, 2, 16, 24, 32)
+    assert resolve_input_size(model, (3, 2, 16, 24, 32)) == (3, 2, 16, 24, 32)
+    assert resolve_input_size(model, None) == default_input_size(model)
+    with pytest.raises(ValueError, match="3D: give the input size as 3 spatial sizes"):
+        resolve_input_size(model, (16, 24))
 
 
 def test_default_input_size_follows_the_first_convolution():

@@ -100,6 +100,22 @@ def peak_activation_bytes(model: nn.Module, x: torch.Tensor) -> int:
         return peak_tensor_bytes(lambda: model(x))
 
 
+def resolve_input_size(model: nn.Module, input_size: Sequence[int] | None) -> tuple[int, ...]:
+    """The full (B, C, *S) input shape: ``input_size`` in full, or only its spatial sizes (batch 1 and
+    the model's input channels added), or ``None`` for :func:`default_input_size`."""
+    default = default_input_size(model)
+    if not input_size:
+        return default
+    size = tuple(int(s) for s in input_size)
+    dims = len(default) - 2
+    if len(size) == dims:
+        return (1, default[1], *size)
+    if len(size) != dims + 2:
+        raise ValueError(f"{type(model).__name__} is {dims}D: give the input size as {dims} spatial sizes or as "
+                         f"B C and {dims} spatial sizes, got {size}")
+    return size
+
+
 def default_input_size(model: nn.Module) -> tuple[int, ...]:
     """(1, C, 224, 224) or (1, C, 64, 64, 64), from the model's first convolution."""
     conv = next((m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Conv3d))), None)
@@ -145,7 +161,7 @@ class ModelInfo:
 def model_info(model: nn.Module | str, input_size: Sequence[int] | None = None, name: str | None = None,
                **model_kwargs) -> ModelInfo:
     """Measure ``model`` (a module, or a registered name built with ``model_kwargs``) on a random
-    input of ``input_size`` (B, C, *S); default :func:`default_input_size`.
+    input of ``input_size`` ((B, C, *S), or only the spatial sizes; default :func:`default_input_size`).
 
     Example:
         >>> info = model_info("lightm_unet_2d", (1, 1, 256, 256))
@@ -155,7 +171,7 @@ def model_info(model: nn.Module | str, input_size: Sequence[int] | None = None, 
         from .registry import create_model
 
         name, model = model, create_model(model, **model_kwargs)
-    input_size = tuple(input_size) if input_size else default_input_size(model)
+    input_size = resolve_input_size(model, input_size)
     x = torch.randn(*input_size)
     macs, scan_flops = count_macs(model, x)
     with torch.no_grad():
@@ -172,7 +188,7 @@ class InfoConfig:
 
     model: str = field(metadata={"positional": True, "help": "registered model name (see medssm.list_models())"})
     input_size: tuple[int, ...] = field(default=(), metadata={
-        "help": "input shape B C *S, e.g. 1 1 256 256 (default: 224x224 for 2D, 64^3 for 3D models)"})
+        "help": "input shape B C *S or spatial sizes only, e.g. 1 1 256 256 or 256 256 (default: 224x224 for 2D, 64^3 for 3D models)"})
     model_kwargs: tuple[str, ...] = field(default=(), metadata={
         "flags": ("--set",), "help": "model arguments as key=value, e.g. --set in_channels=3 out_channels=2"})
     json: bool = field(default=False, metadata={"help": "print JSON instead of a table"})
@@ -204,4 +220,4 @@ def print_info(cfg: InfoConfig) -> ModelInfo:
 
 
 __all__ = ["ModelInfo", "model_info", "count_parameters", "count_macs", "peak_activation_bytes",
-           "peak_tensor_bytes", "LiveTensorBytes", "default_input_size", "InfoConfig", "print_info"]
+           "peak_tensor_bytes", "LiveTensorBytes", "default_input_size", "resolve_input_size", "InfoConfig", "print_info"]
