@@ -61,15 +61,12 @@ if triton is not None:
         return tl.maximum(x, 0.0) + _log1p(tl.exp(-tl.abs(x)))
 
     @triton.jit
-    def _scan_fwd_kernel(
-        u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr,
-        out_ptr, last_ptr, ckpt_ptr,
-        dim, L, G, N, n_dblocks, n_chunks,
-        CHUNK: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
-        HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
-        SAVE_CKPT: tl.constexpr, SAVE_LAST: tl.constexpr, ACC: tl.constexpr,
-    ):
-        pid = tl.program_id(0)
+    def _program_block(pid, A_ptr, D_ptr, bias_ptr, dim, L, G, N, n_dblocks,
+                       BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+                       HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr, ACC: tl.constexpr):
+        # The channel block of program pid: its batch, group, block index, channels d and masks,
+        # A (padding lanes read 0, so their state stays 0), D, the step bias, and the offsets row of
+        # (b, d, t=0) in u/delta/z/out and bc_row of (b, g, n, t=0) in B/C.
         j = pid % n_dblocks  # channel block within the group
         g = (pid // n_dblocks) % G
         b = (pid // n_dblocks // G).to(tl.int64)
@@ -80,16 +77,42 @@ if triton is not None:
         n = tl.arange(0, BLOCK_N)
         mask_n = n < N
         mask_dn = mask_d[:, None] & mask_n[None, :]
-        # Padding lanes read A = 0 and B = 0, so their state stays 0.
         A = tl.load(A_ptr + d[:, None] * N + n[None, :], mask=mask_dn, other=0.0).to(ACC)  # (BD, BN)
-        row = (b * dim + d) * L  # (BD,) offsets of (b, d, t=0) in u, delta, z, out
-        bc_row = ((b * G + g) * N + n) * L  # (BN,) offsets of (b, g, n, t=0) in B, C
         Dv = tl.zeros([BLOCK_D], dtype=ACC)
         if HAS_D:
             Dv = tl.load(D_ptr + d, mask=mask_d, other=0.0).to(ACC)
         bias = tl.zeros([BLOCK_D], dtype=ACC)
         if HAS_BIAS:
             bias = tl.load(bias_ptr + d, mask=mask_d, other=0.0).to(ACC)
+        row = (b * dim + d) * L
+        bc_row = ((b * G + g) * N + n) * L
+        return b, g, j, d, n, mask_d, mask_n, mask_dn, A, Dv, bias, row, bc_row
+
+    @triton.jit
+    def _load_step(u_ptr, delta_ptr, B_ptr, row, bc_row, t, mask_d, mask_n, bias,
+                   HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, ACC: tl.constexpr):
+        # Step t's inputs: u_t, the step size before softplus (bias added) and after, B_t.
+        u_t = tl.load(u_ptr + row + t, mask=mask_d, other=0.0).to(ACC)
+        dt_raw = tl.load(delta_ptr + row + t, mask=mask_d, other=0.0).to(ACC)
+        if HAS_BIAS:
+            dt_raw = dt_raw + bias
+        dt = dt_raw
+        if SOFTPLUS:
+            dt = _softplus(dt_raw)
+        B_t = tl.load(B_ptr + bc_row + t, mask=mask_n, other=0.0).to(ACC)
+        return u_t, dt_raw, dt, B_t
+
+    @triton.jit
+    def _scan_fwd_kernel(
+        u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr,
+        out_ptr, last_ptr, ckpt_ptr,
+        dim, L, G, N, n_dblocks, n_chunks,
+        CHUNK: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+        HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
+        SAVE_CKPT: tl.constexpr, SAVE_LAST: tl.constexpr, ACC: tl.constexpr,
+    ):
+        b, g, j, d, n, mask_d, mask_n, mask_dn, A, Dv, bias, row, bc_row = _program_block(
+            tl.program_id(0), A_ptr, D_ptr, bias_ptr, dim, L, G, N, n_dblocks, BLOCK_D, BLOCK_N, HAS_D, HAS_BIAS, ACC)
         h = tl.zeros([BLOCK_D, BLOCK_N], dtype=ACC)
         for c in range(0, n_chunks):
             if SAVE_CKPT:  # state before step c * CHUNK
@@ -97,13 +120,8 @@ if triton is not None:
                 tl.store(ckpt_ptr + ck, h, mask=mask_dn)
             t_end = tl.minimum(c * CHUNK + CHUNK, L)
             for t in range(c * CHUNK, t_end):
-                u_t = tl.load(u_ptr + row + t, mask=mask_d, other=0.0).to(ACC)
-                dt = tl.load(delta_ptr + row + t, mask=mask_d, other=0.0).to(ACC)
-                if HAS_BIAS:
-                    dt = dt + bias
-                if SOFTPLUS:
-                    dt = _softplus(dt)
-                B_t = tl.load(B_ptr + bc_row + t, mask=mask_n, other=0.0).to(ACC)
+                u_t, _, dt, B_t = _load_step(u_ptr, delta_ptr, B_ptr, row, bc_row, t, mask_d, mask_n, bias,
+                                             HAS_BIAS, SOFTPLUS, ACC)
                 C_t = tl.load(C_ptr + bc_row + t, mask=mask_n, other=0.0).to(ACC)
                 a = tl.exp(dt[:, None] * A)
                 h = a * h + (dt * u_t)[:, None] * B_t[None, :]
@@ -127,31 +145,14 @@ if triton is not None:
         HAS_DLAST: tl.constexpr, ATOMIC_BC: tl.constexpr, ACC: tl.constexpr,
     ):
         pid = tl.program_id(0)
-        j = pid % n_dblocks
-        g = (pid // n_dblocks) % G
-        b = (pid // n_dblocks // G).to(tl.int64)
-        cpg = dim // G
-        offs_j = j * BLOCK_D + tl.arange(0, BLOCK_D)
-        mask_d = offs_j < cpg
-        d = g * cpg + offs_j
-        n = tl.arange(0, BLOCK_N)
-        mask_n = n < N
-        mask_dn = mask_d[:, None] & mask_n[None, :]
-        A = tl.load(A_ptr + d[:, None] * N + n[None, :], mask=mask_dn, other=0.0).to(ACC)
-        row = (b * dim + d) * L
-        bc_row = ((b * G + g) * N + n) * L
+        b, g, j, d, n, mask_d, mask_n, mask_dn, A, Dv, bias, row, bc_row = _program_block(
+            pid, A_ptr, D_ptr, bias_ptr, dim, L, G, N, n_dblocks, BLOCK_D, BLOCK_N, HAS_D, HAS_BIAS, ACC)
         # dB, dC: summed over the block's channels here, then either added atomically into
         # (batch, G, N, L) or stored as per-block partials (batch, G, n_dblocks, N, L).
         if ATOMIC_BC:
             part_row = bc_row
         else:
             part_row = (((b * G + g) * n_dblocks + j) * N + n) * L
-        Dv = tl.zeros([BLOCK_D], dtype=ACC)
-        if HAS_D:
-            Dv = tl.load(D_ptr + d, mask=mask_d, other=0.0).to(ACC)
-        bias = tl.zeros([BLOCK_D], dtype=ACC)
-        if HAS_BIAS:
-            bias = tl.load(bias_ptr + d, mask=mask_d, other=0.0).to(ACC)
         state_off = (b * dim + d[:, None]) * N + n[None, :]  # (BD, BN) offsets in (batch, dim, N)
         # This program's scratch: CHUNK + 1 tiles of (BLOCK_D, BLOCK_N); tile k holds the state
         # after step t0 + k - 1 of the current chunk (tile 0: the checkpoint).
@@ -173,13 +174,8 @@ if triton is not None:
             tl.store(scr, h)
             # 1. recompute the chunk's states from its checkpoint
             for t in range(t0, t_end):
-                u_t = tl.load(u_ptr + row + t, mask=mask_d, other=0.0).to(ACC)
-                dt = tl.load(delta_ptr + row + t, mask=mask_d, other=0.0).to(ACC)
-                if HAS_BIAS:
-                    dt = dt + bias
-                if SOFTPLUS:
-                    dt = _softplus(dt)
-                B_t = tl.load(B_ptr + bc_row + t, mask=mask_n, other=0.0).to(ACC)
+                u_t, _, dt, B_t = _load_step(u_ptr, delta_ptr, B_ptr, row, bc_row, t, mask_d, mask_n, bias,
+                                             HAS_BIAS, SOFTPLUS, ACC)
                 h = tl.exp(dt[:, None] * A) * h + (dt * u_t)[:, None] * B_t[None, :]
                 tl.store(scr + (t - t0 + 1) * slot, h)
             tl.debug_barrier()
@@ -187,14 +183,8 @@ if triton is not None:
             for i in range(0, t_end - t0):
                 t = t_end - 1 - i
                 h_prev = tl.load(scr + (t - t0) * slot)
-                u_t = tl.load(u_ptr + row + t, mask=mask_d, other=0.0).to(ACC)
-                dt_raw = tl.load(delta_ptr + row + t, mask=mask_d, other=0.0).to(ACC)
-                if HAS_BIAS:
-                    dt_raw = dt_raw + bias
-                dt = dt_raw
-                if SOFTPLUS:
-                    dt = _softplus(dt_raw)
-                B_t = tl.load(B_ptr + bc_row + t, mask=mask_n, other=0.0).to(ACC)
+                u_t, dt_raw, dt, B_t = _load_step(u_ptr, delta_ptr, B_ptr, row, bc_row, t, mask_d, mask_n, bias,
+                                                  HAS_BIAS, SOFTPLUS, ACC)
                 C_t = tl.load(C_ptr + bc_row + t, mask=mask_n, other=0.0).to(ACC)
                 dy = tl.load(dout_ptr + row + t, mask=mask_d, other=0.0).to(ACC)  # d(out_t)
                 if HAS_Z:
