@@ -1,4 +1,4 @@
-"""ONNX export: the export scan against the reference, the graph at lengths it was not traced at,
+"""ONNX export: the chunked scan against the reference, its graph at lengths it was not traced at,
 parity of every registered tiny model in onnxruntime at two sizes and batches, the CLI, bad input."""
 
 import json
@@ -11,7 +11,7 @@ import medssm
 from medssm.cli import main
 from medssm.export import ExportParityError, export_onnx
 from medssm.export.onnx import ort_session, scan_backend
-from medssm.ssm import Mamba, selective_scan
+from medssm.ssm import Mamba, chunked, selective_scan
 
 pytest.importorskip("onnxruntime")
 pytest.importorskip("onnx")
@@ -25,9 +25,9 @@ TINY_CASES = {
 }
 
 
-@pytest.mark.parametrize("length", [1, 7, 8, 9, 100, 600])
+@pytest.mark.parametrize("length", [1, 15, 16, 17, 100, 600])
 @pytest.mark.parametrize("groups", [1, 4])
-def test_export_scan_matches_reference(length, groups):
+def test_chunked_scan_matches_reference(length, groups):
     g = torch.Generator().manual_seed(length)
     b, d, n = 2, 8, 4
     u, dt, z = (torch.randn(b, d, length, generator=g, dtype=torch.float64) for _ in range(3))
@@ -35,14 +35,17 @@ def test_export_scan_matches_reference(length, groups):
     B, C = (torch.randn(b, groups, n, length, generator=g, dtype=torch.float64) for _ in range(2))
     D, bias = torch.randn(d, generator=g, dtype=torch.float64), torch.randn(d, generator=g, dtype=torch.float64)
     ref, ref_last = selective_scan(u, dt, A, B, C, D, z, bias, True, True, backend="reference")
-    out, last = selective_scan(u, dt, A, B, C, D, z, bias, True, True, backend="export")
+    out, last = selective_scan(u, dt, A, B, C, D, z, bias, True, True, backend="chunked")
     torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(last, ref_last, rtol=1e-10, atol=1e-12)
 
 
-def test_scan_graph_is_right_at_lengths_it_was_not_traced_at(tmp_path):
-    """Traced at L=64, run at shorter, unaligned and far longer sequences (top level n > 1)."""
-    layer = Mamba(8, scan_backend="export").eval()
+@pytest.mark.parametrize("extra_levels", [chunked.EXTRA_LEVELS, 0])
+def test_scan_graph_is_right_at_lengths_it_was_not_traced_at(tmp_path, monkeypatch, extra_levels):
+    """Traced at L=64, run at shorter, unaligned and far longer sequences. Without extra levels the
+    graph's top level is left with several chunks at the longer lengths (its masked product)."""
+    monkeypatch.setattr(chunked, "EXTRA_LEVELS", extra_levels)
+    layer = Mamba(8, scan_backend="chunked").eval()
     with torch.no_grad():
         torch.onnx.export(layer, (torch.randn(1, 64, 8),), str(tmp_path / "m.onnx"), dynamo=False, opset_version=17,
                           input_names=["x"], dynamic_axes={"x": {0: "b", 1: "L"}})

@@ -10,23 +10,9 @@ only appears at its path once that check has passed.
 ``medssm export RUN_OR_MODEL --onnx out.onnx`` does the same from the command line
 (:class:`ExportConfig`, :func:`export_cli`).
 
-Why a scan of its own: the library's ``chunked`` scan picks its recursion depth and padding with
-Python arithmetic on the sequence length. A trace freezes those decisions at the example's
-length, so the graph is only right at that length. The export scan below (backend ``"export"``)
-has a structure that depends on nothing but a depth fixed at trace time:
-
-    level k (k < depth): pad to a multiple of 8 (the padding amount is a graph computation),
-    run the recurrence over the 8 steps of every chunk (unrolled), and hand the chunks'
-    (total decay, end state) pairs to level k + 1;
-    top level: ``h_i = sum_{j<=i} exp(c_i - c_j) x_j`` with ``c`` the cumulative log-decay, one
-    masked (n x n) product for any number n of remaining chunks.
-
-Every exponent is ``<= 0`` (decays ``delta * A`` with ``delta >= 0``, ``A < 0``), so nothing
-overflows at any length, and any sequence length is exact; the depth (what the traced length
-needs) only decides how large the top level's n x n product gets at longer sequences.
-
-The graph is written by PyTorch's TorchScript-based exporter (``dynamo=False``): the
-``torch.export`` path needs ``onnxscript`` and would meet the same length-dependent Python logic.
+The network is traced with the ``chunked`` scan (``medssm.ssm.chunked``): its graph holds at any
+sequence length and its memory is bounded by channel blocks. The graph is written by PyTorch's
+TorchScript-based exporter (``dynamo=False``); the ``torch.export`` path needs ``onnxscript``.
 """
 
 from __future__ import annotations
@@ -43,92 +29,19 @@ from typing import Sequence
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from ..files import atomic_path
 from ..nets.registry import create_model, list_models, load_model
-from ..ssm.scan import expand_groups, finish_output, prepare_delta, register_backend
 
-__all__ = ["ExportConfig", "ExportParityError", "ExportResult", "export_cli", "export_onnx", "export_scan",
-           "load_for_export", "onnx_parity", "size_rule"]
+__all__ = ["ExportConfig", "ExportParityError", "ExportResult", "export_cli", "export_onnx", "load_for_export",
+           "onnx_parity", "size_rule"]
 
-EXPORT_BACKEND = "export"
-CHUNK = 8
+EXPORT_BACKEND = "chunked"  # its traced graph holds at any length
 MIN_OPSET = 17
 
 
 class ExportParityError(RuntimeError):
     """onnxruntime's output differs from PyTorch's by more than the tolerance."""
-
-
-# ----------------------------------------------------------------------------------------------
-# The export scan: fixed structure, any length.
-
-
-def _levels_for(length: int) -> int:
-    """Chunk levels that bring ``length`` steps down to one chunk (at least one level)."""
-    levels = 1
-    while CHUNK ** levels < length:
-        levels += 1
-    return levels
-
-
-def _top_states(log_decay: torch.Tensor, x: torch.Tensor, n) -> torch.Tensor:
-    """All states of ``h_t = exp(a_t) h_{t-1} + x_t`` along dim -2 of (..., n, N) by one masked product."""
-    cum = log_decay.cumsum(-2)  # (..., n, N)
-    steps = torch.arange(n, device=cum.device)
-    causal = (steps[:, None] >= steps[None, :])[..., None]  # (n, n, 1): j <= i
-    diff = cum.unsqueeze(-2) - cum.unsqueeze(-3)  # (..., n_i, n_j, N): c_i - c_j
-    weights = torch.exp(torch.where(causal, diff, -math.inf))
-    return (weights * x.unsqueeze(-3)).sum(-2)  # (..., n, N)
-
-
-def _level_states(log_decay: torch.Tensor, x: torch.Tensor, depth: int, length) -> torch.Tensor:
-    """All states along dim -2 of (..., L, N): ``depth`` chunk levels, then :func:`_top_states`.
-
-    ``length`` (L) is passed down rather than read from the tensors: the exporter's shape inference
-    loses track of some intermediate sizes and would freeze them at the traced values.
-    """
-    if depth == 0:
-        return _top_states(log_decay, x, length)
-    # Pad to a multiple of CHUNK (padded steps: decay 1, input 0). F.pad would freeze a traced pad
-    # amount, so pad by a constant CHUNK and cut at the traced length (a dynamic Slice); the integer
-    # division has non-negative operands, so it exports exactly.
-    padded = (length + CHUNK - 1) // CHUNK * CHUNK
-    a = F.pad(log_decay, (0, 0, 0, CHUNK))[..., :padded, :].unflatten(-2, (-1, CHUNK))  # (..., chunks, CHUNK, N)
-    x = F.pad(x, (0, 0, 0, CHUNK))[..., :padded, :].unflatten(-2, (-1, CHUNK))
-    # Within each chunk, from a zero state: the recurrence unrolled over the CHUNK steps, on
-    # (..., chunks, 1, N) pieces (one Split and one Concat per level keep the graph small; no
-    # zeros_like, which the TorchScript exporter folds to a fixed shape).
-    decays, inputs = torch.exp(a).split(1, dim=-2), x.split(1, dim=-2)
-    h = inputs[0]
-    local = [h]
-    for t in range(1, CHUNK):
-        h = decays[t] * h + inputs[t]
-        local.append(h)
-    local, cum = torch.cat(local, -2), a.cumsum(-2)  # (..., chunks, CHUNK, N)
-    ends = _level_states(cum[..., -1, :], local[..., -1, :], depth - 1, padded // CHUNK)  # every chunk's true end state
-    carry_in = F.pad(ends[..., :-1, :], (0, 0, 1, 0))  # state entering each chunk: (..., chunks, N)
-    states = local + torch.exp(cum) * carry_in.unsqueeze(-2)
-    return states.flatten(-3, -2)[..., :length, :]
-
-
-@register_backend(EXPORT_BACKEND)
-def export_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state):
-    """Selective-scan backend with a length-independent graph (see the module docstring)."""
-    delta = prepare_delta(delta, delta_bias, delta_softplus)
-    batch, dim, length = u.shape
-    with warnings.catch_warnings():  # reading the traced length as a Python int only fixes the depth
-        warnings.simplefilter("ignore", torch.jit.TracerWarning)
-        depth = _levels_for(int(length))
-    B_rows = expand_groups(B, dim).transpose(-1, -2)  # (batch, dim, L, N)
-    C_rows = expand_groups(C, dim).transpose(-1, -2)
-    log_decay = delta.unsqueeze(-1) * A[:, None, :]  # (batch, dim, L, N)
-    states = _level_states(log_decay, (delta * u).unsqueeze(-1) * B_rows, depth, length)
-    out = finish_output((states * C_rows).sum(-1), u, D, z)  # (batch, dim, L)
-    if return_last_state:
-        return out, states[..., -1, :]
-    return out
 
 
 @contextlib.contextmanager

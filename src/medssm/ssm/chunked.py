@@ -1,74 +1,166 @@
-"""The ``chunked`` scan: pure PyTorch, any device, exports to ONNX.
+"""The ``chunked`` scan: pure PyTorch, any device, exports to ONNX for any sequence length.
 
-The recurrence ``h_t = exp(a_t) h_{t-1} + x_t`` (``a = delta * A``, ``x = delta * u * B``) is
-solved in chunks of ``CHUNK`` steps with cumulative log-decays ``c_t = a_0 + ... + a_t``::
+The recurrence ``h_t = exp(a_t) h_{t-1} + x_t`` (``a = delta * A``, ``x = delta * u * B``) is cut
+into chunks of ``CHUNK`` steps; within a chunk the steps are unrolled, each one elementwise op
+over all chunks at once:
 
-    h_t = exp(c_t - m) * (exp(m) h_in + sum_{s <= t} exp(m - c_s) x_s)
+1. every chunk's end state from a zero state;
+2. the chunks, as single steps (decay ``exp(A * sum of the chunk's delta)``, input its end state),
+   obey the same recurrence one level up: solved the same way, recursively, it gives the state
+   entering each chunk;
+3. every chunk again from that state: all states, and ``y_t = C_t . h_t``.
 
-one ``cumsum`` per chunk instead of a loop, ``m`` the value of ``c`` in the middle of the chunk. The
-chunks' end states obey the same recurrence one level up (decay = the chunk's total), so the
-same function solves it recursively: ``CHUNK`` steps, ``CHUNK**2`` at the next level, and so on.
+Every factor is a decay ``exp(delta * A) <= 1``: no exponent is positive, so nothing overflows at
+any step size or length, and no clamp is needed.
 
-Guard: ``exp(m - c_s)`` overflows once a chunk's range of ``c`` passes ~2 x 88 in float32. Each
-step's log-decay is clamped below at ``-K`` with ``CHUNK * K / 2`` inside that budget (also at the
-upper levels, where a "step" is a whole chunk). For the model's decays (``delta >= 0``, ``A < 0``)
-this is exact up to ``e^-K`` relative: two steps with a clamped step between them are more than
-``e^-K`` apart before and after the clamp. So the scan stays finite for any step size.
+Memory and speed: the channels are taken in blocks whose (CHUNK, block, N, batch, chunks) tensors
+hold ``BLOCK_ELEMENTS`` (on CPU 1 MiB in float32, so the ~10 passes over them stay in cache; 64 MiB
+elsewhere), and only the end states (1/CHUNK of a full-size tensor) exist for all channels at once.
+Under ``no_grad`` two buffers serve every block and step 3 recomputes the block's decays and
+inputs instead of keeping them; with autograd they are kept (autograd saves them anyway).
+
+Export: under tracing nothing depends on the sequence length L. Padding is by the constant
+``CHUNK`` then a slice at the traced ``ceil(L / CHUNK) * CHUNK`` (``F.pad`` with a computed amount
+would freeze it; the integer division has non-negative operands, so ONNX's truncating Div is
+exact). The recursion depth is fixed at trace time: what the traced length needs plus
+``EXTRA_LEVELS``; an input with more than ``CHUNK ** (depth + 1)`` steps leaves several chunks at
+the top level, solved by one masked product of ``exp(A (s_i - s_j))``, ``j <= i`` (``s`` the
+cumulative delta: rounding grows with ``s``, so export near the length you run). The block size
+is frozen at the traced length too: a longer input makes proportionally larger blocks.
 """
 
 from __future__ import annotations
+
+import warnings
 
 import torch
 import torch.nn.functional as F
 
 from .scan import finish_output, prepare_delta, register_backend
 
-CHUNK = 8
-# Lower bound on a step's log-decay: exponents stay within CHUNK * K / 2, which leaves e^16 (float32)
-# of headroom below the largest float for the state's own magnitude; e^-K is under the dtype's rounding.
-LOG_DECAY_BOUND = {torch.float32: 18.0, torch.float64: 40.0}
+CHUNK = 16
+EXTRA_LEVELS = 2  # under tracing: levels above what the traced length needs (up to CHUNK**2 times longer)
+BLOCK_ELEMENTS = {"cpu": 1 << 18}  # per block tensor; other devices: DEFAULT_BLOCK_ELEMENTS
+DEFAULT_BLOCK_ELEMENTS = 1 << 24
 
 
-def scan_states(log_decay: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """All states of ``h_t = exp(log_decay_t) h_{t-1} + x_t``, ``h_{-1} = 0``, along dim -2 of (..., L, N)."""
-    length = x.shape[-2]
-    chunks = (length + CHUNK - 1) // CHUNK  # not -(-a // b): ONNX's integer Div truncates
-    if chunks * CHUNK != length:
-        pad = (0, 0, 0, chunks * CHUNK - length)  # padded steps: decay 1, input 0
-        log_decay, x = F.pad(log_decay, pad), F.pad(x, pad)
-    bound = LOG_DECAY_BOUND[x.dtype]
-    log_decay = log_decay.clamp_min(-bound).unflatten(-2, (chunks, CHUNK))  # (..., chunks, CHUNK, N)
-    x = x.unflatten(-2, (chunks, CHUNK))
-    cum = log_decay.cumsum(-2)
-    # Any reference m gives the same h; c at step CHUNK/2 - 1 keeps every exponent within CHUNK/2 * K.
-    middle = cum.narrow(-2, CHUNK // 2 - 1, 1).detach()
-    inner = (torch.sub(middle, cum).exp_() * x).cumsum(-2)  # the chunk's sum, as if it started from 0
-    if chunks > 1:
-        local_ends = inner[..., -1, :] * torch.exp(cum[..., -1, :] - middle[..., 0, :])  # (..., chunks, N)
-        ends = scan_states(cum[..., -1, :], local_ends)
-        carry_in = F.pad(ends.narrow(-2, 0, chunks - 1), (0, 0, 1, 0))  # state entering each chunk
-        inner = inner + torch.exp(middle) * carry_in.unsqueeze(-2)
-    states = torch.sub(cum, middle).exp_() * inner
-    return states.flatten(-3, -2).narrow(-2, 0, length)
+def _to_chunks(v: torch.Tensor, padded) -> torch.Tensor:
+    """(..., L) -> (CHUNK, ..., padded / CHUNK), zero-padded: step ``c * CHUNK + t`` at ``[t, ..., c]``."""
+    if torch.jit.is_tracing() or v.shape[-1] != padded:
+        v = F.pad(v, (0, CHUNK))[..., :padded]
+    v = v.unflatten(-1, (-1, CHUNK))
+    return v.permute(v.dim() - 1, *range(v.dim() - 1)).contiguous()  # not movedim: exported with axis -1
+
+
+def _ends(e: torch.Tensor, x: torch.Tensor, inplace: bool) -> torch.Tensor:
+    """End state of every chunk from a zero state; ``e``, ``x``: (CHUNK, ..., chunks)."""
+    es, xs = e.unbind(0), x.unbind(0)
+    h = xs[0].clone() if inplace else xs[0]
+    for t in range(1, CHUNK):
+        h = torch.addcmul(xs[t], es[t], h, out=h) if inplace else torch.addcmul(xs[t], es[t], h)
+    return h
+
+
+def _states(e: torch.Tensor, x: torch.Tensor, carry: torch.Tensor | None, inplace: bool) -> torch.Tensor:
+    """All states of the chunks, each entered with ``carry`` (None: zero); written over ``x`` if ``inplace``."""
+    es, xs = e.unbind(0), x.unbind(0)
+    if inplace:
+        if carry is not None:
+            torch.addcmul(xs[0], es[0], carry, out=xs[0])
+        for t in range(1, CHUNK):
+            torch.addcmul(xs[t], es[t], xs[t - 1], out=xs[t])
+        return x
+    hs = [xs[0] if carry is None else torch.addcmul(xs[0], es[0], carry)]
+    for t in range(1, CHUNK):
+        hs.append(torch.addcmul(xs[t], es[t], hs[-1]))
+    return torch.stack(hs)
+
+
+def _carries(dt_sum: torch.Tensor, ends: torch.Tensor, A: torch.Tensor, n, depth: int, inplace: bool):
+    """The state entering each of the ``n`` chunks (None: all zero), from each chunk's summed delta
+    (..., 1, ..., n) and end state from zero (..., N, ..., n); ``depth`` levels of chunks, then one
+    masked product. ``n`` is passed, not read from the tensors: under tracing the exporter's shape
+    inference loses track of some sizes and would freeze them at the traced values."""
+    if not torch.jit.is_tracing() and n == 1:
+        return None
+    if depth == 0:
+        s = dt_sum.cumsum(-1)
+        steps = torch.arange(n, device=s.device)
+        causal = steps[:, None] >= steps[None, :]
+        log_decay = (s.unsqueeze(-1) - s.unsqueeze(-2)) * A.unsqueeze(-1)  # (..., n_i, n_j)
+        states = (torch.exp(torch.where(causal, log_decay, -torch.inf)) * ends.unsqueeze(-2)).sum(-1)
+    else:
+        padded = (n + CHUNK - 1) // CHUNK * CHUNK
+        dts, xs = _to_chunks(dt_sum, padded), _to_chunks(ends, padded)
+        e = torch.exp(dts * A)
+        carry = _carries(dts.sum(0), _ends(e, xs, inplace), A, padded // CHUNK, depth - 1, inplace)
+        states = _states(e, xs, carry, inplace)
+        states = states.permute(*range(1, states.dim()), 0).flatten(-2)[..., :n]
+    return F.pad(states[..., :-1], (1, 0))  # chunk c is entered with chunk c-1's end state
+
+
+def _depth(length: int) -> int:
+    """Levels of chunks above the first that leave a single chunk of ``length`` steps."""
+    depth, span = 0, CHUNK
+    while span < length:
+        depth, span = depth + 1, span * CHUNK
+    return depth
 
 
 @register_backend("chunked")
 def chunked_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state):
-    """Chunked cumulative-log-decay scan; see the module docstring."""
+    """Chunked scan in channel blocks; see the module docstring."""
     delta = prepare_delta(delta, delta_bias, delta_softplus)
     batch, dim, length = u.shape
     groups, n_state = B.shape[1], B.shape[2]
-    padded = (length + CHUNK - 1) // CHUNK * CHUNK
-    pad = padded - length  # pad the small inputs here so no (.., L, N) tensor is padded below
-    dt = F.pad(delta, (0, pad)).view(batch, groups, dim // groups, padded, 1)
-    u_ = F.pad(u, (0, pad)).view(batch, groups, dim // groups, padded, 1)
-    # (batch, G, 1, L, N): one state-sized row per step, shared by the group's channels
-    B_rows = F.pad(B, (0, pad)).transpose(-1, -2).contiguous().unsqueeze(2)
-    C_rows = F.pad(C, (0, pad)).transpose(-1, -2).contiguous().unsqueeze(2)
-    log_decay = dt * A.view(groups, dim // groups, 1, n_state)  # (batch, G, dim/G, L, N)
-    states = scan_states(log_decay, (dt * u_) * B_rows)
-    y = (states * C_rows).sum(-1).reshape(batch, dim, padded).narrow(-1, 0, length)
-    out = finish_output(y, u, D, z)
+    per_group = dim // groups
+    tracing = torch.jit.is_tracing()
+    with warnings.catch_warnings():  # under tracing the sizes read here only fix the depth and block size
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        traced_batch, traced_length = int(batch), int(length)
+    depth = _depth(traced_length) + (EXTRA_LEVELS if tracing else 0)
+    budget = BLOCK_ELEMENTS.get(u.device.type, DEFAULT_BLOCK_ELEMENTS)
+    block = max(1, min(per_group, budget // (traced_batch * n_state * (traced_length + CHUNK))))
+    keep = torch.is_grad_enabled() and any(t.requires_grad for t in (u, delta, A, B, C))
+    inplace = not (keep or tracing)
+
+    padded = (length + CHUNK - 1) // CHUNK * CHUNK  # not -(-a // b): ONNX's integer Div truncates
+    dt = _to_chunks(delta.transpose(0, 1), padded).unsqueeze(2)  # (T, dim, 1, batch, chunks)
+    dtu = _to_chunks((delta * u).transpose(0, 1), padded).unsqueeze(2)
+    B, C = (_to_chunks(t.permute(1, 2, 0, 3), padded) for t in (B, C))  # (T, G, N, batch, chunks)
+    A = A[:, :, None, None]  # (dim, N, 1, 1)
+    blocks = [(c0, min(c0 + block, (g + 1) * per_group), g)
+              for g in range(groups) for c0 in range(g * per_group, (g + 1) * per_group, block)]
+    if inplace:
+        e_buf = u.new_empty(CHUNK, block, n_state, batch, dt.shape[-1])
+        x_buf, y = torch.empty_like(e_buf), u.new_empty(CHUNK, dim, batch, dt.shape[-1])
+
+    def decays_and_inputs(c0, c1, g):  # (T, block, N, batch, chunks) each
+        if inplace:
+            e = torch.mul(dt[:, c0:c1], A[c0:c1], out=e_buf[:, :c1 - c0]).exp_()
+            return e, torch.mul(dtu[:, c0:c1], B[:, g:g + 1], out=x_buf[:, :c1 - c0])
+        return torch.exp(dt[:, c0:c1] * A[c0:c1]), dtu[:, c0:c1] * B[:, g:g + 1]
+
+    kept, ends = [], []
+    for c0, c1, g in blocks:
+        e, x = decays_and_inputs(c0, c1, g)
+        ends.append(_ends(e, x, inplace))
+        kept.append((e, x) if keep else None)
+    ends = torch.cat(ends) if len(ends) > 1 else ends[0]  # (dim, N, batch, chunks)
+    carries = _carries(dt.sum(0), ends, A, padded // CHUNK, depth, inplace)
+    ys, lasts = [], []
+    for (c0, c1, g), pair in zip(blocks, kept):
+        e, x = pair or decays_and_inputs(c0, c1, g)
+        h = _states(e, x, None if carries is None else carries[c0:c1], inplace)
+        if return_last_state:  # the padded steps (decay 1, input 0) keep the last state
+            lasts.append(h[-1, ..., -1].clone())
+        if inplace:
+            torch.sum(h.mul_(C[:, g:g + 1]), 2, out=y[:, c0:c1])
+        else:
+            ys.append((h * C[:, g:g + 1]).sum(2))
+    if not inplace:
+        y = torch.cat(ys, 1) if len(ys) > 1 else ys[0]  # (T, dim, batch, chunks)
+    out = finish_output(y.permute(2, 1, 3, 0).flatten(-2)[..., :length], u, D, z)
     if return_last_state:
-        return out, states.select(-2, length - 1).reshape(batch, dim, n_state)
+        return out, torch.cat(lasts).permute(2, 0, 1)
     return out
