@@ -36,6 +36,8 @@ if "NUMBA_THREADING_LAYER" not in os.environ:
     numba.config.THREADING_LAYER = "workqueue"
 
 CHECKPOINT = 64
+BLOCKS = (64, 32, 16)  # channels per block, largest first (see _block_width)
+BLOCK = BLOCKS[0]  # the buffers' row length: a constant stride lets LLVM tell rows apart
 # Reassociation lets LLVM vectorise the sums over N; no "nnan"/"ninf", so inf and NaN propagate.
 _FASTMATH = {"reassoc", "contract", "nsz", "arcp"}
 
@@ -148,150 +150,285 @@ def _sigmoid_overload(x):
     return lambda x: 1.0 / (1.0 + math.exp(-x))
 
 
+def _one(array):
+    """A one of ``array``'s dtype (a Python ``1.0`` would make float32 arithmetic float64)."""
+    raise NotImplementedError
+
+
+@overload(_one)
+def _one_overload(array):
+    if array.dtype == types.float32:
+        return lambda array: np.float32(1.0)
+    return lambda array: np.float64(1.0)
+
+
 @njit(inline="always")
-def _prepare_delta(delta, bias, softplus, b, d, dt, dt_grad):
-    """dt[t] = softplus(delta + bias) (or without softplus) for one row; dt_grad[t] its derivative."""
-    bias_d = bias[d]
-    if softplus:
-        for t in range(dt.shape[0]):
-            v = delta[b, d, t] + bias_d
-            dt[t] = _softplus(v)
-        if dt_grad.shape[0] > 0:
-            for t in range(dt.shape[0]):
-                dt_grad[t] = _softplus_grad(delta[b, d, t] + bias_d)
-    else:
-        for t in range(dt.shape[0]):
-            dt[t] = delta[b, d, t] + bias_d
-        for t in range(dt_grad.shape[0]):
-            dt_grad[t] = 1.0
+def _block_of(blk, groups, per_block, per_group, lanes):
+    """(batch index, group, first channel, channels) of block ``blk``: up to ``lanes`` consecutive
+    channels of one batch element and one group, so they share their B and C rows."""
+    b = blk // (groups * per_block)
+    g = (blk // per_block) % groups
+    first = g * per_group + (blk % per_block) * lanes
+    return b, g, first, min(lanes, (g + 1) * per_group - first)
 
 
-@njit(parallel=True, cache=True, fastmath=_FASTMATH)
+@njit(inline="always")
+def _to_steps(rows, steps, lanes, out):
+    """out[j, c] = rows[c, j]: a chunk of per-channel rows to the time-major layout of the scan."""
+    for j in range(steps):
+        for c in range(lanes):
+            out[j, c] = rows[c, j]
+
+
+@njit(inline="always")
+def _load_steps(delta, bias, softplus, u, b, first, width, lanes, start, steps, rows, dt, dt_grad, ub):
+    """Steps ``start .. start + steps`` of the block's channels, time-major ``(step, channel)``:
+    dt = softplus(delta + bias) (or without softplus), its derivative (when ``dt_grad`` has rows)
+    and u. Each is computed row by row (contiguous, vectorised over steps) into ``rows``, then
+    transposed; rows past ``width`` stay 0, so padding channels keep h = 0 and add nothing to the
+    B, C gradients. (Gathering across channels directly left the loops scalar: LLVM cannot bound
+    a clamped index for its alias checks.)"""
+    one = _one(u)
+    for c in range(width):
+        ch = first + c
+        bias_c = bias[ch]
+        src, dst = delta[b, ch, start:start + steps], rows[c]  # views: affine, contiguous indexing
+        if softplus:
+            for j in range(steps):
+                dst[j] = _softplus(src[j] + bias_c)
+        else:
+            for j in range(steps):
+                dst[j] = src[j] + bias_c
+    _to_steps(rows, steps, lanes, dt)
+    if dt_grad.shape[0] > 0:
+        for c in range(width):
+            ch = first + c
+            bias_c = bias[ch]
+            src, dst = delta[b, ch, start:start + steps], rows[c]
+            if softplus:
+                for j in range(steps):
+                    dst[j] = _softplus_grad(src[j] + bias_c)
+            else:
+                for j in range(steps):
+                    dst[j] = one
+        _to_steps(rows, steps, lanes, dt_grad)
+    for c in range(width):
+        ch = first + c
+        src, dst = u[b, ch, start:start + steps], rows[c]
+        for j in range(steps):
+            dst[j] = src[j]
+    _to_steps(rows, steps, lanes, ub)
+
+
+@njit(parallel=True, cache=True, fastmath=_FASTMATH, error_model="numpy")
 def _forward_kernel(u, delta, bias, softplus, A, B, C, D, z, gate, out, checkpoints, last):
     """u, delta, z, out: (batch, dim, L); A: (dim, N); B, C: (batch, G, L, N); bias, D: (dim,);
-    checkpoints: (batch, dim, chunks, N). out = (C.h + D u) * silu(z) (no gate unless ``gate``)."""
+    checkpoints: (blocks, chunks, N, lanes);
+    last: (batch, dim, N). out = (C.h + D u) * silu(z) (no gate unless ``gate``)."""
     batch, dim, length = u.shape
     n_state = A.shape[1]
-    per_group = dim // B.shape[1]
-    for row in prange(batch * dim):
-        b, d = row // dim, row % dim
-        g = d // per_group
-        dt = np.empty(length, dtype=u.dtype)
-        _prepare_delta(delta, bias, softplus, b, d, dt, dt[:0])
-        D_d = D[d]
-        h = np.zeros(n_state, dtype=u.dtype)
-        for t in range(length):
-            if t % CHECKPOINT == 0:
-                checkpoints[b, d, t // CHECKPOINT] = h
-            dt_t = dt[t]
-            u_t = u[b, d, t]
-            x_t = dt_t * u_t
-            acc = _zero(out)
-            for n in range(n_state):  # full indices, no row views: a view costs a refcount per step
-                h_n = _exp(dt_t * A[d, n]) * h[n] + x_t * B[b, g, t, n]
-                h[n] = h_n
-                acc += h_n * C[b, g, t, n]
-            out[b, d, t] = acc + D_d * u_t
-        if gate:
-            for t in range(length):
-                z_t = z[b, d, t]
-                out[b, d, t] = out[b, d, t] * (z_t * _sigmoid(z_t))
-        last[b, d] = h
+    groups = B.shape[1]
+    per_group = dim // groups
+    lanes = checkpoints.shape[3]  # channels per block (a run-time trip count: a constant is unrolled)
+    per_block = -(-per_group // lanes)
+    for blk in prange(batch * groups * per_block):
+        b, g, first, width = _block_of(blk, groups, per_block, per_group, lanes)
+        h = np.zeros((n_state, BLOCK), dtype=u.dtype)  # channels innermost: one vector per state
+        A_blk = np.zeros((n_state, BLOCK), dtype=u.dtype)
+        D_blk = np.zeros(BLOCK, dtype=u.dtype)
+        for c in range(width):
+            D_blk[c] = D[first + c]
+            for n in range(n_state):
+                A_blk[n, c] = A[first + c, n]
+        rows = np.zeros((BLOCK, CHECKPOINT), dtype=u.dtype)  # rows past width: padding, 0
+        dt = np.empty((CHECKPOINT, BLOCK), dtype=u.dtype)
+        ub = np.empty((CHECKPOINT, BLOCK), dtype=u.dtype)
+        x = np.empty((CHECKPOINT, BLOCK), dtype=u.dtype)
+        y = np.empty((CHECKPOINT, BLOCK), dtype=u.dtype)
+        for chunk in range(-(-length // CHECKPOINT)):
+            start = chunk * CHECKPOINT
+            steps = min(CHECKPOINT, length - start)
+            for n in range(n_state):
+                for c in range(lanes):
+                    checkpoints[blk, chunk, n, c] = h[n, c]
+            _load_steps(delta, bias, softplus, u, b, first, width, lanes, start, steps, rows, dt, dt[:0], ub)
+            for j in range(steps):
+                for c in range(lanes):
+                    x[j, c] = dt[j, c] * ub[j, c]
+            for j in range(steps):
+                for c in range(lanes):
+                    y[j, c] = D_blk[c] * ub[j, c]
+            for j in range(steps):
+                t = start + j
+                for n in range(n_state):  # B[t, n], C[t, n]: one scalar for all the block's channels
+                    B_tn, C_tn = B[b, g, t, n], C[b, g, t, n]
+                    for c in range(lanes):
+                        h_n = _exp(dt[j, c] * A_blk[n, c]) * h[n, c] + x[j, c] * B_tn
+                        h[n, c] = h_n
+                        y[j, c] += h_n * C_tn
+            for c in range(width):  # back to (batch, dim, L): contiguous over steps
+                ch = first + c
+                dst = out[b, ch, start:start + steps]
+                if gate:
+                    z_row = z[b, ch, start:start + steps]
+                    for j in range(steps):
+                        z_t = z_row[j]
+                        dst[j] = y[j, c] * (z_t * _sigmoid(z_t))
+                else:
+                    for j in range(steps):
+                        dst[j] = y[j, c]
+        for c in range(width):
+            for n in range(n_state):
+                last[b, first + c, n] = h[n, c]
 
 
-@njit(parallel=True, cache=True, fastmath=_FASTMATH)
+@njit(parallel=True, cache=True, fastmath=_FASTMATH, error_model="numpy")
 def _backward_kernel(u, delta, bias, softplus, A, B, C, D, z, gate, checkpoints, dout, dlast,
                      du, ddelta, dz, dA_parts, dB_parts, dC_parts, dD_parts, dbias_parts):
-    """Gradients w.r.t. u, delta, z (full) and A, B, C, D, bias (one partial sum per worker).
-
-    Every inner loop over N writes one array only: with several written arrays LLVM cannot rule
-    out aliasing cheaply and leaves the loop scalar."""
+    """Gradients w.r.t. u, delta, z (full) and A, B, C, D, bias (one partial sum per worker: the
+    batch elements of a channel, and the channels of a group, span several blocks)."""
     batch, dim, length = u.shape
     n_state = A.shape[1]
-    per_group = dim // B.shape[1]
-    workers = dA_parts.shape[0]
-    rows_per_worker = -(-batch * dim // workers)
+    groups = B.shape[1]
+    per_group = dim // groups
+    lanes = checkpoints.shape[3]
+    per_block = -(-per_group // lanes)
+    n_blocks = batch * groups * per_block
+    workers = dB_parts.shape[0]
+    blocks_per_worker = -(-n_blocks // workers)
     for w in prange(workers):
-        states = np.empty((CHECKPOINT + 1, n_state), dtype=u.dtype)  # h_{t-1} for the chunk's steps
-        decays = np.empty((CHECKPOINT + 1, n_state), dtype=u.dtype)
-        grads = np.empty((CHECKPOINT + 1, n_state), dtype=u.dtype)  # dLoss/dh_t
-        carry = np.empty(n_state, dtype=u.dtype)  # dLoss/dh at the chunk's end from later steps
-        dA_row = np.empty(n_state, dtype=u.dtype)
-        dt = np.empty(length, dtype=u.dtype)
-        dt_grad = np.empty(length, dtype=u.dtype)
-        dy = np.empty(length, dtype=u.dtype)  # dLoss/dy before the gate
-        for row in range(w * rows_per_worker, min((w + 1) * rows_per_worker, batch * dim)):
-            b, d = row // dim, row % dim
-            g = d // per_group
-            _prepare_delta(delta, bias, softplus, b, d, dt, dt_grad)
-            if gate:
-                for t in range(length):
-                    z_t, go = z[b, d, t], dout[b, d, t]
-                    s = _sigmoid(z_t)
-                    dy[t] = go * (z_t * s)
-                    dz[b, d, t] = go * (s * (1.0 + z_t * (1.0 - s)))  # times y_t, below
-            else:
-                for t in range(length):
-                    dy[t] = dout[b, d, t]
-            D_d = D[d]
-            dD_acc = _zero(u)
-            dbias_acc = _zero(u)
+        zero, one = _zero(u), _one(u)
+        states = np.empty((CHECKPOINT + 1, n_state, BLOCK), dtype=u.dtype)  # h_{t-1} for the chunk's steps
+        decays = np.empty((CHECKPOINT + 1, n_state, BLOCK), dtype=u.dtype)
+        grad = np.empty((n_state, BLOCK), dtype=u.dtype)  # dLoss/dh_t
+        A_blk = np.empty((n_state, BLOCK), dtype=u.dtype)
+        dA_blk = np.empty((n_state, BLOCK), dtype=u.dtype)
+        D_blk = np.empty(BLOCK, dtype=u.dtype)
+        rows = np.empty((BLOCK, CHECKPOINT), dtype=u.dtype)
+        dt = np.empty((CHECKPOINT, BLOCK), dtype=u.dtype)
+        dt_grad = np.empty((CHECKPOINT, BLOCK), dtype=u.dtype)
+        ub = np.empty((CHECKPOINT, BLOCK), dtype=u.dtype)
+        x = np.empty((CHECKPOINT, BLOCK), dtype=u.dtype)
+        dy = np.empty((CHECKPOINT, BLOCK), dtype=u.dtype)  # dLoss/dy before the gate
+        y = np.empty((CHECKPOINT, BLOCK), dtype=u.dtype)  # y before the gate (for dz)
+        sum_a = np.empty((CHECKPOINT, BLOCK), dtype=u.dtype)  # sum_n dLoss/d(dt A_n) A_n
+        sum_b = np.empty((CHECKPOINT, BLOCK), dtype=u.dtype)  # sum_n dLoss/dh_n B_n
+        dD_blk = np.empty(BLOCK, dtype=u.dtype)
+        dbias_blk = np.empty(BLOCK, dtype=u.dtype)
+        for blk in range(w * blocks_per_worker, min((w + 1) * blocks_per_worker, n_blocks)):
+            b, g, first, width = _block_of(blk, groups, per_block, per_group, lanes)
             for n in range(n_state):
-                carry[n] = dlast[b, d, n]
-                dA_row[n] = 0.0
+                for c in range(lanes):
+                    A_blk[n, c] = zero
+                    dA_blk[n, c] = zero
+                    grad[n, c] = zero
+            for c in range(width):
+                for n in range(n_state):
+                    A_blk[n, c] = A[first + c, n]
+                    grad[n, c] = dlast[b, first + c, n]
+            for c in range(lanes):
+                D_blk[c] = D[first + c] if c < width else zero
+                dD_blk[c] = zero
+                dbias_blk[c] = zero
+            for c in range(width, lanes):
+                for j in range(CHECKPOINT):
+                    rows[c, j] = zero
             for chunk in range((length - 1) // CHECKPOINT, -1, -1):
                 start = chunk * CHECKPOINT
                 steps = min(start + CHECKPOINT, length) - start
-                for n in range(n_state):
-                    states[0, n] = checkpoints[b, d, chunk, n]
+                _load_steps(delta, bias, softplus, u, b, first, width, lanes, start, steps, rows, dt, dt_grad,
+                            ub)
                 for j in range(steps):
-                    t = start + j
-                    dt_t = dt[t]
-                    x_t = dt_t * u[b, d, t]
-                    for n in range(n_state):
-                        decays[j, n] = _exp(dt_t * A[d, n])
-                    for n in range(n_state):
-                        states[j + 1, n] = decays[j, n] * states[j, n] + x_t * B[b, g, t, n]
+                    for c in range(lanes):
+                        x[j, c] = dt[j, c] * ub[j, c]
+                for c in range(width):
+                    ch = first + c
+                    go, dst = dout[b, ch, start:start + steps], rows[c]
                     if gate:
-                        y_t = _zero(u)
-                        for n in range(n_state):
-                            y_t += states[j + 1, n] * C[b, g, t, n]
-                        dz[b, d, t] *= y_t + D_d * u[b, d, t]
+                        z_row = z[b, ch, start:start + steps]
+                        for j in range(steps):
+                            z_t = z_row[j]
+                            dst[j] = go[j] * (z_t * _sigmoid(z_t))
+                    else:
+                        for j in range(steps):
+                            dst[j] = go[j]
+                _to_steps(rows, steps, lanes, dy)
                 for n in range(n_state):
-                    grads[steps, n] = carry[n]
-                    decays[steps, n] = 1.0
-                for j in range(steps - 1, -1, -1):
+                    for c in range(lanes):
+                        states[0, n, c] = checkpoints[blk, chunk, n, c]
+                for j in range(steps):  # recompute the chunk's decays, states and y
                     t = start + j
-                    dy_t = dy[t]
+                    for c in range(lanes):
+                        y[j, c] = D_blk[c] * ub[j, c]
                     for n in range(n_state):
-                        grads[j, n] = grads[j + 1, n] * decays[j + 1, n] + dy_t * C[b, g, t, n]
+                        B_tn, C_tn = B[b, g, t, n], C[b, g, t, n]
+                        for c in range(lanes):
+                            decay = _exp(dt[j, c] * A_blk[n, c])
+                            decays[j, n, c] = decay
+                            h_n = decay * states[j, n, c] + x[j, c] * B_tn
+                            states[j + 1, n, c] = h_n
+                            y[j, c] += h_n * C_tn
+                if gate:  # dz = dLoss/dout * silu'(z) * y
+                    for c in range(width):
+                        ch = first + c
+                        go, z_row = dout[b, ch, start:start + steps], z[b, ch, start:start + steps]
+                        dst = dz[b, ch, start:start + steps]
+                        for j in range(steps):
+                            z_t = z_row[j]
+                            s = _sigmoid(z_t)
+                            dst[j] = go[j] * (s * (one + z_t * (one - s))) * y[j, c]
                 for n in range(n_state):
-                    carry[n] = grads[0, n] * decays[0, n]
+                    for c in range(lanes):
+                        decays[steps, n, c] = one
+                for j in range(steps - 1, -1, -1):  # the adjoint recurrence, back through the chunk
+                    t = start + j
+                    for c in range(lanes):
+                        sum_a[j, c] = zero
+                        sum_b[j, c] = zero
+                    for n in range(n_state):
+                        B_tn, C_tn = B[b, g, t, n], C[b, g, t, n]
+                        for c in range(lanes):
+                            grad_h = grad[n, c] * decays[j + 1, n, c] + dy[j, c] * C_tn
+                            grad[n, c] = grad_h
+                            grad_log = grad_h * decays[j, n, c] * states[j, n, c]  # dLoss/d(dt A_n)
+                            dA_blk[n, c] += grad_log * dt[j, c]
+                            sum_a[j, c] += grad_log * A_blk[n, c]
+                            sum_b[j, c] += grad_h * B_tn
+                    for n in range(n_state):  # sums over the block's channels: one per (t, n)
+                        acc = zero
+                        for c in range(lanes):
+                            acc += grad[n, c] * x[j, c]
+                        dB_parts[w, b, g, t, n] += acc
+                    for n in range(n_state):
+                        acc = zero
+                        for c in range(lanes):
+                            acc += dy[j, c] * states[j + 1, n, c]
+                        dC_parts[w, b, g, t, n] += acc
+                for n in range(n_state):
+                    for c in range(lanes):
+                        grad[n, c] = grad[n, c] * decays[0, n, c]  # carried into the chunk before
                 for j in range(steps):
-                    t = start + j
-                    dt_t, u_t, dy_t = dt[t], u[b, d, t], dy[t]
-                    x_t = dt_t * u_t
-                    grad_b_sum = _zero(u)
-                    grad_a_sum = _zero(u)
-                    for n in range(n_state):
-                        grad_h = grads[j, n]
-                        grad_log_decay = grad_h * decays[j, n] * states[j, n]  # dLoss/d(dt_t * A_n)
-                        grad_b_sum += grad_h * B[b, g, t, n]
-                        grad_a_sum += grad_log_decay * A[d, n]
-                        dA_row[n] += grad_log_decay * dt_t
-                    for n in range(n_state):
-                        dB_parts[w, b, g, t, n] += grads[j, n] * x_t
-                    for n in range(n_state):
-                        dC_parts[w, b, g, t, n] += dy_t * states[j + 1, n]
-                    du[b, d, t] = grad_b_sum * dt_t + dy_t * D_d
-                    grad_delta = (grad_a_sum + grad_b_sum * u_t) * dt_grad[t]
-                    ddelta[b, d, t] = grad_delta
-                    dbias_acc += grad_delta
-                    dD_acc += dy_t * u_t
-            for n in range(n_state):
-                dA_parts[w, d, n] += dA_row[n]
-            dD_parts[w, d] += dD_acc
-            dbias_parts[w, d] += dbias_acc
+                    for c in range(lanes):
+                        dD_blk[c] += dy[j, c] * ub[j, c]
+                for j in range(steps):
+                    for c in range(lanes):
+                        sum_a[j, c] = (sum_a[j, c] + sum_b[j, c] * ub[j, c]) * dt_grad[j, c]  # ddelta
+                for j in range(steps):
+                    for c in range(lanes):
+                        dbias_blk[c] += sum_a[j, c]
+                for c in range(width):
+                    dst = ddelta[b, first + c, start:start + steps]
+                    for j in range(steps):
+                        dst[j] = sum_a[j, c]
+                for c in range(width):
+                    dst = du[b, first + c, start:start + steps]
+                    for j in range(steps):
+                        dst[j] = sum_b[j, c] * dt[j, c] + dy[j, c] * D_blk[c]
+            for c in range(width):
+                dD_parts[w, first + c] += dD_blk[c]
+                dbias_parts[w, first + c] += dbias_blk[c]
+                for n in range(n_state):
+                    dA_parts[w, first + c, n] += dA_blk[n, c]
 
 
 # LLVM's cost model vectorises the loops over N 8 wide and interleaves 4 times: 32 states per
@@ -300,7 +437,9 @@ def _backward_kernel(u, delta, bias, softplus, A, B, C, D, z, gate, checkpoints,
 # makes the forward 1.25x and the backward 1.4x faster. These are process-wide LLVM options, so
 # they are set only while the kernels compile (first call per dtype; a cache load does not
 # compile) and reset to their defaults (0: cost model decides) right after.
-_VECTOR_OPTIONS = ("-force-vector-width=16", "-force-vector-interleave=1")
+_VECTOR_OPTIONS = ("-force-vector-width=16", "-force-vector-interleave=1", "-unroll-threshold=2000",
+                   "-vectorize-memory-check-threshold=1000")
+_OPTION_DEFAULTS = {"-unroll-threshold": "300", "-vectorize-memory-check-threshold": "128"}
 _compiled: set[tuple[str, torch.dtype]] = set()
 
 
@@ -321,7 +460,8 @@ def _compiling(kernel: str, dtype: torch.dtype):
             yield
         finally:
             for option in _VECTOR_OPTIONS:
-                llvm.set_option("", option.split("=")[0] + "=0")
+                name = option.split("=")[0]
+                llvm.set_option("", f"{name}={_OPTION_DEFAULTS.get(name, '0')}")
             sys.stderr.flush()
             os.dup2(saved_fd, 2)
             os.close(saved_fd)
@@ -331,6 +471,17 @@ def _compiling(kernel: str, dtype: torch.dtype):
             if other:
                 sys.stderr.write("".join(other))
         _compiled.add((kernel, dtype))
+
+
+def _block_width(batch: int, groups: int, per_group: int) -> int:
+    """Channels per block: the widest of BLOCKS that divides a group's channels and still leaves
+    every numba thread a block (wider blocks amortise each inner loop's set-up and the sums over
+    channels of the B and C gradients); 16 otherwise, padding the last block of each group."""
+    threads = numba.get_num_threads()
+    for lanes in BLOCKS:
+        if per_group % lanes == 0 and batch * groups * (per_group // lanes) >= threads:
+            return lanes
+    return BLOCKS[-1]
 
 
 def _np(t: torch.Tensor) -> np.ndarray:
@@ -350,7 +501,10 @@ class FusedScan(torch.autograd.Function):
         B_rows = B.transpose(-1, -2).contiguous()  # (batch, G, L, N): one state vector per step
         C_rows = C.transpose(-1, -2).contiguous()
         out = u.new_empty(batch, dim, length)
-        checkpoints = u.new_empty(batch, dim, -(-length // CHECKPOINT), A.shape[1])
+        groups = B.shape[1]
+        lanes = _block_width(batch, groups, dim // groups)
+        blocks = batch * groups * -(-(dim // groups) // lanes)
+        checkpoints = u.new_empty(blocks, -(-length // CHECKPOINT), B_rows.shape[-1], lanes)
         last = u.new_empty(batch, dim, A.shape[1])
         with _compiling("forward", u.dtype):
             _forward_kernel(_np(u), _np(delta), _np(bias), bool(softplus), _np(A), _np(B_rows), _np(C_rows),
@@ -367,10 +521,10 @@ class FusedScan(torch.autograd.Function):
         du, ddelta = torch.empty_like(u), torch.empty_like(u)
         dz = torch.empty_like(u) if gate else u.new_empty(1, 1, 1)
         dA_parts = A.new_zeros(workers, *A.shape)
-        dB_parts = B_rows.new_zeros(workers, *B_rows.shape)
-        dC_parts = C_rows.new_zeros(workers, *C_rows.shape)
         dD_parts = u.new_zeros(workers, u.shape[1])
         dbias_parts = u.new_zeros(workers, u.shape[1])
+        dB_parts = B_rows.new_zeros(workers, *B_rows.shape)
+        dC_parts = C_rows.new_zeros(workers, *C_rows.shape)
         with _compiling("backward", u.dtype):
             _backward_kernel(_np(u), _np(delta), _np(bias), softplus, _np(A), _np(B_rows), _np(C_rows),
                              _np(D_), _np(z_), gate, _np(checkpoints), _np(dout), _np(dlast),
