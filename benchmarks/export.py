@@ -1,5 +1,5 @@
 """ONNX export of every registered model at its full size: export time, parity, and CPU latency of
-onnxruntime against PyTorch (forward, batch 1, no gradients).
+onnxruntime against PyTorch (forward, batch 1, no gradients), and the case's peak memory.
 
 Each model runs in its own subprocess (clean memory, fixed thread count): it is exported with
 ``medssm.export.export_onnx`` (dynamic batch and spatial size, parity checked at the export size
@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import subprocess
 import sys
 import tempfile
@@ -66,7 +67,8 @@ def run_case(name: str, kwargs: dict, size: tuple[int, ...], repeats: int) -> di
         t_ort = median_seconds(lambda: session.run(None, {"input": x.numpy()}), repeats)
     return {"model": name, "input": list(result.input_shape), "params": sum(p.numel() for p in model.parameters()),
             "export_s": result.seconds, "onnx_mb": size_mb, "rel_error": result.rel_error,
-            "checked": [list(c["shape"]) for c in result.checks], "torch_ms": 1e3 * t_torch, "ort_ms": 1e3 * t_ort}
+            "checked": [list(c["shape"]) for c in result.checks], "torch_ms": 1e3 * t_torch, "ort_ms": 1e3 * t_ort,
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}  # export, checks and timing
 
 
 def main() -> int:
@@ -107,7 +109,7 @@ def main() -> int:
         rows.append(json.loads(line[len("RESULT "):]))
 
     header = f"{'model':<22} {'input':<18} {'params':>11} {'export s':>9} {'ONNX MB':>8} {'rel err':>9} " \
-             f"{'PyTorch ms':>11} {'ORT ms':>9} {'ORT/PyTorch':>11}"
+             f"{'PyTorch ms':>11} {'ORT ms':>9} {'ORT/PyTorch':>11} {'peak MB':>8}"
     print(f"ONNX export on CPU, {args.threads} threads, median of {args.repeats} (batch 1, no gradients)")
     print(header)
     print("-" * len(header))
@@ -117,7 +119,7 @@ def main() -> int:
             continue
         shape = "x".join(map(str, r["input"]))
         print(f"{r['model']:<22} {shape:<18} {r['params']:>11,} {r['export_s']:>9.1f} {r['onnx_mb']:>8.1f} "
-              f"{r['rel_error']:>9.1e} {r['torch_ms']:>11.1f} {r['ort_ms']:>9.1f} {r['ort_ms'] / r['torch_ms']:>11.2f}")
+              f"{r['rel_error']:>9.1e} {r['torch_ms']:>11.1f} {r['ort_ms']:>9.1f} {r['ort_ms'] / r['torch_ms']:>11.2f} {r['peak_rss_mb']:>8.0f}")
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     tmp = RESULTS.with_suffix(".json.tmp")
     tmp.write_text(json.dumps({"threads": args.threads, "repeats": args.repeats, "quick": args.quick, "rows": rows},
