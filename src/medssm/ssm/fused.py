@@ -112,6 +112,11 @@ def _sigmoid(x):
     raise NotImplementedError
 
 
+def _softplus_and_grad(x):
+    """(softplus(x), sigmoid(x)): in float32 from one exp."""
+    raise NotImplementedError
+
+
 @overload(_softplus)
 def _softplus_overload(x):
     if x == types.float32:
@@ -141,6 +146,26 @@ def _softplus_grad_overload(x):
         return 1.0 if x > 20.0 else e / (e + 1.0)
 
     return softplus_grad64
+
+
+@overload(_softplus_and_grad)
+def _softplus_and_grad_overload(x):
+    if x == types.float32:
+        k3, k5, k7, k9, k11, k13 = (np.float32(1.0 / k) for k in (3, 5, 7, 9, 11, 13))
+
+        def both32(x):
+            one, two = np.float32(1.0), np.float32(2.0)
+            y = _exp(-abs(x))
+            s = y / (two + y)
+            s2 = s * s
+            log1p = two * s * (one + s2 * (k3 + s2 * (k5 + s2 * (k7 + s2 * (k9 + s2 * (k11 + s2 * k13))))))
+            above = x > _THRESHOLD
+            value = x if above else max(x, np.float32(0.0)) + log1p
+            grad = one if above else (one if x >= np.float32(0.0) else y) / (one + y)
+            return value, grad
+
+        return both32
+    return lambda x: (_softplus(x), _softplus_grad(x))
 
 
 @overload(_sigmoid)
@@ -181,7 +206,8 @@ def _to_steps(rows, steps, lanes, out):
 
 
 @njit(inline="always")
-def _load_steps(delta, bias, softplus, u, b, first, width, lanes, start, steps, rows, dt, dt_grad, ub):
+def _load_steps(delta, bias, softplus, u, b, first, width, lanes, start, steps, rows, grad_rows, dt, dt_grad,
+                ub):
     """Steps ``start .. start + steps`` of the block's channels, time-major ``(step, channel)``:
     dt = softplus(delta + bias) (or without softplus), its derivative (when ``dt_grad`` has rows)
     and u. Each is computed row by row (contiguous, vectorised over steps) into ``rows``, then
@@ -189,29 +215,26 @@ def _load_steps(delta, bias, softplus, u, b, first, width, lanes, start, steps, 
     B, C gradients. (Gathering across channels directly left the loops scalar: LLVM cannot bound
     a clamped index for its alias checks.)"""
     one = _one(u)
+    with_grad = dt_grad.shape[0] > 0
     for c in range(width):
         ch = first + c
         bias_c = bias[ch]
-        src, dst = delta[b, ch, start:start + steps], rows[c]  # views: affine, contiguous indexing
-        if softplus:
+        src, dst, dst_grad = delta[b, ch, start:start + steps], rows[c], grad_rows[c]  # views: affine indexing
+        if softplus and with_grad:
+            for j in range(steps):
+                dst[j], dst_grad[j] = _softplus_and_grad(src[j] + bias_c)
+        elif softplus:
             for j in range(steps):
                 dst[j] = _softplus(src[j] + bias_c)
         else:
             for j in range(steps):
                 dst[j] = src[j] + bias_c
+            if with_grad:
+                for j in range(steps):
+                    dst_grad[j] = one
     _to_steps(rows, steps, lanes, dt)
-    if dt_grad.shape[0] > 0:
-        for c in range(width):
-            ch = first + c
-            bias_c = bias[ch]
-            src, dst = delta[b, ch, start:start + steps], rows[c]
-            if softplus:
-                for j in range(steps):
-                    dst[j] = _softplus_grad(src[j] + bias_c)
-            else:
-                for j in range(steps):
-                    dst[j] = one
-        _to_steps(rows, steps, lanes, dt_grad)
+    if with_grad:
+        _to_steps(grad_rows, steps, lanes, dt_grad)
     for c in range(width):
         ch = first + c
         src, dst = u[b, ch, start:start + steps], rows[c]
@@ -251,7 +274,8 @@ def _forward_kernel(u, delta, bias, softplus, A, B, C, D, z, gate, out, checkpoi
             for n in range(n_state):
                 for c in range(lanes):
                     checkpoints[blk, chunk, n, c] = h[n, c]
-            _load_steps(delta, bias, softplus, u, b, first, width, lanes, start, steps, rows, dt, dt[:0], ub)
+            _load_steps(delta, bias, softplus, u, b, first, width, lanes, start, steps, rows, rows, dt, dt[:0],
+                        ub)
             for j in range(steps):
                 for c in range(lanes):
                     x[j, c] = dt[j, c] * ub[j, c]
@@ -305,6 +329,7 @@ def _backward_kernel(u, delta, bias, softplus, A, B, C, D, z, gate, checkpoints,
         dA_blk = np.empty((n_state, BLOCK), dtype=u.dtype)
         D_blk = np.empty(BLOCK, dtype=u.dtype)
         rows = np.empty((BLOCK, CHECKPOINT), dtype=u.dtype)
+        gate_rows = np.empty((BLOCK, CHECKPOINT), dtype=u.dtype)  # softplus', then dout * silu'(z)
         dt = np.empty((CHECKPOINT, BLOCK), dtype=u.dtype)
         dt_grad = np.empty((CHECKPOINT, BLOCK), dtype=u.dtype)
         ub = np.empty((CHECKPOINT, BLOCK), dtype=u.dtype)
@@ -333,22 +358,25 @@ def _backward_kernel(u, delta, bias, softplus, A, B, C, D, z, gate, checkpoints,
             for c in range(width, lanes):
                 for j in range(CHECKPOINT):
                     rows[c, j] = zero
+                    gate_rows[c, j] = zero
             for chunk in range((length - 1) // CHECKPOINT, -1, -1):
                 start = chunk * CHECKPOINT
                 steps = min(start + CHECKPOINT, length) - start
-                _load_steps(delta, bias, softplus, u, b, first, width, lanes, start, steps, rows, dt, dt_grad,
-                            ub)
+                _load_steps(delta, bias, softplus, u, b, first, width, lanes, start, steps, rows, gate_rows, dt,
+                            dt_grad, ub)
                 for j in range(steps):
                     for c in range(lanes):
                         x[j, c] = dt[j, c] * ub[j, c]
                 for c in range(width):
                     ch = first + c
-                    go, dst = dout[b, ch, start:start + steps], rows[c]
-                    if gate:
+                    go, dst, dst_gate = dout[b, ch, start:start + steps], rows[c], gate_rows[c]
+                    if gate:  # dy = dout * silu(z); gate_rows: dout * silu'(z), times y below for dz
                         z_row = z[b, ch, start:start + steps]
                         for j in range(steps):
                             z_t = z_row[j]
-                            dst[j] = go[j] * (z_t * _sigmoid(z_t))
+                            s = _sigmoid(z_t)
+                            dst[j] = go[j] * (z_t * s)
+                            dst_gate[j] = go[j] * (s * (one + z_t * (one - s)))
                     else:
                         for j in range(steps):
                             dst[j] = go[j]
@@ -370,13 +398,9 @@ def _backward_kernel(u, delta, bias, softplus, A, B, C, D, z, gate, checkpoints,
                             y[j, c] += h_n * C_tn
                 if gate:  # dz = dLoss/dout * silu'(z) * y
                     for c in range(width):
-                        ch = first + c
-                        go, z_row = dout[b, ch, start:start + steps], z[b, ch, start:start + steps]
-                        dst = dz[b, ch, start:start + steps]
+                        dst, factor = dz[b, first + c, start:start + steps], gate_rows[c]
                         for j in range(steps):
-                            z_t = z_row[j]
-                            s = _sigmoid(z_t)
-                            dst[j] = go[j] * (s * (one + z_t * (one - s))) * y[j, c]
+                            dst[j] = factor[j] * y[j, c]
                 for n in range(n_state):
                     for c in range(lanes):
                         decays[steps, n, c] = one
