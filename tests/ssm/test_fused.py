@@ -1,10 +1,12 @@
 """The ``fused`` scan's channel blocks: widths 16, 32 and 64, padded blocks, several workers."""
 
+import threading
+
 import numba
 import pytest
 import torch
 
-from medssm.ssm import fused
+from medssm.ssm import fused, selective_scan
 
 from .scan_cases import make_inputs
 from .test_scan_backends import check_against_reference
@@ -38,3 +40,29 @@ def test_blocks_match_reference_float64(case, threads):
 def test_block_width(batch, groups, per_group, threads, width, monkeypatch):
     monkeypatch.setattr(fused.numba, "get_num_threads", lambda: threads)
     assert fused._block_width(batch, groups, per_group) == width
+
+
+def test_concurrent_calls_from_python_threads():
+    """numba's workqueue threading layer aborts on concurrent parallel calls: the kernels take turns."""
+    kw = make_inputs(2, 64, 300, 16, dtype=torch.float32, requires_grad=True,
+                     generator=torch.Generator().manual_seed(5))
+    inputs = [v for v in kw.values() if v is not None]
+
+    def run():
+        out, last = selective_scan(**kw, delta_softplus=True, return_last_state=True, backend="fused")
+        return [out.detach()] + list(torch.autograd.grad(out.sum() + last.sum(), inputs))
+
+    want = run()
+    results = [None] * 4
+
+    def work(i):
+        results[i] = run()
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for got in results:
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)

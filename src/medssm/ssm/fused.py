@@ -18,6 +18,7 @@ import math
 import os
 import sys
 import tempfile
+import threading
 from contextlib import contextmanager
 
 import numba
@@ -465,6 +466,9 @@ _VECTOR_OPTIONS = ("-force-vector-width=16", "-force-vector-interleave=1", "-unr
                    "-vectorize-memory-check-threshold=1000")
 _OPTION_DEFAULTS = {"-unroll-threshold": "300", "-vectorize-memory-check-threshold": "128"}
 _compiled: set[tuple[str, torch.dtype]] = set()
+# numba's workqueue layer aborts the process when two Python threads run parallel kernels at once;
+# calls (and compilations, which set process-wide LLVM options) take turns instead.
+_KERNEL_LOCK = threading.Lock()
 
 
 @contextmanager
@@ -530,7 +534,7 @@ class FusedScan(torch.autograd.Function):
         blocks = batch * groups * -(-(dim // groups) // lanes)
         checkpoints = u.new_empty(blocks, -(-length // CHECKPOINT), B_rows.shape[-1], lanes)
         last = u.new_empty(batch, dim, A.shape[1])
-        with _compiling("forward", u.dtype):
+        with _KERNEL_LOCK, _compiling("forward", u.dtype):
             _forward_kernel(_np(u), _np(delta), _np(bias), bool(softplus), _np(A), _np(B_rows), _np(C_rows),
                             _np(D_), _np(z_), z is not None, out.numpy(), checkpoints.numpy(), last.numpy())
         ctx.save_for_backward(u, delta, A, B_rows, C_rows, D_, z_, bias, checkpoints)
@@ -549,7 +553,7 @@ class FusedScan(torch.autograd.Function):
         dbias_parts = u.new_zeros(workers, u.shape[1])
         dB_parts = B_rows.new_zeros(workers, *B_rows.shape)
         dC_parts = C_rows.new_zeros(workers, *C_rows.shape)
-        with _compiling("backward", u.dtype):
+        with _KERNEL_LOCK, _compiling("backward", u.dtype):
             _backward_kernel(_np(u), _np(delta), _np(bias), softplus, _np(A), _np(B_rows), _np(C_rows),
                              _np(D_), _np(z_), gate, _np(checkpoints), _np(dout), _np(dlast),
                              du.numpy(), ddelta.numpy(), dz.numpy(), dA_parts.numpy(), dB_parts.numpy(),
