@@ -1,15 +1,20 @@
 """The ``fused`` CPU scan: one numba pass over L for the forward, one for the backward.
 
-Each (batch, channel) row is scanned by one thread with its N states in registers, so no
-(batch, dim, L, N) tensor is ever built. The forward keeps the state at the start of every
-``CHECKPOINT``-step chunk; the backward walks the chunks last to first, recomputes each chunk's
-states and decays from its checkpoint into a small buffer and runs the adjoint recurrence back
-through it. ``B``/``C`` gradients are summed per worker thread, then over workers, so the result
-does not depend on thread timing.
+A worker takes a block of up to 64 consecutive channels of one batch element and one group (they
+share their B and C rows) and keeps the block's state as an (N, channels) array, channels
+innermost: each step is, per state n, one 16-wide loop over the block's channels with B[t, n] and
+C[t, n] broadcast, and y accumulates per channel (no horizontal sums over N). No
+(batch, dim, L, N) tensor is ever built. Inputs are read row by row, 64 steps at a time, and
+transposed to (step, channel); outputs go back the same way. The forward keeps the state at the
+start of every ``CHECKPOINT``-step chunk; the backward walks the chunks last to first, recomputes
+each chunk's states and decays from its checkpoint into a small buffer and runs the adjoint
+recurrence back through it. ``A``/``B``/``C``/``D``/bias gradients are summed per worker thread,
+then over workers, so the result does not depend on thread timing.
 
-The exp in the inner loop over N must vectorise: in float32 it is a polynomial with the ``2^k``
+The exp in the inner loops must vectorise: in float32 it is a polynomial with the ``2^k``
 scaling built from the exponent bits (relative error ~2e-7, below float32 rounding of the scan);
 in float64 it is libm's ``exp`` (exact to the last bit, for float64 parity with ``reference``).
+See docs/explanation/selective-scan.md for what was measured and what was tried and dropped.
 """
 
 from __future__ import annotations
@@ -456,15 +461,13 @@ def _backward_kernel(u, delta, bias, softplus, A, B, C, D, z, gate, checkpoints,
                     dA_parts[w, first + c, n] += dA_blk[n, c]
 
 
-# LLVM's cost model vectorises the loops over N 8 wide and interleaves 4 times: 32 states per
-# iteration, so at Mamba's N = 16 the vector body never runs and every state goes through the
-# scalar remainder (the backward ran at ~2.7 ns per element). One 16-wide vector per iteration
-# makes the forward 1.25x and the backward 1.4x faster. These are process-wide LLVM options, so
-# they are set only while the kernels compile (first call per dtype; a cache load does not
-# compile) and reset to their defaults (0: cost model decides) right after.
-_VECTOR_OPTIONS = ("-force-vector-width=16", "-force-vector-interleave=1", "-unroll-threshold=2000",
-                   "-vectorize-memory-check-threshold=1000")
-_OPTION_DEFAULTS = {"-unroll-threshold": "300", "-vectorize-memory-check-threshold": "128"}
+# LLVM's cost model vectorises short loops 8 wide and interleaves them 4 times: 32 lanes per
+# iteration, so a 16-lane loop never reaches its vector body. One 16-wide vector per iteration
+# instead; and loops that write several arrays need more runtime alias checks than LLVM allows by
+# default (128). These are process-wide LLVM options, so they are set only while the kernels
+# compile (first call per dtype; a cache load does not compile) and reset right after.
+_VECTOR_OPTIONS = ("-force-vector-width=16", "-force-vector-interleave=1", "-vectorize-memory-check-threshold=1000")
+_OPTION_DEFAULTS = {"-vectorize-memory-check-threshold": "128"}  # the others' default is 0
 _compiled: set[tuple[str, torch.dtype]] = set()
 # numba's workqueue layer aborts the process when two Python threads run parallel kernels at once;
 # calls (and compilations, which set process-wide LLVM options) take turns instead.
