@@ -14,8 +14,10 @@ Every factor is a decay ``exp(delta * A) <= 1``: no exponent is positive, so not
 any step size or length, and no clamp is needed.
 
 Memory and speed: the channels are taken in blocks whose (CHUNK, block, N, batch, chunks) tensors
-hold ``BLOCK_ELEMENTS`` (on CPU 1 MiB in float32, so the ~10 passes over them stay in cache; 64 MiB
-elsewhere), and only the end states (1/CHUNK of a full-size tensor) exist for all channels at once.
+hold ``CACHE_BLOCK_ELEMENTS`` on CPU (1 MiB in float32, so the ~10 passes over them stay in
+cache) and ``LARGE_BLOCK_ELEMENTS`` (64 MiB) elsewhere and under tracing (each block adds a copy
+of the scan's nodes to the graph); only the end states (1/CHUNK of a full-size tensor) exist for
+all channels at once.
 Under ``no_grad`` two buffers serve every block and step 3 recomputes the block's decays and
 inputs instead of keeping them; with autograd they are kept (autograd saves them anyway).
 
@@ -40,8 +42,10 @@ from .scan import finish_output, prepare_delta, register_backend
 
 CHUNK = 16
 EXTRA_LEVELS = 2  # under tracing: levels above what the traced length needs (up to CHUNK**2 times longer)
-BLOCK_ELEMENTS = {"cpu": 1 << 18}  # per block tensor; other devices: DEFAULT_BLOCK_ELEMENTS
-DEFAULT_BLOCK_ELEMENTS = 1 << 24
+# Elements of a block tensor: on CPU 1 MiB of float32, so the passes over a block stay in cache;
+# on other devices, and in a traced graph (where every block is another copy of the scan's nodes), 64 MiB.
+CACHE_BLOCK_ELEMENTS = 1 << 18
+LARGE_BLOCK_ELEMENTS = 1 << 24
 
 
 def _to_chunks(v: torch.Tensor, padded) -> torch.Tensor:
@@ -119,7 +123,7 @@ def chunked_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_las
         warnings.simplefilter("ignore", torch.jit.TracerWarning)
         traced_batch, traced_length = int(batch), int(length)
     depth = _depth(traced_length) + (EXTRA_LEVELS if tracing else 0)
-    budget = BLOCK_ELEMENTS.get(u.device.type, DEFAULT_BLOCK_ELEMENTS)
+    budget = CACHE_BLOCK_ELEMENTS if u.device.type == "cpu" and not tracing else LARGE_BLOCK_ELEMENTS
     block = max(1, min(per_group, budget // (traced_batch * n_state * (traced_length + CHUNK))))
     keep = torch.is_grad_enabled() and any(t.requires_grad for t in (u, delta, A, B, C))
     inplace = not (keep or tracing)
