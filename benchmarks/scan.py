@@ -3,7 +3,9 @@
 Prints one table and writes ``benchmarks/results/scan.json``. float32, 2 threads, best and median
 of ``--repeats`` runs (the table shows the best: on a shared machine it is the least disturbed);
 forward under ``torch.no_grad()``, forward+backward with every input requiring grad; peak
-memory = rise of the process's resident set over the first run (Linux). Every time is also
+memory = rise of the resident set over one run (Linux), measured in a child process whose
+allocator hands large blocks back to the system on free (``MALLOC_MMAP_THRESHOLD_``), so that
+the times, taken here with the default allocator, do not pay for fresh pages on every call. Every time is also
 given as a multiple of a floor measured in the same run: per element of batch*D*L*N,
 1 exp + 6 flops forward and 2 exps + 26 flops forward+backward, at this machine's measured
 ``torch.exp`` and float32 matmul throughput.
@@ -19,6 +21,8 @@ import json
 import os
 import platform
 import statistics
+import subprocess
+import sys
 from pathlib import Path
 
 import numba
@@ -42,12 +46,11 @@ def memory_kib() -> tuple[int, int]:
 
 
 def reset_peak_memory() -> None:
-    _libc.malloc_trim(0)  # hand freed heap memory back, so the next run's peak shows in the RSS
+    ctypes.CDLL("libc.so.6").malloc_trim(0)  # hand freed heap memory back, so the next run's peak shows
     Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS
 
 
-_libc = ctypes.CDLL("libc.so.6")
-_libc.mallopt(-3, 1 << 16)  # M_MMAP_THRESHOLD fixed at 64 KiB: large tensors are mmap'd and unmapped on free
+MEMORY_ENV = {"MALLOC_MMAP_THRESHOLD_": str(1 << 16)}  # large tensors mmap'd, unmapped on free
 
 
 def best_seconds(fn, repeats: int = 20) -> float:
@@ -96,8 +99,7 @@ def pscan_call():
     return call, native_layout
 
 
-def run_one(call, inputs, backward: bool, repeats: int) -> tuple[float, float, float]:
-    """(best ms, median ms, peak MiB over the first measured run)."""
+def make_step(call, inputs, backward: bool):
     def step():
         if backward:
             leaves = {k: v.detach().requires_grad_(True) for k, v in inputs.items()}
@@ -106,49 +108,76 @@ def run_one(call, inputs, backward: bool, repeats: int) -> tuple[float, float, f
             with torch.no_grad():
                 call(inputs)
 
-    step()  # warm-up: numba cache load, first allocations
+    return step
+
+
+def peak_mib(step) -> float:
+    """Rise of the resident set over one call (after a warm-up call)."""
+    step()
     reset_peak_memory()
     rss, _ = memory_kib()
     step()
-    peak_mib = (memory_kib()[1] - rss) / 1024
-    times = call_seconds(step, repeats, warmup=False)  # warmed up above
-    return min(times) * 1e3, statistics.median(times) * 1e3, peak_mib
+    return (memory_kib()[1] - rss) / 1024
+
+
+def cases():
+    """(shape, implementation name, call, inputs) of every measured case."""
+    for shape in SHAPES:
+        kw = make_inputs(*shape)
+        for name in IMPLEMENTATIONS:
+            if name == "reference" and shape[2] > REFERENCE_MAX_LENGTH:
+                yield shape, name, None, None
+                continue
+            call, layout = pscan_call() if name == "pscan" else medssm_call(name)
+            yield shape, name, call, layout(kw)
+
+
+def measure_peaks() -> dict[str, float]:
+    """Peak MiB of every case and mode, keyed "shape|impl|mode" (run in the child process)."""
+    peaks = {}
+    for shape, name, call, inputs in cases():
+        for mode, backward in (("fwd", False), ("fwd_bwd", True)):
+            if call is not None:
+                peaks[f"{shape}|{name}|{mode}"] = peak_mib(make_step(call, inputs, backward))
+    return peaks
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "scan.json"))
+    parser.add_argument("--peaks-only", action="store_true", help=argparse.SUPPRESS)  # the memory child
     args = parser.parse_args()
     torch.set_num_threads(THREADS)
     numba.set_num_threads(THREADS)
+    if args.peaks_only:
+        print(json.dumps(measure_peaks()))
+        return
+    child = subprocess.run([sys.executable, __file__, "--peaks-only"], env={**os.environ, **MEMORY_ENV},
+                           capture_output=True, text=True, check=True)
+    peaks = json.loads(child.stdout.strip().splitlines()[-1])
     rates = measure_floor_rates()
     rows = []
-    for shape in SHAPES:
+    for shape, name, call, inputs in cases():
         elements = shape[0] * shape[1] * shape[2] * shape[3]
         floor_ms = {
             "fwd": elements * (1 / rates["exp_per_s"] + 6 / rates["flop_per_s"]) * 1e3,
             "fwd_bwd": elements * (2 / rates["exp_per_s"] + 26 / rates["flop_per_s"]) * 1e3,
         }
-        kw = make_inputs(*shape)
-        for name in IMPLEMENTATIONS:
-            row = {"shape": shape, "impl": name,
-                   "floor_fwd_ms": floor_ms["fwd"], "floor_fwd_bwd_ms": floor_ms["fwd_bwd"]}
-            if name == "reference" and shape[2] > REFERENCE_MAX_LENGTH:
-                row["skipped"] = f"L > {REFERENCE_MAX_LENGTH}: the sequential loop would take minutes"
-                rows.append(row)
-                continue
-            call, layout = pscan_call() if name == "pscan" else medssm_call(name)
-            inputs = layout(kw)
-            for mode, backward in (("fwd", False), ("fwd_bwd", True)):
-                ms, median_ms, peak = run_one(call, inputs, backward, args.repeats)
-                row[f"{mode}_ms"], row[f"{mode}_median_ms"], row[f"{mode}_peak_mib"] = ms, median_ms, peak
-                row[f"{mode}_x_floor"] = ms / floor_ms[mode]
-            rows.append(row)
-        pscan_fwd = next(r["fwd_ms"] for r in rows if r["shape"] == shape and r["impl"] == "pscan")
-        for r in rows:
-            if r["shape"] == shape and "fwd_ms" in r:
-                r["fwd_speedup_vs_pscan"] = pscan_fwd / r["fwd_ms"]
+        row = {"shape": shape, "impl": name, "floor_fwd_ms": floor_ms["fwd"], "floor_fwd_bwd_ms": floor_ms["fwd_bwd"]}
+        rows.append(row)
+        if call is None:
+            row["skipped"] = f"L > {REFERENCE_MAX_LENGTH}: the sequential loop would take minutes"
+            continue
+        for mode, backward in (("fwd", False), ("fwd_bwd", True)):
+            times = call_seconds(make_step(call, inputs, backward), args.repeats)
+            row[f"{mode}_ms"], row[f"{mode}_median_ms"] = min(times) * 1e3, statistics.median(times) * 1e3
+            row[f"{mode}_peak_mib"] = peaks[f"{shape}|{name}|{mode}"]
+            row[f"{mode}_x_floor"] = row[f"{mode}_ms"] / floor_ms[mode]
+        if name == "pscan":
+            for r in rows:
+                if r["shape"] == shape and "fwd_ms" in r:
+                    r["fwd_speedup_vs_pscan"] = row["fwd_ms"] / r["fwd_ms"]
     print_table(rows, rates)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     machine = {"cpu": platform.processor() or platform.machine(), "threads": THREADS, "torch": torch.__version__,
