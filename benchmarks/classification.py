@@ -6,11 +6,11 @@ recipe: Adam 1e-4, cross-entropy, batch 32, random-resized crop + horizontal fli
 model and score it in the MedMNIST v2 convention (ACC at p > 0.5, AUC of the positive class).
 Printed beside the published numbers (MedMNIST v2 paper; MedMamba's README).
 
-Input size: 28 by default, the files' own resolution. The recipe upsamples to 224, which costs
-about 64 times the compute of 28 (MedMamba-T at 224 is hours per epoch on a few CPU cores) and
-adds no information to a 28x28 image; 64 (``--input-size 64``, or the ``_64`` files with
-``--size 64``) is the next step where a GPU is at hand. At 28 px the recipe's crop of 8-100 % of
-the area leaves crops of 8x8 pixels, so the benchmark crops 50-100 % (``--crop-scale``).
+Input size: 28 by default, the files' own resolution; the figures in docs/how-to/classification.md
+were measured at 64 (``--input-size 64``: the 28 px images upsampled). MedMamba-T patchifies by 4
+and halves three times, so at 28 px its last stage sees one token; at 64 it sees 2x2, for ~1.75x
+the CPU time of 28 (the recipe's 224 would be ~12x more again). At these sizes the recipe's crop of
+8-100 % of the area leaves crops of a few pixels, so the benchmark crops 50-100 % (``--crop-scale``).
 
     python benchmarks/classification.py                       # full: 100 epochs each
     python benchmarks/classification.py --epochs 1 --limit 256 --max-steps 4   # a smoke run
@@ -51,6 +51,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--lr", type=float, default=1e-4)
     ap.add_argument("--optimizer", default="adam")
     ap.add_argument("--schedule", default="constant")
+    ap.add_argument("--weight-decay", type=float, default=0.0)
+    ap.add_argument("--label-smoothing", type=float, default=0.0)
     ap.add_argument("--crop-scale", type=float, nargs=2, default=(0.5, 1.0))
     ap.add_argument("--limit", type=int, default=None, help="train/val samples (smoke runs only)")
     ap.add_argument("--max-steps", type=int, default=None, help="steps per epoch (smoke runs only)")
@@ -83,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = ClassifierTrainConfig(
             data=name, data_root=str(root), size=args.size, out=str(run), model=args.model, input_size=args.input_size,
             epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, optimizer=args.optimizer,
-            schedule=args.schedule, crop_scale=tuple(args.crop_scale), limit=args.limit, max_steps=args.max_steps,
+            schedule=args.schedule, weight_decay=args.weight_decay, label_smoothing=args.label_smoothing, crop_scale=tuple(args.crop_scale), limit=args.limit, max_steps=args.max_steps,
             seed=args.seed, device=args.device, resume=args.resume and (run / "last").exists(), progress=not args.no_progress)
         train_classifier(cfg)
         device = resolve_device(args.device)
