@@ -6,7 +6,6 @@ import json
 import shutil
 from pathlib import Path
 
-import numpy as np
 
 LUNG = "Dataset001_LungXray"
 HIPPO = "Dataset002_Hippocampus"

@@ -4,7 +4,6 @@ A subclass sets ``model_name`` (a small registered size), ``model_kwargs``, ``in
 (several sizes, 2D and/or 3D as the family supports) and ``expected_output_shape``.
 """
 
-import pytest
 import torch
 
 import medssm

@@ -8,7 +8,7 @@ from medssm.ssm import Mamba
 
 def test_parameter_names_shapes_and_init():
     m = Mamba(d_model=40)
-    d_inner, rank = 80, math.ceil(40 / 16)
+    rank = math.ceil(40 / 16)
     shapes = {k: tuple(v.shape) for k, v in m.state_dict().items()}
     assert shapes == {
         "in_proj.weight": (160, 40), "conv1d.weight": (80, 1, 4), "conv1d.bias": (80,),
