@@ -123,22 +123,25 @@ def _softplus_and_grad(x):
     raise NotImplementedError
 
 
+_ATANH = tuple(np.float32(1.0 / k) for k in (3, 5, 7, 9, 11, 13))
+
+
+@njit(inline="always", fastmath=_FASTMATH)
+def _log1p_small32(y):
+    """log1p(y) for float32 0 <= y <= 1: 2 atanh(s), s = y / (2 + y) <= 1/3, as a short series that
+    keeps full relative accuracy for tiny y. Branch-free, so loops over L vectorise."""
+    k3, k5, k7, k9, k11, k13 = _ATANH
+    s = y / (np.float32(2.0) + y)
+    s2 = s * s
+    return np.float32(2.0) * s * (np.float32(1.0) + s2 * (k3 + s2 * (k5 + s2 * (k7 + s2 * (
+        k9 + s2 * (k11 + s2 * k13))))))
+
+
 @overload(_softplus)
 def _softplus_overload(x):
     if x == types.float32:
-        # max(x, 0) + log1p(e^-|x|); log1p(y) = 2 atanh(y / (2 + y)), a series in s = y/(2+y) <= 1/3
-        # that keeps full relative accuracy for tiny y. Branch-free, so loops over L vectorise.
-        k3, k5, k7, k9, k11, k13 = (np.float32(1.0 / k) for k in (3, 5, 7, 9, 11, 13))
-
-        def softplus32(x):
-            y = _exp(-abs(x))
-            s = y / (np.float32(2.0) + y)
-            s2 = s * s
-            log1p = np.float32(2.0) * s * (np.float32(1.0) + s2 * (k3 + s2 * (k5 + s2 * (k7 + s2 * (
-                k9 + s2 * (k11 + s2 * k13))))))
-            return x if x > _THRESHOLD else max(x, np.float32(0.0)) + log1p
-
-        return softplus32
+        # max(x, 0) + log1p(e^-|x|)
+        return lambda x: x if x > _THRESHOLD else max(x, np.float32(0.0)) + _log1p_small32(_exp(-abs(x)))
     return lambda x: x if x > 20.0 else math.log1p(math.exp(x))  # torch's own float64 formula
 
 
@@ -157,16 +160,12 @@ def _softplus_grad_overload(x):
 @overload(_softplus_and_grad)
 def _softplus_and_grad_overload(x):
     if x == types.float32:
-        k3, k5, k7, k9, k11, k13 = (np.float32(1.0 / k) for k in (3, 5, 7, 9, 11, 13))
 
         def both32(x):
-            one, two = np.float32(1.0), np.float32(2.0)
+            one = np.float32(1.0)
             y = _exp(-abs(x))
-            s = y / (two + y)
-            s2 = s * s
-            log1p = two * s * (one + s2 * (k3 + s2 * (k5 + s2 * (k7 + s2 * (k9 + s2 * (k11 + s2 * k13))))))
             above = x > _THRESHOLD
-            value = x if above else max(x, np.float32(0.0)) + log1p
+            value = x if above else max(x, np.float32(0.0)) + _log1p_small32(y)
             grad = one if above else (one if x >= np.float32(0.0) else y) / (one + y)
             return value, grad
 
