@@ -164,10 +164,8 @@ class _GatherWithGrad(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, local: torch.Tensor) -> torch.Tensor:
-        parts = [torch.empty_like(local) for _ in range(dist.get_world_size())]
-        dist.all_gather(parts, local.contiguous())
         ctx.rank, ctx.n = dist.get_rank(), len(local)
-        return torch.cat(parts)
+        return all_gather(local)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
