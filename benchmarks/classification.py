@@ -68,7 +68,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from medssm.data.classification import ClassificationDataset
     from medssm.data.medmnist import open_medmnist
-    from medssm.engine.classify import ClassifierTrainConfig, predict_proba, resolve_device, train_classifier
+    from medssm.engine.classify import ClassifierTrainConfig, predict_proba, train_classifier
+    from medssm.engine.devices import resolve_device
     from medssm.inference.classify import load_classifier, write_predictions
     from medssm.metrics.classify import evaluate_predictions
 

@@ -33,10 +33,10 @@ from ..files import atomic_path
 from ..nets.registry import create_model, save_model
 from . import distributed
 from .checkpoint import load_checkpoint, save_checkpoint
-from .devices import autocast, backward_and_step, check_precision, grad_scaler, resolve_device
+from .devices import autocast, backward_and_step, check_precision, grad_scaler
 from .history import History
 
-__all__ = ["ClassifierTrainConfig", "train_classifier", "predict_proba", "resolve_device"]
+__all__ = ["ClassifierTrainConfig", "train_classifier", "predict_proba"]
 
 
 @dataclass

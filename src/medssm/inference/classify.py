@@ -103,7 +103,8 @@ def read_predictions(path: str | os.PathLike) -> tuple[list[str], np.ndarray, np
 
 def predict_classifier(cfg: ClassifierPredictConfig) -> Path:
     """Predict every sample of ``cfg.input`` (its ``cfg.split``) and write the CSV; returns its path."""
-    from ..engine.classify import predict_proba, resolve_device
+    from ..engine.classify import predict_proba
+    from ..engine.devices import resolve_device
 
     device = resolve_device(cfg.device)
     model, meta = load_classifier(cfg.run, device=str(device))
