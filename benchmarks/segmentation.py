@@ -58,11 +58,13 @@ def seconds_per_step(model: str, kwargs: dict, spatial_dims: int, classes: int, 
 
 
 def run_task(name: str, args) -> list[dict]:
+    from medssm.data.nnunet import NnUNetDataset
+    from medssm.engine.schedules import recipe_for
     from medssm.engine.train import TrainConfig, train
 
     spec = TASKS[name]
     data = Path(args.data) / spec["dataset"]
-    dims, classes = len(spec["patch"]), 2 if name == "lung" else 3
+    dims, classes = len(spec["patch"]), NnUNetDataset(data).num_classes
     out = Path(args.out) / name
     rows = []
     base = dict(data=str(data), fold=0, epochs=args.epochs, val_every=args.val_every, patch_size=spec["patch"],
@@ -75,13 +77,15 @@ def run_task(name: str, args) -> list[dict]:
     rows.append(_row(name, spec["model"], run, wall, spec["target"]))
     if not args.skip_baseline:
         # Same wall time: scale the baseline's iterations by the ratio of step times.
+        recipe = recipe_for(spec["model"])  # the baseline gets the medssm model's optimiser
         ratio = (seconds_per_step(spec["model"], {}, dims, classes, spec["patch"], spec["batch"])
                  / seconds_per_step(spec["baseline"], spec["baseline_kwargs"], dims, classes, spec["patch"], spec["batch"]))
         t = time.perf_counter()
         run = train(TrainConfig(out=str(out / spec["baseline"].replace(":", "_")), model=spec["baseline"],
                                 model_kwargs=json.dumps(spec["baseline_kwargs"]),
                                 iterations_per_epoch=max(1, round(iterations * ratio)),
-                                optimizer="adam", lr=1e-4 if not args.lr else args.lr, weight_decay=1e-5, **base))
+                                optimizer=recipe.optimizer, lr=args.lr or recipe.lr, weight_decay=recipe.weight_decay,
+                                **base))
         rows.append(_row(name, spec["baseline"], run, time.perf_counter() - t, None,
                          note=f"same wall time: {round(iterations * ratio)} it/epoch, LightM-UNet's optimiser"))
     return rows

@@ -4,11 +4,10 @@ import statistics
 import time
 
 
-def call_seconds(fn, repeats: int, warmup: bool = True) -> list[float]:
-    """Wall time of each of ``repeats`` calls of ``fn``, after one warm-up call unless told
-    otherwise (it compiles kernels on first use and lets onnxruntime plan its own)."""
-    if warmup:
-        fn()
+def call_seconds(fn, repeats: int) -> list[float]:
+    """Wall time of each of ``repeats`` calls of ``fn``, after one warm-up call (it compiles
+    kernels on first use and lets onnxruntime plan its own)."""
+    fn()
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
