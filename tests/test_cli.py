@@ -26,6 +26,13 @@ def test_detect_task_from_run(tmp_path):
     assert detect_task("predict", ["-m", str(tmp_path), "-i", "images"]) == "classification"
 
 
+def test_detect_task_from_folders(tmp_path):
+    (tmp_path / "xr" / "test" / "normal").mkdir(parents=True)  # a test split alone is a classification set
+    (tmp_path / "Dataset001_X" / "imagesTr").mkdir(parents=True)
+    assert detect_task("evaluate", ["-i", str(tmp_path / "xr")]) == "classification"
+    assert detect_task("train", ["-d", str(tmp_path / "Dataset001_X")]) == "segmentation"
+
+
 @dataclasses.dataclass
 class _Config:
     source: str = dataclasses.field(metadata={"positional": True})

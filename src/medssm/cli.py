@@ -75,14 +75,10 @@ def detect_task(command: str, argv: list[str]) -> str:
             return json.loads((Path(run) / "model.json").read_text()).get("task", "segmentation")
     if known.model and known.model.startswith("medmamba"):
         return "classification"
-    from .data.medmnist import parse_name
+    from .data.classification import classification_format
 
-    for c in filter(None, (known.data, known.input, *known.positional)):
-        p = Path(c)
-        if p.suffix.lower() in (".npz", ".csv") or (p.is_dir() and (p / "train").is_dir()):
-            return "classification"
-        if not p.exists() and parse_name(c):  # a MedMNIST name such as "pneumoniamnist"
-            return "classification"
+    if any(classification_format(c) for c in filter(None, (known.data, known.input, *known.positional))):
+        return "classification"
     return "segmentation"
 
 

@@ -4,7 +4,7 @@ A *source* (:class:`ClassificationSource`) is one split of a dataset: MedMNIST `
 (:mod:`medssm.data.medmnist`), image folders or a CSV of ``path,label``
 (:mod:`medssm.data.folders`). Each sample is a float32 array ``(C, *spatial)`` in [0, 1] with an
 integer label (-1 when unknown) and a name (its path, or ``file.npz:split/index``).
-:func:`open_classification_data` picks the reader from what ``data`` is.
+:func:`open_classification_data` picks the reader from what ``data`` is (:func:`classification_format`).
 
 The transforms are MedMamba's official recipe written in torch for 2D and 3D alike (no
 torchvision): random-resized crop (scale 0.08-1, aspect 3/4-4/3) and horizontal flip for training,
@@ -22,8 +22,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-__all__ = ["ClassificationSource", "ClassificationDataset", "open_classification_data", "random_resized_crop",
-           "resize", "random_flip", "match_channels", "split_indices", "class_weights"]
+__all__ = ["ClassificationSource", "ClassificationDataset", "classification_format", "open_classification_data",
+           "random_resized_crop", "resize", "random_flip", "match_channels", "split_indices", "class_weights"]
 
 SPLITS = ("train", "val", "test")
 
@@ -201,6 +201,22 @@ class ClassificationDataset(torch.utils.data.Dataset):
         return (x - 0.5) / 0.5, int(self.source.labels[i]), i
 
 
+def classification_format(data: str | os.PathLike) -> str | None:
+    """Which labelled classification dataset ``data`` is, or None (an nnU-Net dataset, unlabelled
+    images): ``"medmnist"`` (a ``.npz``, or a MedMNIST name that is not an existing path), ``"csv"``
+    (a ``.csv`` that is not a folder) or ``"folders"`` (a folder with train/val/test folders)."""
+    from .medmnist import parse_name
+
+    p = Path(data)
+    if p.suffix.lower() == ".npz" or (not p.exists() and parse_name(str(data)) is not None):
+        return "medmnist"
+    if p.suffix.lower() == ".csv" and not p.is_dir():
+        return "csv"
+    if p.is_dir() and any((p / s).is_dir() for s in SPLITS):
+        return "folders"
+    return None
+
+
 def open_classification_data(data: str | os.PathLike, split: str = "train", *, root: str | os.PathLike | None = None,
                              size: int = 28, download: bool = False, val_fraction: float = 0.1, seed: int = 0,
                              classes: Sequence[str] | None = None, in_chans: int | None = None) -> ClassificationSource:
@@ -222,14 +238,15 @@ def open_classification_data(data: str | os.PathLike, split: str = "train", *, r
     if split not in SPLITS and split != "all":
         raise ValueError(f"split must be one of {', '.join(SPLITS)} or 'all', got {split!r}")
     p = Path(data)
-    if p.suffix.lower() == ".npz" or (not p.exists() and medmnist.parse_name(str(data)) is not None):
+    kind = classification_format(data)
+    if kind == "medmnist":
         return medmnist.open_medmnist(data, split, root=root, size=size, download=download)
     if not p.exists():
         raise FileNotFoundError(f"{p}: no such file or folder (expected a .npz, a MedMNIST name, a folder "
                                 "with train/val/test class folders, a CSV of path,label, or an image)")
-    if p.is_file() and p.suffix.lower() == ".csv":
+    if kind == "csv":
         return folders.CsvSource(p, split, val_fraction=val_fraction, seed=seed, classes=classes, in_chans=in_chans)
-    if p.is_dir() and any((p / s).is_dir() for s in SPLITS):
+    if kind == "folders":
         return folders.ImageFolderSource(p, split, val_fraction=val_fraction, seed=seed, classes=classes,
                                          in_chans=in_chans)
     if p.is_dir() or folders.is_image_file(p):
