@@ -154,5 +154,9 @@ def test_plan_preprocess_train_predict_with_stock_nnunet(tmp_path, data_root):
     # The nnU-Net checkpoint is what LightM-UNet's authors release: medssm loads it (weights only).
     net = medssm.create_model("lightm_unet_2d", in_channels=1, out_channels=2, **TINY)
     load_pretrained(net, fold / "checkpoint_final.pth")
-    saved = torch.load(fold / "checkpoint_final.pth", map_location="cpu", weights_only=False)["network_weights"]
-    assert all(torch.equal(net.state_dict()[k], v) for k, v in saved.items())
+    checkpoint = torch.load(fold / "checkpoint_final.pth", map_location="cpu", weights_only=False)
+    assert all(torch.equal(net.state_dict()[k], v) for k, v in checkpoint["network_weights"].items())
+    # The trainer took LightM-UNet's recipe: Adam at lr 1e-4, weight decay 1e-5, no test-time mirroring.
+    assert checkpoint["inference_allowed_mirroring_axes"] is None
+    group = checkpoint["optimizer_state"]["param_groups"][0]
+    assert "betas" in group and (group["initial_lr"], group["weight_decay"]) == (1e-4, 1e-5)

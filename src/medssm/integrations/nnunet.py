@@ -2,7 +2,8 @@
 
 nnU-Net plans, preprocesses, augments, trains, validates and predicts as it always does; these
 trainer classes only swap the network (through the current ``build_network_architecture``
-signature, which inference calls too) and, for LightM-UNet, the optimiser of the authors' recipe.
+signature, which inference calls too) and take the optimiser and test-time mirroring from the
+model's recipe (:func:`medssm.engine.schedules.recipe_for`).
 
 Use (see docs/how-to/nnunet.md)::
 
@@ -33,6 +34,7 @@ try:
 except ImportError as e:  # pragma: no cover - exercised only without the extra
     raise ImportError("medssm.integrations.nnunet needs nnU-Net v2: pip install 'medssm[nnunet]'") from e
 
+from ..engine.schedules import make_optimizer, recipe_for
 from ..nets.registry import create_model
 
 __all__ = ["TRAINER_DIR", "MedssmTrainer", "nnUNetTrainerLightMUNet", "nnUNetTrainerSegMamba"]
@@ -41,7 +43,9 @@ TRAINER_DIR = str(Path(__file__).with_name("nnunet_trainers"))
 
 
 class MedssmTrainer(nnUNetTrainer):
-    """nnU-Net's trainer with a medssm network (no deep supervision, no ``torch.compile``).
+    """nnU-Net's trainer with a medssm network (no deep supervision, no ``torch.compile``), its
+    recipe's optimiser, learning rate and weight decay (with nnU-Net's poly schedule), and test-time
+    mirroring only if the recipe has it.
 
     Subclasses set ``models`` (spatial dims -> registered model name) and ``model_kwargs``; the
     network gets ``in_channels``/``out_channels`` from nnU-Net.
@@ -54,16 +58,24 @@ class MedssmTrainer(nnUNetTrainer):
                  device: torch.device = torch.device("cuda")):
         super().__init__(plans, configuration, fold, dataset_json, device)
         self.enable_deep_supervision = False  # the networks return one full-resolution output
+        self.recipe = recipe_for(self.model_name(self.configuration_manager.patch_size))
+        self.initial_lr, self.weight_decay = self.recipe.lr, self.recipe.weight_decay
+
+    @classmethod
+    def model_name(cls, patch_size) -> str:
+        """The registered model for a patch of this many dimensions."""
+        name = cls.models.get(len(patch_size))
+        if name is None:
+            raise ValueError(f"{cls.__name__} has no {len(patch_size)}D network (patch size {tuple(patch_size)}); "
+                             f"it supports {', '.join(f'{d}D' for d in sorted(cls.models))}")
+        return name
 
     @classmethod
     def build_network_architecture(cls, plans_manager, configuration_manager, num_input_channels: int,
                                    num_output_channels: int, enable_deep_supervision: bool = True) -> nn.Module:
         """The medssm network for this configuration's patch size (also called by nnU-Net's predictor)."""
         patch = tuple(int(s) for s in configuration_manager.patch_size)
-        name = cls.models.get(len(patch))
-        if name is None:
-            raise ValueError(f"{cls.__name__} has no {len(patch)}D network (patch size {patch}); "
-                             f"it supports {', '.join(f'{d}D' for d in sorted(cls.models))}")
+        name = cls.model_name(patch)
         model = create_model(name, **{"in_channels": num_input_channels, "out_channels": num_output_channels,
                                       **cls.model_kwargs})
         try:
@@ -72,6 +84,20 @@ class MedssmTrainer(nnUNetTrainer):
             raise ValueError(f"{cls.__name__}: the plan's patch size {patch} does not fit {name}: {e}. Edit "
                              "patch_size in the plans file (nnUNet_preprocessed/DATASET/nnUNetPlans.json)") from None
         return model
+
+    def configure_optimizers(self):
+        optimizer = make_optimizer(self.network.parameters(), self.recipe.optimizer, lr=self.initial_lr,
+                                   weight_decay=self.weight_decay, momentum=self.recipe.momentum,
+                                   nesterov=self.recipe.nesterov)
+        return optimizer, PolyLRScheduler(optimizer, self.initial_lr, self.num_epochs)
+
+    def configure_rotation_dummyDA_mirroring_and_inital_patch_size(self):
+        """nnU-Net's augmentation; mirroring at prediction only if the recipe has it (the choice is
+        saved in the checkpoint, so ``nnUNetv2_predict`` follows it)."""
+        settings = super().configure_rotation_dummyDA_mirroring_and_inital_patch_size()
+        if not self.recipe.mirror_tta:
+            self.inference_allowed_mirroring_axes = None
+        return settings
 
     def set_deep_supervision_enabled(self, enabled: bool) -> None:
         """No-op: medssm's networks have no deep-supervision heads (nnU-Net's default one would fail)."""
@@ -82,32 +108,20 @@ class MedssmTrainer(nnUNetTrainer):
 
 
 class nnUNetTrainerLightMUNet(MedssmTrainer):
-    """LightM-UNet with the authors' recipe: Adam (lr 1e-4, weight decay 1e-5), poly LR, 100 epochs
-    of 250 iterations, nnU-Net's Dice + cross-entropy and augmentation, no test-time mirroring."""
+    """LightM-UNet with the authors' recipe (Adam, lr 1e-4, weight decay 1e-5, no test-time
+    mirroring), poly LR, 100 epochs of 250 iterations, nnU-Net's Dice + cross-entropy and augmentation."""
 
     models = {2: "lightm_unet_2d", 3: "lightm_unet_3d"}
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
         super().__init__(plans, configuration, fold, dataset_json, device)
-        self.initial_lr = 1e-4
-        self.weight_decay = 1e-5
         self.num_epochs = 100
-
-    def configure_rotation_dummyDA_mirroring_and_inital_patch_size(self):
-        """nnU-Net's augmentation, but no mirroring at prediction (the authors predict without test-time
-        mirroring); the choice is saved in the checkpoint, so ``nnUNetv2_predict`` follows it."""
-        settings = super().configure_rotation_dummyDA_mirroring_and_inital_patch_size()
-        self.inference_allowed_mirroring_axes = None
-        return settings
-
-    def configure_optimizers(self):
-        optimizer = torch.optim.Adam(self.network.parameters(), lr=self.initial_lr, weight_decay=self.weight_decay)
-        return optimizer, PolyLRScheduler(optimizer, self.initial_lr, self.num_epochs)
 
 
 class nnUNetTrainerSegMamba(MedssmTrainer):
-    """SegMamba (2D or 3D) with nnU-Net's defaults, which are the authors' optimiser (SGD, lr 1e-2,
-    momentum 0.99, Nesterov, weight decay 3e-5, poly LR). Patch sizes must divide by 16."""
+    """SegMamba (2D or 3D) with the authors' optimiser, which is nnU-Net's default (SGD, lr 1e-2,
+    momentum 0.99, Nesterov, weight decay 3e-5, poly LR), and test-time mirroring. Patch sizes must
+    divide by 16."""
 
     models = {2: "segmamba_2d", 3: "segmamba_3d"}
