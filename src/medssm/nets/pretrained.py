@@ -2,7 +2,7 @@
 
 ``load_pretrained(model, path)`` reads a file with ``torch.load(..., weights_only=True)`` (nothing
 else is ever unpickled), finds the state dict inside the known containers, strips the prefixes that
-wrappers add, maps keys where a family needs it and loads strictly:
+wrappers add and loads strictly (the authors' module names are medssm's, so no key is renamed):
 
 - LightM-UNet: an nnU-Net v2 checkpoint (``checkpoint_final.pth`` / ``checkpoint_best.pth``), a dict
   whose ``network_weights`` are the network's state dict, keys prefixed ``_orig_mod.`` when the
@@ -10,9 +10,6 @@ wrappers add, maps keys where a family needs it and loads strictly:
 - SegMamba: the ``.pt`` its trainer writes (a plain ``model.state_dict()``; also accepted inside a
   ``model`` / ``state_dict`` / ``module`` dict, keys possibly prefixed ``module.``);
 - MedMamba: the ``.pth`` its ``train.py`` writes (``net.state_dict()``).
-
-All three families already use the authors' module names, so no family needs a key mapping today;
-:data:`KEY_MAPS` is where one would go (class name -> function of the state dict).
 
 nnU-Net checkpoints also hold the training log (numpy floats) and ``init_args`` (a
 ``torch.device``); the numpy scalar and array types are allowed for ``weights_only`` loading
@@ -23,19 +20,17 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Callable, Mapping
+from typing import Mapping
 
 import torch
 import torch.nn as nn
 
-__all__ = ["KEY_MAPS", "extract_state_dict", "load_pretrained", "read_checkpoint"]
+__all__ = ["extract_state_dict", "load_pretrained", "read_checkpoint"]
 
 # Where each known container keeps the weights, tried in this order.
 CONTAINER_KEYS = ("network_weights", "state_dict", "model_state_dict", "model", "module", "net", "weights")
 # Prefixes added by wrappers: torch.compile, DistributedDataParallel / DataParallel, Lightning-style modules.
 PREFIXES = ("_orig_mod.", "module.", "model.", "net.")
-# Class name -> function mapping the authors' keys of that family to medssm's (none needed so far).
-KEY_MAPS: dict[str, Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]]] = {}
 
 
 def _numpy_safe_globals() -> list:
@@ -118,22 +113,9 @@ def load_pretrained(model: nn.Module, path: str | os.PathLike, strict: bool = Tr
         >>> load_pretrained(net, "nnUNet_results/.../fold_0/checkpoint_final.pth")  # doctest: +SKIP
     """
     state = extract_state_dict(read_checkpoint(path))
-    mapping = KEY_MAPS.get(type(model).__name__)
-    if mapping is not None:
-        state = mapping(state)
-    own = model.state_dict()
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
-    mismatched = sorted(f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
-                        for k in set(own) & set(state) if state[k].shape != own[k].shape)
-    if mismatched or (strict and (missing or unexpected)):
-        def listing(title, items):
-            return f"\n  {title} ({len(items)}): " + ", ".join(items[:12]) + (" ..." if len(items) > 12 else "") if items else ""
-
-        raise ValueError(f"{path} does not fit {type(model).__name__}: "
-                         + listing("missing from the checkpoint", missing)
-                         + listing("unexpected in the checkpoint", unexpected)
-                         + listing("shape mismatches", mismatched)
-                         + "\n  (build the model with the checkpoint's sizes: channels, classes, init_filters/dims, depths)")
-    model.load_state_dict({k: v for k, v in state.items() if k in own}, strict=strict)
+    try:
+        model.load_state_dict(state, strict=strict)
+    except RuntimeError as e:  # torch lists the missing, unexpected and mismatched keys
+        raise ValueError(f"{path}: {e}\n  (build the model with the checkpoint's sizes: channels, classes, "
+                         "init_filters/dims, depths)") from None
     return model
