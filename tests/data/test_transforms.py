@@ -48,3 +48,20 @@ def test_label_stays_aligned_with_image():
             if (label == 2).any() and (label == 0).any():
                 assert image[label == 2].mean() > image[label == 0].mean() + 1
     assert changed
+
+
+def test_slices_augmented_apart_equal_the_whole_batch():
+    """What data-parallel ranks rely on: each augments its slice of the global batch (``first``
+    its offset) and together they produce what one process makes of the whole batch."""
+    label = torch.zeros(4, 1, 16, 24, dtype=torch.int64)
+    label[:, :, 4:10, 4:12] = 1
+    batch = {"image": torch.randn(4, 1, 16, 24) + label, "label": label}
+    whole, ranks = training_transforms(2, seed=5), [training_transforms(2, seed=5) for _ in range(2)]
+    for _ in range(3):
+        expected = whole(batch)
+        parts = [r({k: v[2 * i:2 * i + 2] for k, v in batch.items()}, first=2 * i) for i, r in enumerate(ranks)]
+        for key in ("image", "label"):
+            assert torch.equal(torch.cat([p[key] for p in parts]), expected[key])
+    alike = {k: v[:1].repeat(4, 1, 1, 1) for k, v in batch.items()}  # four copies of one sample
+    out = whole(alike)["image"]
+    assert not all(torch.equal(out[0], o) for o in out[1:])  # are not all augmented alike

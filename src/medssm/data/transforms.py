@@ -32,8 +32,10 @@ class TrainingTransforms:
     """Callable on a batch ``{"image": (B, C, *P), "label": (B, 1, *P), ...}``; returns a new batch
     with the same shapes and dtypes (other keys are passed through).
 
-    With a seed, call ``n`` reseeds every transform from ``(seed, n)``, so the augmentation of a
-    batch depends on the seed and the call count alone and ``state_dict`` is just those two numbers.
+    With a seed, sample ``i`` of call ``n`` is augmented with every transform reseeded from
+    ``(seed, n, first + i)``: it depends on the seed, the call count and its place in the global
+    batch alone, so ranks that each augment their own slice (``first``: the slice's offset) produce
+    what one process does on the whole batch, and ``state_dict`` is just the seed and the count.
     """
 
     def __init__(self, compose: Compose, seed: int | None = 0, patch_size=None):
@@ -42,18 +44,19 @@ class TrainingTransforms:
         self.calls = 0
         self.patch_size = None if patch_size is None else tuple(int(p) for p in patch_size)
 
-    def __call__(self, batch: dict) -> dict:
+    def __call__(self, batch: dict, first: int = 0) -> dict:
         if self.patch_size is not None and tuple(batch["image"].shape[2:]) != self.patch_size:
             raise ValueError(f"batch of spatial shape {tuple(batch['image'].shape[2:])}; these transforms "
                              f"were made for patch size {self.patch_size}")
-        if self.seed is not None:
-            self.compose.set_random_state(seed=int(np.random.SeedSequence([self.seed, self.calls]).generate_state(1)[0]))
-        self.calls += 1
         images, labels = [], []
-        for image, label in zip(batch["image"], batch["label"]):
+        for i, (image, label) in enumerate(zip(batch["image"], batch["label"])):
+            if self.seed is not None:
+                entropy = [self.seed, self.calls, first + i]
+                self.compose.set_random_state(seed=int(np.random.SeedSequence(entropy).generate_state(1)[0]))
             out = self.compose({"image": image, "label": label.float()})
             images.append(_plain(out["image"]).float())
             labels.append(_plain(out["label"]).round().long())
+        self.calls += 1
         return {**batch, "image": torch.stack(images), "label": torch.stack(labels)}
 
     def set_random_state(self, seed: int | None) -> TrainingTransforms:

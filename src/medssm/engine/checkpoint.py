@@ -2,7 +2,7 @@
 
 A checkpoint is a folder: ``model.safetensors`` + ``model.json`` (what :func:`medssm.load_model`
 reads: model name, arguments and any metadata such as the plan and label names) and
-``training_state.pt`` (optimiser, schedule, epoch, random generators), all written into a temporary
+``training_state.pt`` (optimiser, schedule, loss scaler, epoch, random generators), all written into a temporary
 folder that then replaces the old one, so a crash never leaves a half-written checkpoint.
 """
 
@@ -42,6 +42,7 @@ def set_rng_state(state: dict) -> None:
 
 def save_checkpoint(directory: str | os.PathLike, model: torch.nn.Module, *, epoch: int,
                     optimizer: torch.optim.Optimizer | None = None, scheduler=None,
+                    scaler: torch.amp.GradScaler | None = None,
                     metadata: dict | None = None, extra_state: dict | None = None) -> Path:
     """Write a checkpoint folder atomically. ``metadata`` goes into model.json (JSON-able);
     ``extra_state`` (tensors, numbers, strings) into training_state.pt."""
@@ -54,6 +55,7 @@ def save_checkpoint(directory: str | os.PathLike, model: torch.nn.Module, *, epo
             "epoch": epoch,
             "optimizer": optimizer.state_dict() if optimizer is not None else None,
             "scheduler": scheduler.state_dict() if scheduler is not None else None,
+            "scaler": scaler.state_dict() if scaler is not None else None,
             "rng": rng_state(),
             "extra": extra_state or {},
         }
@@ -72,8 +74,8 @@ def save_checkpoint(directory: str | os.PathLike, model: torch.nn.Module, *, epo
 
 def load_checkpoint(directory: str | os.PathLike, model: torch.nn.Module, *,
                     optimizer: torch.optim.Optimizer | None = None, scheduler=None,
-                    restore_rng: bool = True) -> dict:
-    """Load a checkpoint folder into ``model`` (and optimiser/schedule); returns the training state
+                    scaler: torch.amp.GradScaler | None = None, restore_rng: bool = True) -> dict:
+    """Load a checkpoint folder into ``model`` (and optimiser/schedule/scaler); returns the training state
     (``epoch``, ``extra``). Reads the ``.old`` copy if a crash interrupted the last replacement."""
     from safetensors.torch import load_file
 
@@ -88,6 +90,8 @@ def load_checkpoint(directory: str | os.PathLike, model: torch.nn.Module, *,
         optimizer.load_state_dict(state["optimizer"])
     if scheduler is not None and state["scheduler"] is not None:
         scheduler.load_state_dict(state["scheduler"])
+    if scaler is not None and state.get("scaler"):  # absent in checkpoints from before it was saved here
+        scaler.load_state_dict(state["scaler"])
     if restore_rng:
         set_rng_state(state["rng"])
     return state

@@ -151,15 +151,17 @@ def load_trained(run: str | os.PathLike, which: str = "best", device: str | torc
 # One optimisation step (device, precision and DDP helpers: medssm.engine.devices / .distributed).
 
 
-def train_step(model: torch.nn.Module, batch: dict, loss_fn, optimizer: torch.optim.Optimizer,
-               scheduler=None, grad_clip: float = 12.0, device: torch.device | str = "cpu",
-               precision: str = "fp32", scaler: torch.amp.GradScaler | None = None) -> float:
-    """Forward (this process's slice of the global batch, under autocast unless fp32), loss on the
-    global batch, backward, gradient-norm clipping, optimiser and schedule step; returns the loss.
-    A non-finite loss skips the update (and is returned, so the caller can count it)."""
+def train_step(model: torch.nn.Module, image: torch.Tensor, label: torch.Tensor, loss_fn,
+               optimizer: torch.optim.Optimizer, scheduler=None, grad_clip: float | None = 12.0,
+               device: torch.device | str = "cpu", precision: str = "fp32",
+               scaler: torch.amp.GradScaler | None = None) -> float:
+    """One update from this process's slice of the global batch (``image``, ``label``): forward
+    under autocast unless fp32, the loss on the global batch (every rank's labels gathered), backward,
+    gradient-norm clipping, optimiser and schedule step; returns the loss. A non-finite loss skips
+    the update (and is returned, so the caller can count it)."""
     device = torch.device(device)
-    image = distributed.shard(batch["image"]).to(device, non_blocking=True)
-    label = batch["label"].to(device, non_blocking=True)
+    image = image.to(device, non_blocking=True)
+    label = distributed.all_gather(label.to(device, non_blocking=True))
     optimizer.zero_grad(set_to_none=True)
     with autocast(device, precision):
         loss = distributed.global_loss(loss_fn, model(image), label)
@@ -312,14 +314,12 @@ def train(cfg: TrainConfig) -> Path:
 
     start_epoch, best = 0, -math.inf
     if cfg.resume:
-        state = load_checkpoint(last_dir, model, optimizer=optimizer, scheduler=scheduler)
+        state = load_checkpoint(last_dir, model, optimizer=optimizer, scheduler=scheduler, scaler=scaler)
         start_epoch, extra = int(state["epoch"]), state["extra"]
         best = float(extra.get("best", -math.inf))
         sampler.load_state_dict(extra["sampler"])
         if augment is not None and "augment" in extra:
             augment.load_state_dict(extra["augment"])
-        if extra.get("scaler"):
-            scaler.load_state_dict(extra["scaler"])
         if main:
             print(f"resuming {run} after epoch {start_epoch}/{cfg.epochs}")
     history = History(run, resume=cfg.resume, resume_epoch=start_epoch)
@@ -334,12 +334,12 @@ def train(cfg: TrainConfig) -> Path:
         t0, losses = time.time(), []
         bar = tqdm(range(cfg.iterations_per_epoch), desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="it",
                    disable=not progress, leave=False)
-        for _ in bar:
-            batch = next(batches)
+        for _ in bar:  # every rank draws the global batch, then augments and learns from its slice
+            batch = {k: distributed.shard(v) for k, v in next(batches).items() if k in ("image", "label")}
             if augment is not None:
-                batch = augment(batch)
-            losses.append(train_step(ddp_model, batch, loss_fn, optimizer, scheduler, recipe.grad_clip, device,
-                                     cfg.precision, scaler))
+                batch = augment(batch, first=env.rank * len(batch["image"]))
+            losses.append(train_step(ddp_model, batch["image"], batch["label"], loss_fn, optimizer, scheduler,
+                                     recipe.grad_clip, device, cfg.precision, scaler))
             bar.set_postfix(loss=f"{losses[-1]:.4f}")
         finite = [v for v in losses if math.isfinite(v)]
         row = {"epoch": epoch + 1, "train_loss": float(np.mean(finite)) if finite else math.nan,
@@ -357,14 +357,14 @@ def train(cfg: TrainConfig) -> Path:
             best = max(best, row["val_dice"])
         row["time_s"] = round(time.time() - t0, 2)
         extra = {"best": best, "sampler": sampler.state_dict(),
-                 "augment": augment.state_dict() if augment is not None else {}, "scaler": scaler.state_dict()}
+                 "augment": augment.state_dict() if augment is not None else {}}
         if not main:  # rank 0 alone writes checkpoints and logs
             continue
         ckpt_meta = {**metadata, "epoch": epoch + 1, "val_dice": row.get("val_dice"), "best_val_dice": best
                      if math.isfinite(best) else None}
         if improved:
             save_checkpoint(run / "checkpoints" / "best", model, epoch=epoch + 1, metadata=ckpt_meta)
-        save_checkpoint(last_dir, model, epoch=epoch + 1, optimizer=optimizer, scheduler=scheduler,
+        save_checkpoint(last_dir, model, epoch=epoch + 1, optimizer=optimizer, scheduler=scheduler, scaler=scaler,
                         metadata=ckpt_meta, extra_state=extra)
         history.log(**row)
         history.plot()
