@@ -53,6 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--schedule", default="constant")
     ap.add_argument("--weight-decay", type=float, default=0.0)
     ap.add_argument("--label-smoothing", type=float, default=0.0)
+    ap.add_argument("--ema", type=float, default=0.0, help="moving average of the weights (e.g. 0.995; 0: off)")
     ap.add_argument("--crop-scale", type=float, nargs=2, default=(0.5, 1.0))
     ap.add_argument("--limit", type=int, default=None, help="train/val samples (smoke runs only)")
     ap.add_argument("--max-steps", type=int, default=None, help="steps per epoch (smoke runs only)")
@@ -62,6 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--runs", default="runs/benchmark_classification", help="where the training runs go")
     ap.add_argument("--resume", action="store_true", help="continue runs already in --runs")
     ap.add_argument("--no-progress", action="store_true")
+    ap.add_argument("--out", type=Path, default=RESULTS, help="the JSON results file")
     args = ap.parse_args(argv)
 
     import torch
@@ -86,7 +88,8 @@ def main(argv: list[str] | None = None) -> int:
         cfg = ClassifierTrainConfig(
             data=name, data_root=str(root), size=args.size, out=str(run), model=args.model, input_size=args.input_size,
             epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, optimizer=args.optimizer,
-            schedule=args.schedule, weight_decay=args.weight_decay, label_smoothing=args.label_smoothing, crop_scale=tuple(args.crop_scale), limit=args.limit, max_steps=args.max_steps,
+            schedule=args.schedule, weight_decay=args.weight_decay, label_smoothing=args.label_smoothing, ema=args.ema,
+            crop_scale=tuple(args.crop_scale), limit=args.limit, max_steps=args.max_steps,
             seed=args.seed, device=args.device, resume=args.resume and (run / "last").exists(), progress=not args.no_progress)
         train_classifier(cfg)
         device = resolve_device(args.device)
@@ -115,9 +118,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"total wall time {results['wall_s']:.0f}s")
     from medssm.files import atomic_path
 
-    with atomic_path(RESULTS) as tmp:
+    with atomic_path(args.out) as tmp:
         tmp.write_text(json.dumps(results, indent=2))
-    print(f"-> {RESULTS}")
+    print(f"-> {args.out}")
     return 0
 
 

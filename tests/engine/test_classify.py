@@ -88,16 +88,26 @@ def test_breast_options_and_reference_evaluation(subsets, tmp_path):
     assert not (tmp_path / "x.csv").exists()
 
 
-def test_resume_is_exact(subsets, tmp_path):
+@pytest.mark.parametrize("ema", [0.0, 0.9])
+def test_resume_is_exact(subsets, tmp_path, ema):
     npz = subsets / "breastmnist.npz"
-    straight = train_classifier(_cfg(npz, tmp_path / "a", epochs=2, limit=8))
-    half = train_classifier(_cfg(npz, tmp_path / "b", epochs=1, limit=8))
-    resumed = train_classifier(_cfg(npz, tmp_path / "b", epochs=2, limit=8, resume=True))
+    straight = train_classifier(_cfg(npz, tmp_path / "a", epochs=2, limit=8, ema=ema))
+    half = train_classifier(_cfg(npz, tmp_path / "b", epochs=1, limit=8, ema=ema))
+    resumed = train_classifier(_cfg(npz, tmp_path / "b", epochs=2, limit=8, ema=ema, resume=True))
     assert resumed == half
-    a, b = load_file(str(straight / "last" / "model.safetensors")), load_file(str(resumed / "last" / "model.safetensors"))
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    for ckpt in ("last", "."):  # with --ema, model.safetensors of the best epoch holds the average
+        a, b = (load_file(str(r / ckpt / "model.safetensors")) for r in (straight, resumed))
+        assert all(torch.equal(a[k], b[k]) for k in a)
     la, lb = (json.loads((r / "log.json").read_text()) for r in (straight, resumed))
     assert [r["train_loss"] for r in la] == [r["train_loss"] for r in lb]
+    assert [r["val_auc"] for r in la] == [r["val_auc"] for r in lb]
+    kept = load_file(str(straight / "model.safetensors"))
+    last = load_file(str(straight / "last" / "model.safetensors"))
+    if ema:  # the kept model is the average, not the trained weights
+        assert any(not torch.equal(kept[k], last[k]) for k in kept)
+    else:
+        with pytest.raises(ValueError, match="without --ema"):
+            train_classifier(_cfg(npz, tmp_path / "b", epochs=3, limit=8, ema=0.9, resume=True))
 
 
 def test_3d_volumes(tmp_path):

@@ -98,3 +98,45 @@ def _initial_weights(model: str) -> dict[str, torch.Tensor]:
 
     torch.manual_seed(TrainConfig(data="").seed)
     return build_model(model, 2, 1, 2).state_dict()
+
+
+CLASSIFY_WORKER = """
+import json, sys
+from safetensors.torch import save_file
+from medssm.engine import classify, distributed
+seen = {}
+real_wrap = distributed.wrap
+def wrap(model, device):
+    seen["model"] = model
+    return real_wrap(model, device)
+distributed.wrap = wrap
+classify.train_classifier(classify.ClassifierTrainConfig(**json.loads(sys.argv[1])))
+save_file({k: v.detach().contiguous() for k, v in seen["model"].named_parameters()},  # BatchNorm statistics
+          f"{sys.argv[2]}/rank{distributed.world().rank}.safetensors")                # stay per rank on gloo
+"""
+
+
+def test_two_process_classifier_run(data_root, tmp_path):
+    """Both ranks train the same weights; rank 0 alone validates (the other rank does not wait on
+    it) and writes the run, here with the moving average of the weights."""
+    import numpy as np
+
+    with np.load(data_root / "medmnist" / "breastmnist.npz") as z:
+        arrays = {f"{s}_{k}": z[f"{s}_{k}"][:n] for s, n in (("train", 32), ("val", 12), ("test", 4))
+                  for k in ("images", "labels")}
+    np.savez(tmp_path / "breast.npz", **arrays)
+    cfg = dict(data=str(tmp_path / "breast.npz"), out=str(tmp_path / "run"), model="medmamba_tiny", epochs=2,
+               batch_size=8, ema=0.9, device="cpu", progress=False)
+    (tmp_path / "worker.py").write_text(CLASSIFY_WORKER)
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+         "--master_port", str(_free_port()), str(tmp_path / "worker.py"), json.dumps(cfg), str(tmp_path)],
+        env={**os.environ, "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+        timeout=240)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    ranks = [load_file(str(tmp_path / f"rank{r}.safetensors")) for r in (0, 1)]
+    for k in ranks[0]:
+        torch.testing.assert_close(ranks[0][k], ranks[1][k], rtol=0, atol=0, msg=k)
+    log = json.loads((tmp_path / "run" / "log.json").read_text())
+    assert [r["epoch"] for r in log] == [1, 2] and all(r["nonfinite_steps"] == 0 for r in log)
+    assert (tmp_path / "run" / "model.safetensors").is_file() and (tmp_path / "run" / "curves.png").is_file()

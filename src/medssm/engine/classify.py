@@ -2,7 +2,8 @@
 
 MedMamba's official recipe is the default: Adam at 1e-4, cross-entropy, random-resized crop and
 horizontal flip, inputs normalised to [-1, 1], batch 32, 100 epochs. Options add AdamW, a cosine
-schedule with warm-up, label smoothing and class weights. The model is validated each epoch; the
+schedule with warm-up, label smoothing, class weights, gradient clipping and a moving average of
+the weights (``--ema``). The model (with ``--ema``: the average) is validated each epoch; the
 one with the best validation AUC is the run's model (``RUN/model.safetensors`` + ``model.json``
 with ``"task": "classification"``, its classes and input size), ``RUN/last/`` is the checkpoint to
 resume from, and ``log.csv``/``log.json``/``curves.png`` record the epochs.
@@ -33,8 +34,10 @@ from ..files import atomic_path
 from ..nets.registry import create_model, save_model
 from . import distributed
 from .checkpoint import load_checkpoint, save_checkpoint
-from .devices import autocast, backward_and_step, check_precision, grad_scaler
+from .devices import autocast, check_precision, grad_scaler
+from .ema import WeightAverage
 from .history import History
+from .train import train_step
 
 __all__ = ["ClassifierTrainConfig", "train_classifier", "predict_proba"]
 
@@ -67,6 +70,10 @@ class ClassifierTrainConfig:
         "help": "random-resized crop area range (the recipe: 0.08 1.0)"})
     hflip: bool = field(default=True, metadata={"help": "random horizontal flips"})
     vflip: bool = field(default=False, metadata={"help": "random vertical flips"})
+    grad_clip: float = field(default=0.0, metadata={"help": "max gradient norm (0: off, as in the recipe)"})
+    ema: float = field(default=0.0, metadata={
+        "help": "decay of a moving average of the weights, e.g. 0.998 (0: off); validation, the best model "
+                "and predictions then use the average"})
     drop_path: float | None = field(default=None, metadata={"help": "stochastic depth rate (MedMamba default 0.1)"})
     seed: int = field(default=0, metadata={"help": "random seed (data order, augmentation, initialisation)"})
     resume: bool = field(default=False, metadata={"help": "continue the run in --out from its last checkpoint"})
@@ -189,6 +196,8 @@ def train_classifier(cfg: ClassifierTrainConfig) -> Path:
         raise ValueError(f"--model-kwargs: expected a JSON object, got {cfg.model_kwargs!r}")
     kwargs.update(extra)
     model = create_model(cfg.model, **kwargs).to(device)
+    ema = WeightAverage(model, cfg.ema) if cfg.ema else None
+    evaluated = ema.module if ema else model  # what is validated, kept and predicted with
     metadata = {
         "task": "classification", "classes": classes, "in_chans": train_src.in_chans,
         "spatial_dims": train_src.spatial_dims, "input_size": input_size, "normalize": {"mean": 0.5, "std": 0.5},
@@ -212,11 +221,13 @@ def train_classifier(cfg: ClassifierTrainConfig) -> Path:
 
     start, best_auc, best_epoch = 1, -math.inf, 0
     if cfg.resume:
-        state = load_checkpoint(out / "last", model, optimizer=optimizer, scheduler=scheduler)
+        state = load_checkpoint(out / "last", model, optimizer=optimizer, scheduler=scheduler, scaler=scaler)
         start = int(state["epoch"]) + 1
         best_auc, best_epoch = float(state["extra"]["best_auc"]), int(state["extra"]["best_epoch"])
-        if state["extra"].get("scaler"):
-            scaler.load_state_dict(state["extra"]["scaler"])
+        if ema:
+            if "ema" not in state["extra"]:
+                raise ValueError(f"{out / 'last'}: this run was trained without --ema; resume it without")
+            ema.load_state_dict(state["extra"]["ema"])
         if main:
             print(f"resuming {out} after epoch {state['epoch']} (best val AUC {best_auc:.4f} at epoch {best_epoch})")
     elif main:
@@ -238,27 +249,30 @@ def train_classifier(cfg: ClassifierTrainConfig) -> Path:
         model.train()
         if sampler is not None:
             sampler.set_epoch(epoch)
-        total, seen = 0.0, 0
+        total, seen, nonfinite = 0.0, 0, 0
         steps = len(loader) if cfg.max_steps is None else min(len(loader), cfg.max_steps)
         bar = tqdm(loader, total=steps, desc=f"epoch {epoch}/{cfg.epochs}", leave=False,
                    disable=not (cfg.progress and main))
         for step, (x, y, _) in enumerate(bar):
             if step >= steps:
                 break
-            x, y = x.to(device), distributed.all_gather(y.to(device))  # the loss sees the global batch
-            with autocast(device, cfg.precision):
-                loss = distributed.global_loss(criterion, ddp_model(x), y)
-            optimizer.zero_grad(set_to_none=True)
-            backward_and_step(loss, ddp_model, optimizer, scaler)
-            total += loss.item() * len(y)
+            loss = train_step(ddp_model, x, y, criterion, optimizer, None, cfg.grad_clip, device, cfg.precision, scaler)
+            if ema:
+                ema.update(model)
+            if not math.isfinite(loss):
+                nonfinite += 1
+                continue
+            total += loss * len(y)
             seen += len(y)
             bar.set_postfix(loss=f"{total / seen:.4f}")
         bar.close()
         lr = optimizer.param_groups[0]["lr"]
         scheduler.step()
+        if not main:  # rank 0 alone validates (the unwrapped model: no collective calls) and writes
+            continue
 
-        with autocast(device, cfg.precision):  # every rank validates (same result); rank 0 writes
-            probs = predict_proba(model, val_ds, batch_size=max(cfg.batch_size, 64), device=device,
+        with autocast(device, cfg.precision):
+            probs = predict_proba(evaluated, val_ds, batch_size=max(cfg.batch_size, 64), device=device,
                                   progress=cfg.progress and main, desc="validate")
         val_loss = float(F.nll_loss(torch.log(torch.from_numpy(probs).clamp_min(1e-12)),
                                     torch.from_numpy(val_src.labels)))
@@ -267,17 +281,15 @@ def train_classifier(cfg: ClassifierTrainConfig) -> Path:
         improved = score > best_auc
         if improved:
             best_auc, best_epoch = score, epoch
-        if not main:
-            continue
-        if improved:
-            save_model(model, out, extra={**metadata, "best_epoch": epoch, "val_auc": m["auc"], "val_acc": m["acc"]})
-        save_checkpoint(out / "last", model, epoch=epoch, optimizer=optimizer, scheduler=scheduler,
+            save_model(evaluated, out, extra={**metadata, "best_epoch": epoch, "val_auc": m["auc"], "val_acc": m["acc"]})
+        save_checkpoint(out / "last", model, epoch=epoch, optimizer=optimizer, scheduler=scheduler, scaler=scaler,
                         metadata=metadata, extra_state={"best_auc": best_auc, "best_epoch": best_epoch,
-                                                        "scaler": scaler.state_dict()})
-        history.log(epoch=epoch, train_loss=total / max(seen, 1), val_loss=val_loss, val_acc=m["acc"],
+                                                        **({"ema": ema.state_dict()} if ema else {})})
+        train_loss = total / seen if seen else math.nan
+        history.log(epoch=epoch, train_loss=train_loss, nonfinite_steps=nonfinite, val_loss=val_loss, val_acc=m["acc"],
                     val_auc=m["auc"], val_f1=m["f1"], lr=lr, time_s=round(time.perf_counter() - t0, 2))
         history.plot()
-        print(f"epoch {epoch}/{cfg.epochs}: train loss {total / max(seen, 1):.4f}  val loss {val_loss:.4f}  "
+        print(f"epoch {epoch}/{cfg.epochs}: train loss {train_loss:.4f}  val loss {val_loss:.4f}  "
               f"val ACC {m['acc']:.4f}  val AUC {m['auc']:.4f}{'  *best*' if improved else ''}  "
               f"({time.perf_counter() - t0:.1f}s)")
     if main:
