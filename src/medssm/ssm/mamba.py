@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import is_in_torch_dispatch_mode
 
 from .orders import from_order, to_order
-from .scan import selective_scan
+from .scan import is_exporting, selective_scan
 
 # The authors' parameter suffix for each token order (SegMamba / Vim naming).
 ORDER_SUFFIX = {"raster": "", "reversed": "_b", "slice": "_s"}
@@ -54,34 +54,37 @@ except ImportError:  # pragma: no cover
 if njit is not None:
     @njit(cache=True, fastmath={"reassoc", "contract", "nsz", "arcp"}, boundscheck=False)
     def _conv_forward_kernel(x, w, b, y):
-        """x, y: (rows, L); w: (rows, K); b: (rows,). y[t] = b + sum_k w[k] x[t - (K-1) + k], x[<0] = 0."""
-        rows, length = x.shape
+        """x, y: (B, D, L); w: (D, K); b: (D,). y[t] = b + sum_k w[k] x[t - (K-1) + k], x[<0] = 0."""
+        batch, dim, length = x.shape
         k_size = w.shape[1]
-        for r in range(rows):
-            xr, yr = x[r], y[r]
-            yr[:] = b[r]
-            for k in range(k_size):
-                shift = k_size - 1 - k  # y[t] += w[k] x[t - shift]
-                wk = w[r, k]
-                for t in range(shift, length):
-                    yr[t] += wk * xr[t - shift]
+        for n in range(batch):
+            for d in range(dim):
+                xr, yr = x[n, d], y[n, d]
+                yr[:] = b[d]
+                for k in range(k_size):
+                    shift = k_size - 1 - k  # y[t] += w[k] x[t - shift]
+                    wk = w[d, k]
+                    for t in range(shift, length):
+                        yr[t] += wk * xr[t - shift]
 
     @njit(cache=True, fastmath={"reassoc", "contract", "nsz", "arcp"}, boundscheck=False)
     def _conv_backward_kernel(x, w, g, gx, gw):
-        """gx[s] = sum_k w[k] g[s + (K-1) - k] (g[>=L] = 0); gw[r, k] = sum_t g[t] x[t - (K-1) + k]."""
-        rows, length = x.shape
+        """gx[s] = sum_k w[k] g[s + (K-1) - k] (g[>=L] = 0); gw[d, k] = sum_{batch, t} g[t] x[t - (K-1) + k]."""
+        batch, dim, length = x.shape
         k_size = w.shape[1]
-        for r in range(rows):
-            xr, gr, gxr = x[r], g[r], gx[r]
-            gxr[:] = 0
-            for k in range(k_size):
-                shift = k_size - 1 - k
-                wk = w[r, k]
-                acc = gr[0] * 0
-                for s in range(length - shift):
-                    gxr[s] += wk * gr[s + shift]
-                    acc += gr[s + shift] * xr[s]
-                gw[r, k] = acc
+        gw[:, :] = 0
+        for n in range(batch):
+            for d in range(dim):
+                xr, gr, gxr = x[n, d], g[n, d], gx[n, d]
+                gxr[:] = 0
+                for k in range(k_size):
+                    shift = k_size - 1 - k
+                    wk = w[d, k]
+                    acc = gr[0] * 0
+                    for s in range(length - shift):
+                        gxr[s] += wk * gr[s + shift]
+                        acc += gr[s + shift] * xr[s]
+                    gw[d, k] += acc
 
 
 class _CausalDepthwiseConv1d(torch.autograd.Function):
@@ -91,33 +94,28 @@ class _CausalDepthwiseConv1d(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias):
-        batch, dim, length = x.shape
-        k = weight.shape[-1]
+        dim, k = weight.shape[0], weight.shape[-1]
         x = x.contiguous()
-        rows_w = weight.reshape(1, dim, k).expand(batch, -1, -1).reshape(batch * dim, k).contiguous()
-        rows_b = (bias if bias is not None else weight.new_zeros(dim)).reshape(1, dim).expand(batch, -1)
+        w = weight.detach().reshape(dim, k).contiguous()  # (D, 1, K) -> (D, K)
+        b = bias.detach() if bias is not None else weight.new_zeros(dim)
         y = torch.empty_like(x)
-        _conv_forward_kernel(x.detach().view(batch * dim, length).numpy(), rows_w.detach().numpy(),
-                             rows_b.reshape(-1).contiguous().detach().numpy(), y.view(batch * dim, length).numpy())
-        ctx.save_for_backward(x, rows_w)
+        _conv_forward_kernel(x.detach().numpy(), w.numpy(), b.contiguous().numpy(), y.numpy())
+        ctx.save_for_backward(x, weight)
         ctx.has_bias = bias is not None
         return y
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad):
-        x, rows_w = ctx.saved_tensors
-        batch, dim, length = x.shape
-        k = rows_w.shape[-1]
+        x, weight = ctx.saved_tensors
+        dim, k = weight.shape[0], weight.shape[-1]
         grad = grad.contiguous()
         grad_x = torch.empty_like(x)
-        grad_w = rows_w.new_empty(batch * dim, k)
-        _conv_backward_kernel(x.detach().view(batch * dim, length).numpy(), rows_w.detach().numpy(),
-                              grad.view(batch * dim, length).numpy(), grad_x.view(batch * dim, length).numpy(),
-                              grad_w.numpy())
-        grad_w = grad_w.view(batch, dim, 1, k).sum(0)
+        grad_w = weight.new_empty(dim, k)
+        _conv_backward_kernel(x.detach().numpy(), weight.detach().reshape(dim, k).contiguous().numpy(),
+                              grad.numpy(), grad_x.numpy(), grad_w.numpy())
         grad_b = grad.sum((0, 2)) if ctx.has_bias else None
-        return grad_x, grad_w, grad_b
+        return grad_x, grad_w.view_as(weight), grad_b
 
 
 def causal_conv1d(x: torch.Tensor, conv: nn.Conv1d) -> torch.Tensor:
@@ -125,7 +123,7 @@ def causal_conv1d(x: torch.Tensor, conv: nn.Conv1d) -> torch.Tensor:
     the first L outputs, computed with ``conv``'s weight and bias."""
     length = x.shape[-1]
     if (njit is None or x.device.type != "cpu" or x.dtype not in (torch.float32, torch.float64)
-            or conv.weight.dtype != x.dtype or torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()
+            or conv.weight.dtype != x.dtype or is_exporting()
             or is_in_torch_dispatch_mode()):  # counters and profilers (medssm info) see only aten ops
         return conv(x)[..., :length]
     return _CausalDepthwiseConv1d.apply(x, conv.weight, conv.bias)

@@ -129,6 +129,11 @@ def count_scan_flops(compute: bool = True) -> Iterator[list[int]]:
         _flop_counters.remove(calls)
 
 
+def is_exporting() -> bool:
+    """True while ``torch.jit`` traces or ``torch.onnx`` exports: only plain torch ops may run."""
+    return torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()
+
+
 def resolve_backend(backend: str, u: torch.Tensor) -> str:
     """The concrete backend ``backend`` stands for, for tensors like ``u``."""
     global _warned_fallback
@@ -136,7 +141,7 @@ def resolve_backend(backend: str, u: torch.Tensor) -> str:
         if backend not in _BACKENDS:
             raise ValueError(f"unknown scan backend {backend!r}; available: {available_backends()}")
         return backend
-    exporting = torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()
+    exporting = is_exporting()
     if u.device.type == "cuda" and not exporting:
         preference = ("cuda", "triton", "chunked")
     elif u.device.type == "cpu" and not exporting:
