@@ -37,34 +37,15 @@ TASKS = {
 }
 
 
-def seconds_per_step(model: str, kwargs: dict, spatial_dims: int, classes: int, patch, batch: int) -> float:
-    """Time of one training step of ``model`` at this patch and batch (best of 2, after a warm-up)."""
-    import torch
-
-    from medssm.engine.losses import make_loss
-    from medssm.engine.train import build_model
-
-    net = build_model(model, spatial_dims, 1, classes, kwargs)
-    opt = torch.optim.Adam(net.parameters())
-    x, y = torch.randn(batch, 1, *patch), torch.randint(0, classes, (batch, 1, *patch))
-    times = []
-    for _ in range(3):
-        t = time.perf_counter()
-        opt.zero_grad()
-        make_loss("dice_ce")(net(x), y).backward()
-        opt.step()
-        times.append(time.perf_counter() - t)
-    return min(times[1:])
-
-
 def run_task(name: str, args) -> list[dict]:
     from medssm.data.nnunet import NnUNetDataset
+    from medssm.engine.quickstart import calibrate
     from medssm.engine.schedules import recipe_for
     from medssm.engine.train import TrainConfig, train
 
     spec = TASKS[name]
     data = Path(args.data) / spec["dataset"]
-    dims, classes = len(spec["patch"]), NnUNetDataset(data).num_classes
+    classes = NnUNetDataset(data).num_classes
     out = Path(args.out) / name
     rows = []
     base = dict(data=str(data), fold=0, epochs=args.epochs, val_every=args.val_every, patch_size=spec["patch"],
@@ -78,8 +59,9 @@ def run_task(name: str, args) -> list[dict]:
     if not args.skip_baseline:
         # Same wall time: scale the baseline's iterations by the ratio of step times.
         recipe = recipe_for(spec["model"])  # the baseline gets the medssm model's optimiser
-        ratio = (seconds_per_step(spec["model"], {}, dims, classes, spec["patch"], spec["batch"])
-                 / seconds_per_step(spec["baseline"], spec["baseline_kwargs"], dims, classes, spec["patch"], spec["batch"]))
+        ratio = (calibrate(spec["model"], spec["patch"], spec["batch"], classes=classes)["s_per_step"]
+                 / calibrate(spec["baseline"], spec["patch"], spec["batch"], classes=classes,
+                             model_kwargs=spec["baseline_kwargs"])["s_per_step"])
         t = time.perf_counter()
         run = train(TrainConfig(out=str(out / spec["baseline"].replace(":", "_")), model=spec["baseline"],
                                 model_kwargs=json.dumps(spec["baseline_kwargs"]),

@@ -31,6 +31,7 @@ import os
 import shutil
 import time
 from pathlib import Path
+from typing import Sequence
 
 import torch
 
@@ -77,15 +78,18 @@ def find_lung_data(data: str | None) -> Path:
     raise FileNotFoundError(f"no {LUNG} under {candidates[0]}: pass --data or set MEDSSM_DATA")
 
 
-def calibrate(model_name: str, patch: int, batch: int, steps: int = 2) -> dict:
-    """Seconds per training step and per prediction at this size, on this machine, now."""
+def calibrate(model_name: str, patch: int | Sequence[int], batch: int, steps: int = 2, *, classes: int = 2,
+              model_kwargs: dict | None = None) -> dict:
+    """Seconds per training step and per prediction at this size, on this machine, now. An int
+    ``patch`` is a square 2D patch; the input has one channel."""
     from .losses import make_loss
     from .train import build_model
 
-    model = build_model(model_name, 2, 1, 2)
+    patch = (patch, patch) if isinstance(patch, int) else tuple(patch)
+    model = build_model(model_name, len(patch), 1, classes, model_kwargs)
     opt = torch.optim.Adam(model.parameters(), 1e-4)
     loss_fn = make_loss("dice_ce")
-    x, y = torch.randn(batch, 1, patch, patch), torch.randint(0, 2, (batch, 1, patch, patch))
+    x, y = torch.randn(batch, 1, *patch), torch.randint(0, classes, (batch, 1, *patch))
     times = []
     for _ in range(steps + 1):  # the first step compiles kernels: not counted
         t = time.perf_counter()
