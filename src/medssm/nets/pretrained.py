@@ -113,9 +113,21 @@ def load_pretrained(model: nn.Module, path: str | os.PathLike, strict: bool = Tr
         >>> load_pretrained(net, "nnUNet_results/.../fold_0/checkpoint_final.pth")  # doctest: +SKIP
     """
     state = extract_state_dict(read_checkpoint(path))
-    try:
-        model.load_state_dict(state, strict=strict)
-    except RuntimeError as e:  # torch lists the missing, unexpected and mismatched keys
-        raise ValueError(f"{path}: {e}\n  (build the model with the checkpoint's sizes: channels, classes, "
-                         "init_filters/dims, depths)") from None
+    # Checked before anything is copied, so a checkpoint that does not fit leaves the model as it
+    # was (torch's strict load copies every tensor that fits, then raises).
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    mismatched = sorted(f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+                        for k in set(own) & set(state) if state[k].shape != own[k].shape)
+    if mismatched or (strict and (missing or unexpected)):
+        def listing(title, items):
+            return f"\n  {title} ({len(items)}): " + ", ".join(items[:12]) + (" ..." if len(items) > 12 else "") if items else ""
+
+        raise ValueError(f"{path} does not fit {type(model).__name__}: "
+                         + listing("missing from the checkpoint", missing)
+                         + listing("unexpected in the checkpoint", unexpected)
+                         + listing("shape mismatches", mismatched)
+                         + "\n  (build the model with the checkpoint's sizes: channels, classes, init_filters/dims, depths)")
+    model.load_state_dict({k: v for k, v in state.items() if k in own}, strict=strict)
     return model
