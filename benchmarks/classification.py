@@ -54,6 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--weight-decay", type=float, default=0.0)
     ap.add_argument("--label-smoothing", type=float, default=0.0)
     ap.add_argument("--ema", type=float, default=0.0, help="moving average of the weights (e.g. 0.995; 0: off)")
+    ap.add_argument("--drop-path", type=float, default=None, help="stochastic depth rate (MedMamba default 0.1)")
     ap.add_argument("--crop-scale", type=float, nargs=2, default=(0.5, 1.0))
     ap.add_argument("--limit", type=int, default=None, help="train/val samples (smoke runs only)")
     ap.add_argument("--max-steps", type=int, default=None, help="steps per epoch (smoke runs only)")
@@ -79,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     root = Path(args.root or Path(os.environ.get("MEDSSM_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
                 / "medmnist")
-    results = {"settings": {k: v for k, v in vars(args).items()}, "torch_threads": torch.get_num_threads(),
+    results = {"settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}, "torch_threads": torch.get_num_threads(),
                "datasets": {}}
     t_all = time.perf_counter()
     for name in args.datasets:
@@ -88,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = ClassifierTrainConfig(
             data=name, data_root=str(root), size=args.size, out=str(run), model=args.model, input_size=args.input_size,
             epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, optimizer=args.optimizer,
-            schedule=args.schedule, weight_decay=args.weight_decay, label_smoothing=args.label_smoothing, ema=args.ema,
+            schedule=args.schedule, weight_decay=args.weight_decay, label_smoothing=args.label_smoothing, ema=args.ema, drop_path=args.drop_path,
             crop_scale=tuple(args.crop_scale), limit=args.limit, max_steps=args.max_steps,
             seed=args.seed, device=args.device, resume=args.resume and (run / "last").exists(), progress=not args.no_progress)
         train_classifier(cfg)
