@@ -273,7 +273,7 @@ def train_classifier(cfg: ClassifierTrainConfig) -> Path:
 
         with autocast(device, cfg.precision):
             probs = predict_proba(evaluated, val_ds, batch_size=max(cfg.batch_size, 64), device=device,
-                                  progress=cfg.progress and main, desc="validate")
+                                  progress=cfg.progress, desc="validate")
         val_loss = float(F.nll_loss(torch.log(torch.from_numpy(probs).clamp_min(1e-12)),
                                     torch.from_numpy(val_src.labels)))
         m = classification_metrics(val_src.labels, probs, classes)
