@@ -18,22 +18,42 @@ from medssm.engine.train import TrainConfig, train
 
 from .seg_data import lung_subset
 
-# Run by torchrun in each process: train, then save this rank's final weights and its wrapper's type.
+# Run by torchrun in each process: train with train.train or classify.train_classifier (argv 1), then
+# save this rank's final parameters (BatchNorm statistics stay per rank on Gloo) and its wrapper's type.
 WORKER = """
 import json, sys
 from safetensors.torch import save_file
-from medssm.engine import distributed, train
+from medssm.engine import classify, distributed, train
 seen = {}
 real_wrap = distributed.wrap
 def wrap(model, device):
     seen["model"], seen["wrapped"] = model, real_wrap(model, device)
     return seen["wrapped"]
 distributed.wrap = wrap
-train.train(train.TrainConfig(**json.loads(sys.argv[1])))
-rank = distributed.world().rank
-save_file({k: v.contiguous() for k, v in seen["model"].state_dict().items()}, f"{sys.argv[2]}/rank{rank}.safetensors",
-          metadata={"wrapper": type(seen["wrapped"]).__name__})
+trainer, config = {"segmentation": (train.train, train.TrainConfig),
+                   "classification": (classify.train_classifier, classify.ClassifierTrainConfig)}[sys.argv[1]]
+trainer(config(**json.loads(sys.argv[2])))
+save_file({k: v.detach().contiguous() for k, v in seen["model"].named_parameters()},
+          f"{sys.argv[3]}/rank{distributed.world().rank}.safetensors", metadata={"wrapper": type(seen["wrapped"]).__name__})
 """
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _two_processes(tmp_path, task: str, cfg: dict) -> list[dict[str, torch.Tensor]]:
+    """Train ``cfg`` in two Gloo processes under torchrun; each rank's final parameters."""
+    (tmp_path / "worker.py").write_text(WORKER)
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+         "--master_port", str(_free_port()), str(tmp_path / "worker.py"), task, json.dumps(cfg), str(tmp_path)],
+        env={**os.environ, "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+        timeout=240)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return [load_file(str(tmp_path / f"rank{r}.safetensors")) for r in (0, 1)]
 
 
 def test_environment_from_torchrun_slurm_or_nothing():
@@ -50,28 +70,13 @@ def test_single_process_helpers_pass_through():
     assert weighted_mean([0.5, 0.25], 3) == [0.5, 0.25]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_two_process_gloo_run_equals_single_process(data_root, tmp_path):
     lung = lung_subset(data_root, tmp_path / "Dataset001_LungXray", n=6, size=64)
     cfg = dict(data=str(lung), model="lightm_unet_2d_tiny", epochs=1, iterations_per_epoch=3, val_every=1,
                val_cases=2, patch_size=(64, 64), batch_size=4, device="cpu", progress=False)
     single = train(TrainConfig(**cfg, out=str(tmp_path / "single")))
 
-    env = {**os.environ, "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1"}
-    (tmp_path / "worker.py").write_text(WORKER)
-    proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-         "--master_port", str(_free_port()), str(tmp_path / "worker.py"),
-         json.dumps({**cfg, "out": str(tmp_path / "ddp")}), str(tmp_path)],
-        env=env, capture_output=True, text=True, timeout=240)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-
-    ranks = [load_file(str(tmp_path / f"rank{r}.safetensors")) for r in (0, 1)]
+    ranks = _two_processes(tmp_path, "segmentation", {**cfg, "out": str(tmp_path / "ddp")})
     with safe_open(str(tmp_path / "rank1.safetensors"), "pt") as f:
         assert f.metadata()["wrapper"] == "DistributedDataParallel"
     reference = load_file(str(single / "checkpoints" / "last" / "model.safetensors"))
@@ -100,22 +105,6 @@ def _initial_weights(model: str) -> dict[str, torch.Tensor]:
     return build_model(model, 2, 1, 2).state_dict()
 
 
-CLASSIFY_WORKER = """
-import json, sys
-from safetensors.torch import save_file
-from medssm.engine import classify, distributed
-seen = {}
-real_wrap = distributed.wrap
-def wrap(model, device):
-    seen["model"] = model
-    return real_wrap(model, device)
-distributed.wrap = wrap
-classify.train_classifier(classify.ClassifierTrainConfig(**json.loads(sys.argv[1])))
-save_file({k: v.detach().contiguous() for k, v in seen["model"].named_parameters()},  # BatchNorm statistics
-          f"{sys.argv[2]}/rank{distributed.world().rank}.safetensors")                # stay per rank on gloo
-"""
-
-
 def test_two_process_classifier_run(data_root, tmp_path):
     """Both ranks train the same weights; rank 0 alone validates (the other rank does not wait on
     it) and writes the run, here with the moving average of the weights."""
@@ -127,14 +116,7 @@ def test_two_process_classifier_run(data_root, tmp_path):
     np.savez(tmp_path / "breast.npz", **arrays)
     cfg = dict(data=str(tmp_path / "breast.npz"), out=str(tmp_path / "run"), model="medmamba_tiny", epochs=2,
                batch_size=8, ema=0.9, device="cpu", progress=False)
-    (tmp_path / "worker.py").write_text(CLASSIFY_WORKER)
-    proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-         "--master_port", str(_free_port()), str(tmp_path / "worker.py"), json.dumps(cfg), str(tmp_path)],
-        env={**os.environ, "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
-        timeout=240)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    ranks = [load_file(str(tmp_path / f"rank{r}.safetensors")) for r in (0, 1)]
+    ranks = _two_processes(tmp_path, "classification", cfg)
     for k in ranks[0]:
         torch.testing.assert_close(ranks[0][k], ranks[1][k], rtol=0, atol=0, msg=k)
     log = json.loads((tmp_path / "run" / "log.json").read_text())
