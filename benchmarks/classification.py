@@ -12,6 +12,9 @@ and halves three times, so at 28 px its last stage sees one token; at 64 it sees
 the CPU time of 28 (the recipe's 224 would be ~12x more again). At these sizes the recipe's crop of
 8-100 % of the area leaves crops of a few pixels, so the benchmark crops 50-100 % (``--crop-scale``).
 
+Every ``medssm train`` option for classification can be given (``--ema``, ``--drop-path``, ...);
+the benchmark sets the data, the run folder and resuming itself.
+
     python benchmarks/classification.py                       # full: 100 epochs each
     python benchmarks/classification.py --epochs 1 --limit 256 --max-steps 4   # a smoke run
 
@@ -37,41 +40,34 @@ PUBLISHED = {
                     "MedMamba README": (0.853, 0.825)},
 }
 TARGETS = {"pneumoniamnist": (0.90, 0.97), "breastmnist": (0.87, 0.92)}
+# Training options the benchmark sets itself (per dataset, or with its own flags above).
+BENCHMARK_OWNS = ("data", "out", "resume", "size", "data_root", "download", "progress")
 
 
 def main(argv: list[str] | None = None) -> int:
+    from medssm.cli import add_config_arguments, config_from_args
+    from medssm.engine.classify import ClassifierTrainConfig
+
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--datasets", nargs="+", default=["pneumoniamnist", "breastmnist"])
     ap.add_argument("--root", default=None, help="MedMNIST folder (default $MEDSSM_DATA/medmnist, else ../shared/data/medmnist)")
-    ap.add_argument("--model", default="medmamba_t")
     ap.add_argument("--size", type=int, default=28, help="which MedMNIST file: 28, 64, 128, 224")
-    ap.add_argument("--input-size", type=int, default=28)
-    ap.add_argument("--epochs", type=int, default=100)
-    ap.add_argument("--batch-size", type=int, default=32)
-    ap.add_argument("--lr", type=float, default=1e-4)
-    ap.add_argument("--optimizer", default="adam")
-    ap.add_argument("--schedule", default="constant")
-    ap.add_argument("--weight-decay", type=float, default=0.0)
-    ap.add_argument("--label-smoothing", type=float, default=0.0)
-    ap.add_argument("--ema", type=float, default=0.0, help="moving average of the weights (e.g. 0.995; 0: off)")
-    ap.add_argument("--drop-path", type=float, default=None, help="stochastic depth rate (MedMamba default 0.1)")
-    ap.add_argument("--crop-scale", type=float, nargs=2, default=(0.5, 1.0))
-    ap.add_argument("--limit", type=int, default=None, help="train/val samples (smoke runs only)")
-    ap.add_argument("--max-steps", type=int, default=None, help="steps per epoch (smoke runs only)")
-    ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=None)
-    ap.add_argument("--device", default="auto")
     ap.add_argument("--runs", default="runs/benchmark_classification", help="where the training runs go")
     ap.add_argument("--resume", action="store_true", help="continue runs already in --runs")
     ap.add_argument("--no-progress", action="store_true")
     ap.add_argument("--out", type=Path, default=RESULTS, help="the JSON results file")
+    training = ap.add_argument_group("training (medssm train's options; defaults: MedMamba's recipe, crops of 50-100 %%)")
+    add_config_arguments(training, ClassifierTrainConfig, exclude=BENCHMARK_OWNS)
+    ap.set_defaults(model="medmamba_t", input_size=None, epochs=ClassifierTrainConfig.epochs, crop_scale=(0.5, 1.0),
+                    device="auto")  # read back below; the others take the config's defaults
     args = ap.parse_args(argv)
 
     import torch
 
     from medssm.data.classification import ClassificationDataset
     from medssm.data.medmnist import open_medmnist
-    from medssm.engine.classify import ClassifierTrainConfig, predict_proba, train_classifier
+    from medssm.engine.classify import predict_proba, train_classifier
     from medssm.engine.devices import resolve_device
     from medssm.inference.classify import load_classifier, write_predictions
     from medssm.metrics.classify import evaluate_predictions
@@ -80,18 +76,15 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     root = Path(args.root or Path(os.environ.get("MEDSSM_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
                 / "medmnist")
-    results = {"settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}, "torch_threads": torch.get_num_threads(),
-               "datasets": {}}
+    results = {"settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+               "torch_threads": torch.get_num_threads(), "datasets": {}}
     t_all = time.perf_counter()
     for name in args.datasets:
         t0 = time.perf_counter()
-        run = Path(args.runs) / f"{name}_{args.model}_{args.input_size}"
-        cfg = ClassifierTrainConfig(
-            data=name, data_root=str(root), size=args.size, out=str(run), model=args.model, input_size=args.input_size,
-            epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, optimizer=args.optimizer,
-            schedule=args.schedule, weight_decay=args.weight_decay, label_smoothing=args.label_smoothing, ema=args.ema, drop_path=args.drop_path,
-            crop_scale=tuple(args.crop_scale), limit=args.limit, max_steps=args.max_steps,
-            seed=args.seed, device=args.device, resume=args.resume and (run / "last").exists(), progress=not args.no_progress)
+        run = Path(args.runs) / f"{name}_{args.model}_{args.input_size or args.size}"
+        cfg = config_from_args(ClassifierTrainConfig, argparse.Namespace(**{
+            **vars(args), "data": name, "data_root": str(root), "out": str(run),
+            "resume": args.resume and (run / "last").exists(), "progress": not args.no_progress}))
         train_classifier(cfg)
         device = resolve_device(args.device)
         model, meta = load_classifier(run, device=str(device))
@@ -106,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
             "wall_s": round(time.perf_counter() - t0, 1), "run": str(run)}
     results["wall_s"] = round(time.perf_counter() - t_all, 1)
 
-    print(f"\n{args.model} at {args.input_size}px (files of {args.size}px), {args.epochs} epochs, "
+    print(f"\n{args.model} at {args.input_size or args.size}px (files of {args.size}px), {args.epochs} epochs, "
           f"best of validation AUC; test split")
     print(f"{'dataset':<16} {'method':<38} {'ACC':>6} {'AUC':>6}")
     for name, r in results["datasets"].items():

@@ -50,6 +50,10 @@ def test_config_options_from_dataclass():
     cfg = config_from_args(_Config, parser.parse_args(["src", "--size", "1", "2", "3", "--mirror", "--rate", "2"]))
     assert cfg == _Config("src", (1, 2, 3), 2.0, True, None)
     assert config_from_args(_Config, parser.parse_args(["src"])) == _Config("src")
+    partial = argparse.ArgumentParser()
+    add_config_arguments(partial, _Config, exclude=("rate", "mirror"))
+    with pytest.raises(SystemExit):
+        partial.parse_args(["src", "--rate", "2"])
 
 
 def test_bad_input_is_an_error_message_not_a_traceback(tmp_path, capsys):

@@ -102,11 +102,14 @@ def _field_type(tp):
     return tp, False, False
 
 
-def add_config_arguments(parser: argparse.ArgumentParser, config_cls) -> None:
-    """One option per field of ``config_cls`` (``--field-name``; ``metadata={"flags": (...)}`` or
-    ``{"positional": True}`` to change that). Help comes from ``metadata["help"]``."""
+def add_config_arguments(parser, config_cls, exclude: tuple[str, ...] = ()) -> None:
+    """One option per field of ``config_cls`` but those in ``exclude`` (``--field-name``;
+    ``metadata={"flags": (...)}`` or ``{"positional": True}`` to change that). Help comes from
+    ``metadata["help"]``."""
     hints = typing.get_type_hints(config_cls)
     for f in dataclasses.fields(config_cls):
+        if f.name in exclude:
+            continue
         elem, seq, is_bool = _field_type(hints[f.name])
         required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
         kwargs = {"help": f.metadata.get("help", ""), "dest": f.name}
