@@ -50,6 +50,19 @@ def test_round_trip_restores_model_optimizer_schedule_and_rng(tmp_path):
     assert medssm.load_model(tmp_path / "last").weight.equal(model.weight)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_round_trip_restores_the_cuda_generator(tmp_path):
+    import medssm
+
+    model = medssm.create_model("_test_linear")
+    torch.rand(1, device="cuda")  # CUDA in use: its generator is saved too
+    save_checkpoint(tmp_path / "last", model, epoch=1)
+    after_save = torch.rand(5, device="cuda")
+    torch.rand(7, device="cuda")
+    load_checkpoint(tmp_path / "last", model)
+    assert torch.equal(torch.rand(5, device="cuda"), after_save)
+
+
 def test_failed_write_keeps_previous_checkpoint(tmp_path, monkeypatch):
     import medssm
 

@@ -23,10 +23,12 @@ STATE_FILE = "training_state.pt"
 
 
 def rng_state() -> dict:
-    """The global random generators' states (torch, numpy, python), in a weights_only-safe form."""
+    """The global random generators' states (torch, the current CUDA device's once CUDA is in use,
+    numpy, python), in a weights_only-safe form."""
     kind, keys, pos, has_gauss, cached = np.random.get_state()
     return {
         "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state() if torch.cuda.is_initialized() else None,
         "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
                   "has_gauss": int(has_gauss), "cached": float(cached)},
         "python": random.getstate(),
@@ -35,6 +37,8 @@ def rng_state() -> dict:
 
 def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
+    if state.get("cuda") is not None and torch.cuda.is_available():  # absent in older checkpoints
+        torch.cuda.set_rng_state(state["cuda"])
     n = state["numpy"]
     np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached"]))
     random.setstate(state["python"])
