@@ -1,5 +1,6 @@
-"""Devices and mixed precision: device selection, precision checks, and bf16 training on the CPU
-(real lung cases and real PneumoniaMNIST images) that stays finite."""
+"""Devices and mixed precision: device selection, precision checks, and mixed-precision training
+(real lung cases and real PneumoniaMNIST images) that stays finite: bf16 on the CPU, bf16 and fp16
+on CUDA."""
 
 from __future__ import annotations
 
@@ -78,11 +79,18 @@ def test_bf16_forward_close_to_fp32():
     assert torch.corrcoef(torch.stack([out.float().flatten(), ref.flatten()]))[0, 1] > 0.99
 
 
-def test_bf16_segmentation_training_on_cpu_stays_finite(data_root, tmp_path):
+# bf16 on the CPU (in CI); bf16 and fp16 (with loss scaling) on CUDA where there is a GPU.
+MIXED = [("cpu", "bf16"),
+         *(pytest.param("cuda", p, marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"))
+           for p in ("bf16", "fp16"))]
+
+
+@pytest.mark.parametrize("device,precision", MIXED)
+def test_mixed_precision_segmentation_training_stays_finite(data_root, tmp_path, device, precision):
     lung = lung_subset(data_root, tmp_path / "Dataset001_LungXray", n=6, size=32)
     run = train(TrainConfig(data=str(lung), out=str(tmp_path / "run"), model="lightm_unet_2d_tiny", epochs=1,
-                            iterations_per_epoch=2, val_cases=1, patch_size=(32, 32), batch_size=2, device="cpu",
-                            precision="bf16", progress=False))
+                            iterations_per_epoch=2, val_cases=1, patch_size=(32, 32), batch_size=2, device=device,
+                            precision=precision, progress=False))
     row = json.loads((run / "log.json").read_text())[0]
     assert row["nonfinite_steps"] == 0 and torch.isfinite(torch.tensor(row["train_loss"]))
     assert 0 <= row["val_dice"] <= 1
@@ -97,10 +105,11 @@ def test_fp16_on_cpu_refused_before_anything_is_written(data_root, tmp_path):
     assert not (tmp_path / "run").exists()
 
 
-def test_bf16_classification_training_on_cpu_stays_finite(data_root, tmp_path):
+@pytest.mark.parametrize("device,precision", MIXED)
+def test_mixed_precision_classification_training_stays_finite(data_root, tmp_path, device, precision):
     out = train_classifier(ClassifierTrainConfig(
         data=str(data_root / "medmnist" / "pneumoniamnist.npz"), out=str(tmp_path / "run"), model="medmamba_tiny",
-        epochs=1, batch_size=8, max_steps=2, limit=24, device="cpu", precision="bf16", progress=False))
+        epochs=1, batch_size=8, max_steps=2, limit=24, device=device, precision=precision, progress=False))
     row = json.loads((out / "log.json").read_text())[0]
     assert torch.isfinite(torch.tensor([row["train_loss"], row["val_loss"]])).all()
     assert all(torch.isfinite(w).all() for w in load_file(str(out / "model.safetensors")).values())

@@ -58,7 +58,7 @@ def test_example_bundle_parses_loads_weights_and_runs(tmp_path, data_root, monke
     assert len(parser.get_parsed_content("datalist")) == 1
     parser.get_parsed_content("initialize")
     net = parser.get_parsed_content("network")
-    assert all(torch.equal(v, trained.state_dict()[k]) for k, v in net.state_dict().items())
+    assert all(torch.equal(v.cpu(), trained.state_dict()[k]) for k, v in net.state_dict().items())  # on CUDA if there is one
     parser.get_parsed_content("run")
     lines = [l for l in capsys.readouterr().out.splitlines() if "lung fraction" in l]
     assert [l.split()[0] for l in lines] == ["CHNCXR_0001_0_0000.png"]

@@ -4,6 +4,9 @@ A subclass sets ``model_name`` (a small registered size), ``model_kwargs``, ``in
 (several sizes, 2D and/or 3D as the family supports) and ``expected_output_shape``.
 """
 
+import copy
+
+import pytest
 import torch
 
 import medssm
@@ -64,3 +67,25 @@ class ModelTester:
         x = torch.randn(*shape)
         with torch.no_grad():
             assert torch.equal(model(x), model(x))
+
+    @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+    def test_cuda_matches_cpu(self, monkeypatch):
+        """The same weights and input on CUDA (its scan backend) and on CPU: outputs and gradients agree."""
+        monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)  # full float32 convolutions
+        for shape in {len(s): s for s in self.input_shapes}.values():
+            model, _ = self.build(shape)
+            model.eval()
+            x = torch.randn(*shape)
+            results = []
+            for device in ("cpu", "cuda"):
+                m = copy.deepcopy(model).to(device)
+                out = m(x.to(device))
+                out.square().mean().backward()
+                results.append((out.detach().cpu(), {n: p.grad.cpu() for n, p in m.named_parameters()}))
+            (out_cpu, grads_cpu), (out_cuda, grads_cuda) = results
+            assert (out_cuda - out_cpu).abs().max() <= 1e-4 * out_cpu.abs().max(), shape
+            # Each gradient to 1e-3 of its own size, or of the largest one's: a bias before a
+            # normalisation has a gradient that is zero but for rounding, on either device.
+            floor = 1e-3 * max(g.abs().max() for g in grads_cpu.values())
+            for name, g in grads_cpu.items():
+                assert (grads_cuda[name] - g).abs().max() <= max(1e-3 * g.abs().max(), floor), (shape, name)

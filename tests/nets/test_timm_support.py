@@ -130,3 +130,23 @@ def test_broken_timm_registers_nothing(error, tmp_path, monkeypatch):
         monkeypatch.delitem(sys.modules, name)
     monkeypatch.syspath_prepend(str(tmp_path))
     assert register_with_timm() == []
+
+
+def test_real_timm_builds_medmamba_and_resolves_its_data_config():
+    """With the real timm (where it imports: not on the CPU machines here, whose torchvision does not load)."""
+    try:
+        import timm
+        import timm.data
+    except Exception as e:  # not installed, or its torchvision fails to load
+        pytest.skip(f"timm does not import here: {e!r}")
+    register_with_timm()
+    assert set(TIMM_MODELS) <= set(timm.list_models("medmamba*"))
+    model = timm.create_model("medmamba_t", num_classes=6)
+    assert isinstance(model, medmamba.MedMamba)
+    assert sum(p.numel() for p in model.parameters()) == 14_457_222
+    cfg = timm.data.resolve_data_config({}, model=model)
+    assert cfg["input_size"] == (3, 224, 224) and cfg["mean"] == (0.5,) * 3 and cfg["std"] == (0.5,) * 3
+    tiny = timm.create_model("medmamba_tiny", num_classes=2, in_chans=1).eval()
+    tiny.reset_classifier(3)
+    with torch.no_grad():
+        assert tiny(torch.randn(2, 1, 28, 28)).shape == (2, 3)
