@@ -41,17 +41,18 @@ PUBLISHED = {
 }
 TARGETS = {"pneumoniamnist": (0.90, 0.97), "breastmnist": (0.87, 0.92)}
 # Training options the benchmark sets itself (per dataset, or with its own flags above).
-BENCHMARK_OWNS = ("data", "out", "resume", "size", "data_root", "download", "progress")
+BENCHMARK_OWNS = ("data", "out", "resume", "size", "data_root", "download", "progress", "seed")
 
 
 def main(argv: list[str] | None = None) -> int:
-    from medssm.cli import add_config_arguments, config_from_args
+    from medssm.cli import add_config_arguments
     from medssm.engine.classify import ClassifierTrainConfig
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--datasets", nargs="+", default=["pneumoniamnist", "breastmnist"])
     ap.add_argument("--root", default=None, help="MedMNIST folder (default $MEDSSM_DATA/medmnist, else ../shared/data/medmnist)")
     ap.add_argument("--size", type=int, default=28, help="which MedMNIST file: 28, 64, 128, 224")
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0], help="one run per seed; the table adds mean ± sd")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--runs", default="runs/benchmark_classification", help="where the training runs go")
     ap.add_argument("--resume", action="store_true", help="continue runs already in --runs")
@@ -65,57 +66,86 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from medssm.data.classification import ClassificationDataset
-    from medssm.data.medmnist import open_medmnist
-    from medssm.engine.classify import predict_proba, train_classifier
-    from medssm.engine.devices import resolve_device
-    from medssm.inference.classify import load_classifier, write_predictions
-    from medssm.metrics.classify import evaluate_predictions
-
     if args.threads:
         torch.set_num_threads(args.threads)
-    root = Path(args.root or Path(os.environ.get("MEDSSM_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
-                / "medmnist")
+    root = Path(args.root) if args.root else Path(os.environ.get(
+        "MEDSSM_DATA", Path(__file__).resolve().parents[2] / "shared" / "data")) / "medmnist"
     results = {"settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
                "torch_threads": torch.get_num_threads(), "datasets": {}}
     t_all = time.perf_counter()
     for name in args.datasets:
-        t0 = time.perf_counter()
-        run = Path(args.runs) / f"{name}_{args.model}_{args.input_size or args.size}"
-        cfg = config_from_args(ClassifierTrainConfig, argparse.Namespace(**{
-            **vars(args), "data": name, "data_root": str(root), "out": str(run),
-            "resume": args.resume and (run / "last").exists(), "progress": not args.no_progress}))
-        train_classifier(cfg)
-        device = resolve_device(args.device)
-        model, meta = load_classifier(run, device=str(device))
-        test = open_medmnist(name, "test", root=root, size=args.size)
-        probs = predict_proba(model, ClassificationDataset(test, meta["input_size"]), batch_size=128, device=device)
-        write_predictions(run / "test_predictions.csv", [test.name(i) for i in range(len(test))], probs,
-                          meta["classes"], test.labels)
-        m = evaluate_predictions(test.labels, probs, meta["classes"], run / "test_evaluation", title=f"{name} test")
-        results["datasets"][name] = {
-            "test_acc": m["acc"], "test_auc": m["auc"], "test_f1": m["f1"], "best_epoch": meta["best_epoch"],
-            "val_auc": meta["val_auc"], "train_samples": meta["train_samples"], "test_samples": m["n"],
-            "wall_s": round(time.perf_counter() - t0, 1), "run": str(run)}
-    results["wall_s"] = round(time.perf_counter() - t_all, 1)
+        runs = []
+        for seed in args.seeds:
+            runs.append(train_and_test(args, name, seed, root))
+            results["datasets"][name] = summarise(runs)
+            results["wall_s"] = round(time.perf_counter() - t_all, 1)
+            write_json(args.out, results)  # after every run: a long benchmark cut short keeps what it has
 
     print(f"\n{args.model} at {args.input_size or args.size}px (files of {args.size}px), {args.epochs} epochs, "
-          f"best of validation AUC; test split")
+          f"best of validation AUC; test split; seeds {' '.join(map(str, args.seeds))}")
     print(f"{'dataset':<16} {'method':<38} {'ACC':>6} {'AUC':>6}")
     for name, r in results["datasets"].items():
-        print(f"{name:<16} {'medssm ' + args.model + ' (this run)':<38} {r['test_acc']:>6.3f} {r['test_auc']:>6.3f}"
-              f"   (best epoch {r['best_epoch']}, {r['wall_s']:.0f}s)")
+        for run in r["runs"]:
+            method = f"medssm {args.model}, seed {run['seed']}"
+            print(f"{name:<16} {method:<38} {run['test_acc']:>6.3f} "
+                  f"{run['test_auc']:>6.3f}   (best epoch {run['best_epoch']}, val AUC {run['val_auc']:.3f}, "
+                  f"{run['wall_s']:.0f}s)")
+        if len(r["runs"]) > 1:
+            print(f"{'':<16} {'mean ± sd over seeds':<38} {r['test_acc_mean']:>6.3f} {r['test_auc_mean']:>6.3f}"
+                  f"   (± {r['test_acc_sd']:.3f}, ± {r['test_auc_sd']:.3f})")
         ta, tu = TARGETS[name] if name in TARGETS else (float("nan"),) * 2
         print(f"{'':<16} {'target':<38} {ta:>6.3f} {tu:>6.3f}")
         for method, (acc, auc) in PUBLISHED.get(name, {}).items():
             print(f"{'':<16} {method:<38} {acc:>6.3f} {auc:>6.3f}")
     print(f"total wall time {results['wall_s']:.0f}s")
-    from medssm.files import atomic_path
-
-    with atomic_path(args.out) as tmp:
-        tmp.write_text(json.dumps(results, indent=2))
     print(f"-> {args.out}")
     return 0
+
+
+def train_and_test(args: argparse.Namespace, name: str, seed: int, root: Path) -> dict:
+    """Train one run, keep its best epoch by validation AUC, and score it on the test split."""
+    from medssm.cli import config_from_args
+    from medssm.data.classification import ClassificationDataset
+    from medssm.data.medmnist import open_medmnist
+    from medssm.engine.classify import ClassifierTrainConfig, predict_proba, train_classifier
+    from medssm.engine.devices import resolve_device
+    from medssm.inference.classify import load_classifier, write_predictions
+    from medssm.metrics.classify import evaluate_predictions
+
+    t0 = time.perf_counter()
+    run = Path(args.runs) / f"{name}_{args.model}_{args.input_size or args.size}_seed{seed}"
+    cfg = config_from_args(ClassifierTrainConfig, argparse.Namespace(**{
+        **vars(args), "data": name, "data_root": str(root), "out": str(run), "seed": seed,
+        "resume": args.resume and (run / "last").exists(), "progress": not args.no_progress}))
+    train_classifier(cfg)
+    device = resolve_device(args.device)
+    model, meta = load_classifier(run, device=str(device))
+    test = open_medmnist(name, "test", root=root, size=args.size)
+    probs = predict_proba(model, ClassificationDataset(test, meta["input_size"]), batch_size=128, device=device)
+    write_predictions(run / "test_predictions.csv", [test.name(i) for i in range(len(test))], probs,
+                      meta["classes"], test.labels)
+    m = evaluate_predictions(test.labels, probs, meta["classes"], run / "test_evaluation", title=f"{name} test")
+    return {"seed": seed, "test_acc": m["acc"], "test_auc": m["auc"], "test_f1": m["f1"],
+            "best_epoch": meta["best_epoch"], "val_auc": meta["val_auc"], "train_samples": meta["train_samples"],
+            "test_samples": m["n"], "wall_s": round(time.perf_counter() - t0, 1), "run": str(run)}
+
+
+def summarise(runs: list[dict]) -> dict:
+    """The runs of one dataset with the mean and (sample) standard deviation of test ACC and AUC."""
+    out = {"runs": runs}
+    for key in ("test_acc", "test_auc"):
+        values = [r[key] for r in runs]
+        mean = sum(values) / len(values)
+        out[f"{key}_mean"] = mean
+        out[f"{key}_sd"] = (sum((v - mean) ** 2 for v in values) / (len(values) - 1)) ** 0.5 if len(values) > 1 else 0.0
+    return out
+
+
+def write_json(path: Path, results: dict) -> None:
+    from medssm.files import atomic_path
+
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(results, indent=2))
 
 
 if __name__ == "__main__":
