@@ -7,15 +7,19 @@ model and score it in the MedMNIST v2 convention (ACC at p > 0.5, AUC of the pos
 Printed beside the published numbers (MedMNIST v2 paper; MedMamba's README).
 
 Input size: 28 by default, the files' own resolution; the figures in docs/how-to/classification.md
-were measured at 64 (``--input-size 64``: the 28 px images upsampled). MedMamba-T patchifies by 4
-and halves three times, so at 28 px its last stage sees one token; at 64 it sees 2x2, for ~1.75x
-the CPU time of 28 (the recipe's 224 would be ~12x more again). At these sizes the recipe's crop of
-8-100 % of the area leaves crops of a few pixels, so the benchmark crops 50-100 % (``--crop-scale``).
+were measured at 64 on the CPU and at 64, 128 and 224 on a GPU (``--input-size``: the 28 px images
+upsampled). MedMamba-T patchifies by 4 and halves three times, so at 28 px its last stage sees one
+token; at 64 it sees 2x2, for ~1.75x the CPU time of 28 (the recipe's 224 is ~12x more again: a
+GPU's size). At these sizes the recipe's crop of 8-100 % of the area leaves crops of a few pixels, so
+the benchmark crops 50-100 % (``--crop-scale``).
 
 Every ``medssm train`` option for classification can be given (``--ema``, ``--drop-path``, ...);
-the benchmark sets the data, the run folder and resuming itself.
+the benchmark sets the data, the run folder, the seed (``--seeds``: one run each, and their mean and
+standard deviation) and resuming itself.
 
     python benchmarks/classification.py                       # full: 100 epochs each
+    python benchmarks/classification.py --datasets breastmnist --input-size 224 --optimizer adamw \
+        --schedule cosine --ema 0.995 --epochs 50 --seeds 0 1 2 3 4    # the GPU table's best row
     python benchmarks/classification.py --epochs 1 --limit 256 --max-steps 4   # a smoke run
 
 prints a table and writes benchmarks/results/classification.json (and the runs under --runs).
