@@ -71,6 +71,8 @@ def setup(device_name: str = "auto") -> tuple[DistEnv, torch.device]:
     """
     env = environment()
     device = resolve_device(device_name, env.local_rank if env.distributed else None)
+    if device.type == "cuda":  # the current device: where new tensors and the saved CUDA generator live
+        torch.cuda.set_device(device)
     if not env.distributed or dist.is_initialized():
         return env, device
     if device.type == "mps":
@@ -79,8 +81,6 @@ def setup(device_name: str = "auto") -> tuple[DistEnv, torch.device]:
         raise RuntimeError("distributed launch without MASTER_ADDR/MASTER_PORT: torchrun sets them; under srun "
                            "export MASTER_ADDR=$(scontrol show hostnames $SLURM_JOB_NODELIST | head -n1) and "
                            "MASTER_PORT=29500 (see docs/how-to/distributed.md)")
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo", init_method="env://", rank=env.rank,
                             world_size=env.world_size, timeout=datetime.timedelta(hours=1),
                             device_id=device if device.type == "cuda" else None)
