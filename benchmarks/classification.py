@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -139,9 +140,8 @@ def summarise(runs: list[dict]) -> dict:
     out = {"runs": runs}
     for key in ("test_acc", "test_auc"):
         values = [r[key] for r in runs]
-        mean = sum(values) / len(values)
-        out[f"{key}_mean"] = mean
-        out[f"{key}_sd"] = (sum((v - mean) ** 2 for v in values) / (len(values) - 1)) ** 0.5 if len(values) > 1 else 0.0
+        out[f"{key}_mean"] = statistics.mean(values)
+        out[f"{key}_sd"] = statistics.stdev(values) if len(values) > 1 else 0.0
     return out
 
 
