@@ -1,6 +1,6 @@
 """MedMamba on the MedMNIST v2 benchmark: PneumoniaMNIST and BreastMNIST, test ACC and AUC.
 
-For each dataset: train on the official train split with ``medssm.engine.classify`` (MedMamba's
+For each dataset: train on the official train split with ``medssm.engine.classification`` (MedMamba's
 recipe: Adam 1e-4, cross-entropy, batch 32, random-resized crop + horizontal flip, inputs in
 [-1, 1]), keep the epoch with the best validation AUC, predict the official test split with that
 model and score it in the MedMNIST v2 convention (ACC at p > 0.5, AUC of the positive class).
@@ -51,7 +51,7 @@ BENCHMARK_OWNS = ("data", "out", "resume", "size", "data_root", "download", "pro
 
 def main(argv: list[str] | None = None) -> int:
     from medssm.cli import add_config_arguments
-    from medssm.engine.classify import ClassifierTrainConfig
+    from medssm.engine.classification import ClassifierTrainConfig
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--datasets", nargs="+", default=["pneumoniamnist", "breastmnist"])
@@ -111,11 +111,11 @@ def train_and_test(args: argparse.Namespace, name: str, seed: int, root: Path) -
     """Train one run, keep its best epoch by validation AUC, and score it on the test split."""
     from medssm.cli import config_from_args
     from medssm.data.classification import ClassificationDataset
-    from medssm.data.medmnist import open_medmnist
-    from medssm.engine.classify import ClassifierTrainConfig, predict_proba, train_classifier
-    from medssm.engine.devices import resolve_device
-    from medssm.inference.classify import load_classifier, write_predictions
-    from medssm.metrics.classify import evaluate_predictions
+    from medssm.data.classification.medmnist import open_medmnist
+    from medssm.engine.classification import ClassifierTrainConfig, predict_proba, train_classifier
+    from medssm.devices import resolve_device
+    from medssm.inference.classification import load_classifier, write_predictions
+    from medssm.metrics.evaluate_classification import evaluate_predictions
 
     t0 = time.perf_counter()
     run = Path(args.runs) / f"{name}_{args.model}_{args.input_size or args.size}_seed{seed}"

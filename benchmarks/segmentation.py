@@ -38,10 +38,10 @@ TASKS = {
 
 
 def run_task(name: str, args) -> list[dict]:
-    from medssm.data.nnunet import NnUNetDataset
+    from medssm.data.segmentation.nnunet import NnUNetDataset
     from medssm.engine.quickstart import calibrate
     from medssm.engine.schedules import recipe_for
-    from medssm.engine.train import TrainConfig, train
+    from medssm.engine.segmentation import TrainConfig, train
 
     spec = TASKS[name]
     data = Path(args.data) / spec["dataset"]

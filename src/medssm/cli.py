@@ -17,14 +17,16 @@ import types
 import typing
 from pathlib import Path
 
+from .files import describe_os_error
+
 # (command, task) -> "module:ConfigDataclass:function"; task None for commands that have one form.
 HANDLERS: dict[tuple[str, str | None], str] = {
-    ("train", "segmentation"): "medssm.engine.train:TrainConfig:train",
-    ("predict", "segmentation"): "medssm.inference.predict:PredictConfig:predict",
-    ("evaluate", "segmentation"): "medssm.metrics.evaluate:EvaluateConfig:evaluate",
-    ("train", "classification"): "medssm.engine.classify:ClassifierTrainConfig:train_classifier",
-    ("predict", "classification"): "medssm.inference.classify:ClassifierPredictConfig:predict_classifier",
-    ("evaluate", "classification"): "medssm.metrics.classify:ClassifierEvaluateConfig:evaluate_classifier",
+    ("train", "segmentation"): "medssm.engine.segmentation:TrainConfig:train",
+    ("predict", "segmentation"): "medssm.inference.segmentation:PredictConfig:predict",
+    ("evaluate", "segmentation"): "medssm.metrics.evaluate_segmentation:EvaluateConfig:evaluate",
+    ("train", "classification"): "medssm.engine.classification:ClassifierTrainConfig:train_classifier",
+    ("predict", "classification"): "medssm.inference.classification:ClassifierPredictConfig:predict_classifier",
+    ("evaluate", "classification"): "medssm.metrics.evaluate_classification:ClassifierEvaluateConfig:evaluate_classifier",
     ("info", None): "medssm.nets.info:InfoConfig:print_info",
     ("export", None): "medssm.export.onnx:ExportConfig:export_cli",
     ("quickstart", None): "medssm.engine.quickstart:QuickstartConfig:quickstart",
@@ -62,7 +64,7 @@ def demo(cfg: DemoConfig) -> None:
 
 
 def detect_task(command: str, argv: list[str]) -> str:
-    """Which task ``argv`` is about: ``--task``, else the run's model.json, the model, or the data."""
+    """Which task ``argv`` is about: ``--task``, else the run's, else the model's card, else the data's."""
     pre = argparse.ArgumentParser(add_help=False)
     for flags in (("--task",), ("-d", "--data"), ("--model",), ("-m", "--run"), ("-i", "--input")):
         pre.add_argument(*flags)
@@ -70,11 +72,14 @@ def detect_task(command: str, argv: list[str]) -> str:
     known, _ = pre.parse_known_args(argv)
     if known.task:
         return known.task
-    for run in filter(None, (known.run, known.model)):
-        if (Path(run) / "model.json").is_file():
-            return json.loads((Path(run) / "model.json").read_text()).get("task", "segmentation")
-    if known.model and known.model.startswith("medmamba"):
-        return "classification"
+    from .nets.registry import get_model_card
+    from .runs import load_run
+
+    for given in filter(None, (known.run, known.model)):
+        if Path(given).is_dir():
+            return load_run(given).task
+    if known.model:
+        return get_model_card(known.model).task
     from .data.classification import classification_format
 
     if any(classification_format(c) for c in filter(None, (known.data, known.input, *known.positional))):
@@ -105,14 +110,14 @@ def _field_type(tp):
 def add_config_arguments(parser, config_cls, exclude: tuple[str, ...] = ()) -> None:
     """One option per field of ``config_cls`` but those in ``exclude`` (``--field-name``;
     ``metadata={"flags": (...)}`` or ``{"positional": True}`` to change that). Help comes from
-    ``metadata["help"]``."""
+    ``metadata["help"]``, with the default added."""
     hints = typing.get_type_hints(config_cls)
     for f in dataclasses.fields(config_cls):
         if f.name in exclude:
             continue
         elem, seq, is_bool = _field_type(hints[f.name])
         required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
-        kwargs = {"help": f.metadata.get("help", ""), "dest": f.name}
+        kwargs = {"help": _with_default(f, is_bool), "dest": f.name}
         if is_bool:
             kwargs.update(action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS)
         else:
@@ -125,6 +130,32 @@ def add_config_arguments(parser, config_cls, exclude: tuple[str, ...] = ()) -> N
             continue
         flags = f.metadata.get("flags", ("--" + f.name.replace("_", "-"),))
         parser.add_argument(*flags, required=required, **kwargs)
+
+
+def _with_default(f: dataclasses.Field, is_bool: bool) -> str:
+    text = f.metadata.get("help", "")
+    if f.default is dataclasses.MISSING or f.default is None or "default" in text:
+        return text
+    value = ("on" if f.default else "off") if is_bool else " ".join(map(str, f.default)) \
+        if isinstance(f.default, tuple) else f.default
+    return f"{text} (default: {value})".strip()
+
+
+def task_help(command: str) -> argparse.ArgumentParser:
+    """The help of a command with a form per task: every option, grouped by task, with defaults."""
+    forms = {task: _resolve(spec)[0] for (c, task), spec in HANDLERS.items() if c == command and task}
+    fields = {task: [f.name for f in dataclasses.fields(cls)] for task, cls in forms.items()}
+    shared = [n for n in next(iter(fields.values())) if all(n in names for names in fields.values())]
+    parser = argparse.ArgumentParser(prog=f"medssm {command}", conflict_handler="resolve", description=(
+        f"{HELP[command]}. The task is taken from the data, the model or the run (--task to say it); the "
+        "options of both tasks are listed, then those of each task."))
+    parser.add_argument("--task", choices=sorted(forms), help="segmentation or classification")
+    first = next(iter(forms.values()))
+    add_config_arguments(parser.add_argument_group("both tasks"), first,
+                         exclude=tuple(n for n in fields[next(iter(fields))] if n not in shared))
+    for task, cls in forms.items():
+        add_config_arguments(parser.add_argument_group(f"{task} only"), cls, exclude=tuple(shared))
+    return parser
 
 
 def config_from_args(config_cls, args: argparse.Namespace):
@@ -155,22 +186,26 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 0 if argv else 2
     command, rest = argv[0], argv[1:]
-    task = None if (command, None) in HANDLERS else detect_task(command, rest)
-    spec = HANDLERS.get((command, task))
-    if spec is None:
-        raise SystemExit(f"medssm {command}: no {task} form of this command")
-    config_cls, function = _resolve(spec)
-    parser = argparse.ArgumentParser(prog=f"medssm {command}", description=(config_cls.__doc__ or "").strip())
-    if task is not None:
-        parser.add_argument("--task", choices=sorted({t for c, t in HANDLERS if c == command}),
-                            help="segmentation or classification (default: taken from the data, model or run)")
-    add_config_arguments(parser, config_cls)
-    args = parser.parse_args(rest)
+    two_forms = (command, None) not in HANDLERS
+    if two_forms and {"-h", "--help"} & set(rest) and "--task" not in rest:
+        task_help(command).print_help()
+        return 0
     try:
+        task = detect_task(command, rest) if two_forms else None
+        config_cls, function = _resolve(HANDLERS[(command, task)])
+        parser = argparse.ArgumentParser(prog=f"medssm {command}", description=(config_cls.__doc__ or "").strip())
+        if task is not None:
+            parser.add_argument("--task", choices=sorted({t for c, t in HANDLERS if c == command}),
+                                help="segmentation or classification (default: taken from the data, model or run)")
+        add_config_arguments(parser, config_cls)
+        args = parser.parse_args(rest)
         result = function(config_from_args(config_cls, args))
     except (ValueError, FileNotFoundError, FileExistsError) as e:  # bad input: say what, no traceback
         print(f"medssm {command}: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # disk full, permissions ...: the file and the reason, no traceback
+        print(f"medssm {command}: error: {describe_os_error(e)}", file=sys.stderr)
+        return 1
     return result if isinstance(result, int) else 0
 
 

@@ -5,7 +5,7 @@ import pytest
 from PIL import Image
 
 from medssm.data.classification import open_classification_data
-from medssm.data.folders import CsvSource, ImageFolderSource, UnlabelledImages
+from medssm.data.classification.folders import CsvSource, ImageFolderSource, UnlabelledImages
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from medssm.data.classification import ClassificationDataset, open_classification_data, random_flip, random_resized_crop
-from medssm.data.medmnist import (MEDMNIST, MedMNISTSource, medmnist_file, medmnist_path, medmnist_url, open_medmnist,
+from medssm.data.classification.medmnist import (MEDMNIST, MedMNISTSource, medmnist_file, medmnist_path, medmnist_url, open_medmnist,
                                   parse_name, verify_md5)
 
 
@@ -127,7 +127,7 @@ class _FakeResponse(io.BytesIO):
 @pytest.mark.parametrize("corrupt", [False, True])
 def test_download_checks_md5_before_keeping_the_file(data_root, tmp_path, monkeypatch, corrupt):
     """The download path with urlopen replaced by the local file: nothing leaves the machine."""
-    from medssm.data import medmnist
+    from medssm.data.classification import medmnist
 
     payload = (data_root / "medmnist" / "breastmnist.npz").read_bytes()
     payload = payload[:-10] + b"0123456789" if corrupt else payload

@@ -5,10 +5,10 @@ import json
 import numpy as np
 import pytest
 
-from medssm.data import (DatasetError, Geometry, NnUNetDataset, find_cases, make_plan, plan_dataset, read_case_images,
-                         verify_dataset)
+from medssm.data import Geometry
+from medssm.data.segmentation import DatasetError, NnUNetDataset, find_cases, make_plan, plan_dataset, read_case_images, verify_dataset
 from medssm.data.io import read_image, write_image
-from medssm.data.preprocess import build_cache
+from medssm.data.segmentation.preprocess import build_cache
 
 
 def test_real_lung_dataset(data_root):

@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
-from medssm.data import Fingerprint, NnUNetDataset, Plan, make_plan, parse_overrides, plan_dataset, scheme_for_channel
-from medssm.data.plan import _target_spacing
+from medssm.data.segmentation import Fingerprint, NnUNetDataset, Plan, make_plan, parse_overrides, plan_dataset, scheme_for_channel
+from medssm.data.segmentation.plan import _target_spacing
 
 
 @pytest.fixture(scope="module")

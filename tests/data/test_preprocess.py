@@ -7,9 +7,9 @@ import os
 import numpy as np
 import pytest
 
-from medssm.data import (Geometry, NnUNetDataset, PatchSampler, make_plan, normalize, plan_dataset, read_image,
-                         write_image)
-from medssm.data.preprocess import build_cache, load_cache, preprocess_case, revert_to_original
+from medssm.data import Geometry, read_image, write_image
+from medssm.data.segmentation import NnUNetDataset, PatchSampler, make_plan, normalize, plan_dataset
+from medssm.data.segmentation.preprocess import build_cache, load_cache, preprocess_case, revert_to_original
 
 
 @pytest.fixture

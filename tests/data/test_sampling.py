@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from medssm.data import PatchSampler
+from medssm.data.segmentation import PatchSampler
 
 
 def _cache():

@@ -6,7 +6,7 @@ import random
 import pytest
 from sklearn.model_selection import KFold
 
-from medssm.data import load_or_create_splits, make_splits
+from medssm.data.segmentation import load_or_create_splits, make_splits
 
 
 def test_matches_sklearn_kfold_on_sorted_cases(data_root):

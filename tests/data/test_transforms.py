@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from medssm.data.transforms import training_transforms
+from medssm.data.segmentation.transforms import training_transforms
 
 
 def _batch(spatial):

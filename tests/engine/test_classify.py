@@ -11,9 +11,9 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from medssm.cli import main
-from medssm.engine.classify import ClassifierTrainConfig, train_classifier
-from medssm.inference.classify import ClassifierPredictConfig, predict_classifier
-from medssm.metrics.classify import ClassifierEvaluateConfig, evaluate_classifier
+from medssm.engine.classification import ClassifierTrainConfig, train_classifier
+from medssm.inference.classification import ClassifierPredictConfig, predict_classifier
+from medssm.metrics.evaluate_classification import ClassifierEvaluateConfig, evaluate_classifier
 
 TINY = dict(model="medmamba_tiny", batch_size=8, max_steps=2, progress=False)
 COUNTS = {"train": 24, "val": 12, "test": 16}
@@ -45,8 +45,8 @@ def test_pneumonia_cli_train_predict_evaluate(subsets, tmp_path):
                  "--batch-size", "8", "--max-steps", "2", "--no-progress"]) == 0
     meta = json.loads((run / "model.json").read_text())
     assert meta["task"] == "classification" and meta["classes"] == ["normal", "pneumonia"]
-    assert meta["input_size"] == 28 and meta["best_epoch"] == 1
-    assert {"log.csv", "log.json", "curves.png", "config.json", "split.json", "last"} <= {p.name for p in run.iterdir()}
+    assert meta["input_size"] == 28 and json.loads((run / "checkpoints" / "best" / "model.json").read_text())["epoch"] == 1
+    assert {"log.csv", "log.json", "curves.png", "config.json", "splits.json", "checkpoints"} <= {p.name for p in run.iterdir()}
     # predict and evaluate find the classification task from the run's model.json and the .csv
     pred = tmp_path / "pred.csv"
     assert main(["predict", "-m", str(run), "-i", str(npz), "-o", str(pred), "--no-progress"]) == 0
@@ -57,7 +57,12 @@ def test_pneumonia_cli_train_predict_evaluate(subsets, tmp_path):
     assert np.allclose(p.sum(1), 1, atol=1e-5)
     assert main(["evaluate", str(pred), "--out", str(tmp_path / "ev")]) == 0
     m = json.loads((tmp_path / "ev" / "metrics.json").read_text())
-    assert m["n"] == COUNTS["test"] and 0 <= m["auc"] <= 1 and len(m["per_class"]) == 2
+    from sklearn.metrics import roc_auc_score
+
+    targets = np.array([int(r["target"]) for r in rows])
+    assert m["n"] == COUNTS["test"] and len(m["per_class"]) == 2
+    assert m["auc"] == pytest.approx(roc_auc_score(targets, p[:, 1]), abs=1e-12)
+    assert m["acc"] == pytest.approx(np.mean((p[:, 1] > 0.5) == targets), abs=1e-12)
     assert (tmp_path / "ev" / "confusion_matrix.png").read_bytes()[:4] == b"\x89PNG"
     assert (tmp_path / "ev" / "roc.png").is_file()
 
@@ -68,9 +73,10 @@ def test_breast_options_and_reference_evaluation(subsets, tmp_path):
                                 schedule="cosine", warmup_epochs=1, label_smoothing=0.1, class_weights="balanced",
                                 input_size=32, crop_scale=(0.5, 1.0), vflip=True))
     log = json.loads((run / "log.json").read_text())
-    assert [r["epoch"] for r in log] == [1, 2] and log[0]["lr"] < log[1]["lr"]  # warm-up, then cosine
+    # per step: a linear warm-up over epoch 1 to the full rate, then a cosine down to 0 over epoch 2
+    assert [r["epoch"] for r in log] == [1, 2] and log[0]["lr"] == pytest.approx(1e-4) and log[1]["lr"] < 1e-9
     assert {"train_loss", "val_loss", "val_acc", "val_auc"} <= set(log[0])
-    pred = predict_classifier(ClassifierPredictConfig(run=str(run), input=str(npz), split="val",
+    pred = predict_classifier(ClassifierPredictConfig(model=str(run), input=str(npz), split="val",
                                                       output=str(tmp_path / "p"), progress=False))
     assert pred == tmp_path / "p" / "predictions.csv"
     m = evaluate_classifier(ClassifierEvaluateConfig(predictions=str(pred), reference=str(npz), split="val",
@@ -83,7 +89,7 @@ def test_breast_options_and_reference_evaluation(subsets, tmp_path):
         Image.fromarray(z["test_images"][0]).save(tmp_path / "a.png")
     (tmp_path / "labels.csv").write_text("path,label,split\na.png,0,test\na.png,3,test\n")
     with pytest.raises(ValueError, match=r"labels.csv, line 3: label 3 is out of range for 2 classes"):
-        predict_classifier(ClassifierPredictConfig(run=str(run), input=str(tmp_path / "labels.csv"),
+        predict_classifier(ClassifierPredictConfig(model=str(run), input=str(tmp_path / "labels.csv"),
                                                    output=str(tmp_path / "x.csv"), progress=False))
     assert not (tmp_path / "x.csv").exists()
 
@@ -97,14 +103,14 @@ def test_resume_is_exact(subsets, tmp_path, ema):
     half = train_classifier(_cfg(npz, tmp_path / "b", epochs=1, **kw))
     resumed = train_classifier(_cfg(npz, tmp_path / "b", epochs=2, resume=True, **kw))
     assert resumed == half
-    for ckpt in ("last", "."):  # with --ema, model.safetensors of the best epoch holds the average
+    for ckpt in ("checkpoints/last", "checkpoints/best"):  # with --ema, best holds the average
         a, b = (load_file(str(r / ckpt / "model.safetensors")) for r in (straight, resumed))
         assert all(torch.equal(a[k], b[k]) for k in a)
     la, lb = (json.loads((r / "log.json").read_text()) for r in (straight, resumed))
     assert [r["train_loss"] for r in la] == [r["train_loss"] for r in lb]
     assert [r["val_auc"] for r in la] == [r["val_auc"] for r in lb]
-    kept = load_file(str(straight / "model.safetensors"))
-    last = load_file(str(straight / "last" / "model.safetensors"))
+    kept = load_file(str(straight / "checkpoints" / "best" / "model.safetensors"))
+    last = load_file(str(straight / "checkpoints" / "last" / "model.safetensors"))
     if ema:  # the kept model is the average, not the trained weights
         assert any(not torch.equal(kept[k], last[k]) for k in kept)
     else:
@@ -122,6 +128,6 @@ def test_3d_volumes(tmp_path):
     run = train_classifier(_cfg(tmp_path / "cubes3d.npz", tmp_path / "run", batch_size=4))
     meta = json.loads((run / "model.json").read_text())
     assert meta["spatial_dims"] == 3 and meta["kwargs"]["spatial_dims"] == 3 and meta["input_size"] == 12
-    pred = predict_classifier(ClassifierPredictConfig(run=str(run), input=str(tmp_path / "cubes3d.npz"),
+    pred = predict_classifier(ClassifierPredictConfig(model=str(run), input=str(tmp_path / "cubes3d.npz"),
                                                       output=str(tmp_path / "pred.csv"), progress=False))
     assert len(list(csv.DictReader(pred.open()))) == 8

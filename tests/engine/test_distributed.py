@@ -13,25 +13,25 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from medssm.engine.distributed import DistEnv, environment, shard, weighted_mean
-from medssm.engine.train import TrainConfig, train
+from medssm.engine.distributed import DistEnv, environment, gather_work, shard, split_work
+from medssm.engine.segmentation import TrainConfig, train
 
 from .seg_data import lung_subset
 
-# Run by torchrun in each process: train with train.train or classify.train_classifier (argv 1), then
+# Run by torchrun in each process: train with segmentation.train or classification.train_classifier (argv 1), then
 # save this rank's final parameters (BatchNorm statistics stay per rank on Gloo) and its wrapper's type.
 WORKER = """
 import json, sys
 from safetensors.torch import save_file
-from medssm.engine import classify, distributed, train
+from medssm.engine import classification, distributed, segmentation
 seen = {}
 real_wrap = distributed.wrap
 def wrap(model, device):
     seen["model"], seen["wrapped"] = model, real_wrap(model, device)
     return seen["wrapped"]
 distributed.wrap = wrap
-trainer, config = {"segmentation": (train.train, train.TrainConfig),
-                   "classification": (classify.train_classifier, classify.ClassifierTrainConfig)}[sys.argv[1]]
+trainer, config = {"segmentation": (segmentation.train, segmentation.TrainConfig),
+                   "classification": (classification.train_classifier, classification.ClassifierTrainConfig)}[sys.argv[1]]
 trainer(config(**json.loads(sys.argv[2])))
 save_file({k: v.detach().contiguous() for k, v in seen["model"].named_parameters()},
           f"{sys.argv[3]}/rank{distributed.world().rank}.safetensors", metadata={"wrapper": type(seen["wrapped"]).__name__})
@@ -67,7 +67,7 @@ def test_environment_from_torchrun_slurm_or_nothing():
 def test_single_process_helpers_pass_through():
     x = torch.arange(6)
     assert shard(x) is x
-    assert weighted_mean([0.5, 0.25], 3) == [0.5, 0.25]
+    assert split_work(range(5)) == [0, 1, 2, 3, 4] and gather_work([3, 1]) == [3, 1]
 
 
 def test_two_process_gloo_run_equals_single_process(data_root, tmp_path):
@@ -86,8 +86,11 @@ def test_two_process_gloo_run_equals_single_process(data_root, tmp_path):
     for k in reference:
         torch.testing.assert_close(ranks[0][k], ranks[1][k], rtol=0, atol=0, msg=k)  # replicas identical
         torch.testing.assert_close(saved[k], ranks[0][k], rtol=0, atol=0, msg=k)     # rank 0 saved them
-        torch.testing.assert_close(ranks[0][k], reference[k], rtol=0, atol=1e-5, msg=k)
-    assert any(not torch.equal(initial[k], reference[k]) for k in reference)  # training moved the weights
+    # The two processes' update is the single process's, up to rounding (which Adam turns into a
+    # full step of either sign for a parameter whose gradient is all rounding, so: norms).
+    update = torch.cat([(reference[k] - initial[k]).flatten() for k in reference])
+    apart = torch.cat([(ranks[0][k] - reference[k]).flatten() for k in reference])
+    assert update.norm() > 0 and apart.norm() <= 1e-3 * update.norm()
 
     log_single = json.loads((single / "log.json").read_text())
     log_ddp = json.loads((tmp_path / "ddp" / "log.json").read_text())
@@ -99,15 +102,15 @@ def test_two_process_gloo_run_equals_single_process(data_root, tmp_path):
 
 def _initial_weights(model: str) -> dict[str, torch.Tensor]:
     """The weights both runs started from (same seed, same construction as the trainer)."""
-    from medssm.engine.train import build_model
+    from medssm.nets import build_for_data
 
     torch.manual_seed(TrainConfig(data="").seed)
-    return build_model(model, 2, 1, 2).state_dict()
+    return build_for_data(model, spatial_dims=2, in_channels=1, num_classes=2).state_dict()
 
 
 def test_two_process_classifier_run(data_root, tmp_path):
-    """Both ranks train the same weights; rank 0 alone validates (the other rank does not wait on
-    it) and writes the run, here with the moving average of the weights."""
+    """Both ranks train the same weights and validate their share of the samples; rank 0 writes the
+    run, here with the moving average of the weights."""
     import numpy as np
 
     with np.load(data_root / "medmnist" / "breastmnist.npz") as z:
@@ -121,4 +124,5 @@ def test_two_process_classifier_run(data_root, tmp_path):
         torch.testing.assert_close(ranks[0][k], ranks[1][k], rtol=0, atol=0, msg=k)
     log = json.loads((tmp_path / "run" / "log.json").read_text())
     assert [r["epoch"] for r in log] == [1, 2] and all(r["nonfinite_steps"] == 0 for r in log)
-    assert (tmp_path / "run" / "model.safetensors").is_file() and (tmp_path / "run" / "curves.png").is_file()
+    assert (tmp_path / "run" / "checkpoints" / "best" / "model.safetensors").is_file()
+    assert (tmp_path / "run" / "curves.png").is_file()

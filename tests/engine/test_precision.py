@@ -10,9 +10,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from medssm.engine.classify import ClassifierTrainConfig, train_classifier
-from medssm.engine.devices import autocast, check_precision, grad_scaler, resolve_device
-from medssm.engine.train import TrainConfig, build_model, train
+from medssm.engine.classification import ClassifierTrainConfig, train_classifier
+from medssm.devices import autocast, check_precision, resolve_device
+from medssm.engine.loop import grad_scaler
+from medssm.engine.segmentation import TrainConfig, train
+from medssm.nets import build_for_data
 
 from .seg_data import lung_subset
 
@@ -67,7 +69,7 @@ def test_precision_checks_and_autocast():
 
 def test_bf16_forward_close_to_fp32():
     torch.manual_seed(0)
-    model = build_model("lightm_unet_2d_tiny", 2, 1, 2).eval()
+    model = build_for_data("lightm_unet_2d_tiny", spatial_dims=2, in_channels=1, num_classes=2).eval()
     x = torch.randn(2, 1, 32, 32)
     with torch.no_grad():
         ref = model(x)
@@ -112,4 +114,4 @@ def test_mixed_precision_classification_training_stays_finite(data_root, tmp_pat
         epochs=1, batch_size=8, max_steps=2, limit=24, device=device, precision=precision, progress=False))
     row = json.loads((out / "log.json").read_text())[0]
     assert torch.isfinite(torch.tensor([row["train_loss"], row["val_loss"]])).all()
-    assert all(torch.isfinite(w).all() for w in load_file(str(out / "model.safetensors")).values())
+    assert all(torch.isfinite(w).all() for w in load_file(str(out / "checkpoints" / "best" / "model.safetensors")).values())

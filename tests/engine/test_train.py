@@ -14,9 +14,11 @@ import torch
 from safetensors.torch import load_file
 
 from medssm.cli import main as cli
-from medssm.data.nnunet import DatasetError
-from medssm.engine import train as train_mod
-from medssm.engine.train import TrainConfig, build_model, train
+from medssm.data.segmentation.nnunet import DatasetError
+from medssm.engine import segmentation as train_mod
+from medssm.engine.segmentation import TrainConfig, train, validate
+from medssm.nets import build_for_data
+from medssm.runs import load_run
 
 from .seg_data import hippocampus_subset, lung_subset, tree_snapshot
 
@@ -49,7 +51,15 @@ def test_run_layout(lung_run, lung):
     cases = sorted(p.name[:-9] for p in (lung / "imagesTr").glob("*.png"))
     assert len(splits) == 5 and sorted(c for s in splits for c in s["val"]) == cases
     log = json.loads((lung_run / "log.json").read_text())
-    assert [r["epoch"] for r in log] == [1, 2] and all(0 <= r["val_dice"] <= 1 for r in log)
+    assert [r["epoch"] for r in log] == [1, 2]
+    # The logged Dice of the last epoch is the Dice of checkpoints/last on the held-out fold.
+    from medssm.data.segmentation.preprocess import load_cache
+
+    run = load_run(lung_run)
+    cache = load_cache({c: lung_run / "preprocessed" / f"{c}.npz" for c in splits[0]["val"]})
+    cases = [(cache[c]["image"], cache[c]["label"]) for c in splits[0]["val"]]
+    dice = validate(run.load_model("last"), cases, run.plan.patch_size, run.plan.num_classes)
+    assert log[-1]["val_dice"] == pytest.approx(float(np.mean(dice)), abs=1e-6)
 
 
 def test_predict_and_evaluate_cli(lung_run, lung, tmp_path, capsys):
@@ -123,7 +133,7 @@ def test_hippocampus_3d_geometry_and_probabilities(data_root, tmp_path):
     run = train(TrainConfig(data=str(ds), out=str(tmp_path / "run"), model="lightm_unet_3d_tiny", epochs=1,
                             iterations_per_epoch=2, patch_size=(32, 32, 32), batch_size=2, val_cases=1,
                             progress=False))
-    from medssm.inference.predict import PredictConfig, predict
+    from medssm.inference.segmentation import PredictConfig, predict
 
     case = sorted((ds / "imagesTr").iterdir())[0]
     inp = tmp_path / "in"
@@ -145,13 +155,13 @@ def test_hippocampus_3d_geometry_and_probabilities(data_root, tmp_path):
 
 
 def test_monai_baseline_through_the_same_factory():
-    model = build_model("monai:SegResNet", 2, 1, 3, {"init_filters": 8})
+    model = build_for_data("monai:SegResNet", spatial_dims=2, in_channels=1, num_classes=3, init_filters=8)
     assert model(torch.randn(1, 1, 32, 32)).shape == (1, 3, 32, 32)
     assert model.medssm_config["kwargs"]["spatial_dims"] == 2
-    with pytest.raises(ValueError, match="3D but the data are 2D"):
-        build_model("lightm_unet_3d_tiny", 2, 1, 2)
+    with pytest.raises(ValueError, match="takes 3D input, not spatial_dims=2"):
+        build_for_data("lightm_unet_3d_tiny", spatial_dims=2, in_channels=1, num_classes=2)
     with pytest.raises(ValueError, match="no network"):
-        build_model("monai:NoSuchNet", 2, 1, 2)
+        build_for_data("monai:NoSuchNet", spatial_dims=2, in_channels=1, num_classes=2)
 
 
 def test_quickstart_report_on_a_small_copy(lung, tmp_path):

@@ -10,7 +10,8 @@ import torch
 import medssm
 from medssm.cli import main
 from medssm.export import ExportParityError, export_onnx
-from medssm.export.onnx import _export_symbolics, ort_session, scan_backend
+from medssm.export.onnx import _export_symbolics, ort_session
+from medssm.ssm import current_backend, use_backend
 from medssm.ssm import Mamba, chunked, selective_scan
 
 pytest.importorskip("onnxruntime")
@@ -21,6 +22,7 @@ TINY_CASES = {
     "lightm_unet_2d_tiny": ({}, (32, 32)),
     "lightm_unet_3d_tiny": ({}, (32, 32, 32)),
     "segmamba_tiny": ({"in_channels": 1, "out_channels": 3}, (32, 16, 16)),
+    "segmamba_tiny-2d": ({"spatial_dims": 2, "in_channels": 1, "out_channels": 3}, (32, 16)),
     "medmamba_tiny": ({"in_chans": 1, "num_classes": 3}, (64, 64)),
 }
 
@@ -66,15 +68,15 @@ def test_scan_graph_is_right_at_lengths_it_was_not_traced_at(tmp_path, monkeypat
     """Traced at L=64, run at shorter, unaligned and far longer sequences. Without extra levels the
     graph's top level is left with several chunks at the longer lengths (its masked product)."""
     monkeypatch.setattr(chunked, "EXTRA_LEVELS", extra_levels)
-    layer = Mamba(8, scan_backend="chunked").eval()
-    with torch.no_grad():
+    layer = Mamba(8).eval()
+    with torch.no_grad(), use_backend("chunked"):
         torch.onnx.export(layer, (torch.randn(1, 64, 8),), str(tmp_path / "m.onnx"), dynamo=False, opset_version=17,
                           input_names=["x"], dynamic_axes={"x": {0: "b", 1: "L"}})
     session = ort_session(tmp_path / "m.onnx", threads=1)
     for batch, length in [(1, 5), (2, 100), (1, 3001)]:
         x = torch.randn(batch, length, 8)
         got = session.run(None, {"x": x.numpy()})[0]
-        with torch.no_grad(), scan_backend(layer, "reference"):
+        with torch.no_grad(), use_backend("reference"):
             ref = layer(x).numpy()
         assert got.shape == ref.shape
         np.testing.assert_allclose(got, ref, rtol=0, atol=1e-5 * np.abs(ref).max())
@@ -92,7 +94,7 @@ def test_parity_of_every_registered_model(case, tmp_path):
     assert result.checks[1]["shape"][2:] != result.checks[0]["shape"][2:]  # ... and dynamic spatial size checked
     assert result.rel_error <= 1e-4
     assert model.training  # left as it was
-    assert all(m.scan_backend == "auto" for m in model.modules() if hasattr(m, "scan_backend"))
+    assert current_backend() == "auto"  # the export's own backend switch is undone
     out_channels = kwargs.get("num_classes") or kwargs.get("out_channels", 2)
     for check in result.checks:  # a segmentation output follows the input's size
         spatial = () if name.startswith("medmamba") else check["shape"][2:]
@@ -100,12 +102,15 @@ def test_parity_of_every_registered_model(case, tmp_path):
 
 
 def test_every_registered_model_has_a_tested_tiny_size():
-    families = {"lightm_unet_2d": "lightm_unet_2d_tiny", "lightm_unet_3d": "lightm_unet_3d_tiny",
-                "segmamba": "segmamba_tiny", "medmamba": "medmamba_tiny"}
-    tested = {c.split("-")[0] for c in TINY_CASES}
+    """Every network class of medssm's own registered models (and dimensionality) has a parity case."""
+    def kind(model):
+        return type(model), model.spatial_dims
+
+    tested = {kind(medssm.create_model(c.split("-")[0], **TINY_CASES[c][0])) for c in TINY_CASES}
     for name in medssm.list_models():
-        family = next((f for f in families if name.startswith(f)), None)
-        assert family is not None and families[family] in tested, f"{name}: no ONNX parity test for its family"
+        model = medssm.create_model(name)
+        if type(model).__module__.startswith("medssm"):
+            assert kind(model) in tested, f"{name}: no ONNX parity test for its network"
 
 
 def test_parity_failure_is_loud_and_writes_nothing(tmp_path):
@@ -152,12 +157,13 @@ def test_cli_exports_a_saved_model_folder(tmp_path, capsys):
 def test_cli_bad_source(tmp_path, capsys):
     # The CLI reports bad input on stderr with exit status 2 (no traceback).
     assert main(["export", "no_such_model", "--onnx", str(tmp_path / "m.onnx")]) == 2
-    assert "not a registered model" in capsys.readouterr().err
+    assert "nor a registered model" in capsys.readouterr().err
     (tmp_path / "empty").mkdir()
     assert main(["export", str(tmp_path / "empty"), "--onnx", str(tmp_path / "m.onnx")]) == 2
-    assert "neither a saved model" in capsys.readouterr().err
+    assert "not a medssm run" in capsys.readouterr().err
     assert main(["export", "lightm_unet_2d_tiny", "--onnx", str(tmp_path / "m.txt")]) == 2
     assert ".onnx" in capsys.readouterr().err
-    with pytest.raises(SystemExit):
-        main(["export", "lightm_unet_2d_tiny", "--onnx", str(tmp_path / "m.onnx"), "--model-kwargs", json.dumps([1])])
+    assert main(["export", "lightm_unet_2d_tiny", "--onnx", str(tmp_path / "m.onnx"), "--model-kwargs",
+                 json.dumps([1])]) == 2
+    assert "must be a JSON object" in capsys.readouterr().err
     assert not list(tmp_path.glob("*.onnx"))

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from medssm.inference.predict import PredictConfig, plan_outputs
+from medssm.inference.segmentation import PredictConfig, plan_outputs
 from medssm.inference.sliding import mirror_axes_sets, sliding_window_probabilities
 
 
@@ -47,9 +47,9 @@ def test_smaller_than_patch_and_mirror_sets():
 
 def test_never_writes_into_the_input_folder(tmp_path):
     (tmp_path / "a_0000.png").write_bytes(b"")
-    with pytest.raises(ValueError, match="must not be the input folder"):
+    with pytest.raises(ValueError, match="must not be an input"):
         plan_outputs(PredictConfig(input=str(tmp_path), output=str(tmp_path), model="x"))
-    with pytest.raises(ValueError, match="inside it"):
+    with pytest.raises(ValueError, match="inside or around"):
         plan_outputs(PredictConfig(input=str(tmp_path), output=str(tmp_path / "sub"), model="x"))
 
 
@@ -63,16 +63,21 @@ def test_existing_outputs_need_overwrite(tmp_path):
     with pytest.raises(FileExistsError, match="--overwrite"):
         plan_outputs(PredictConfig(input=str(inp), output=str(out), model="x"))
     jobs = plan_outputs(PredictConfig(input=str(inp), output=str(out), model="x", overwrite=True))
-    assert {c: o.name for c, (_, o) in jobs.items()} == {"a": "a.nii.gz", "b": "b.nii.gz"}
+    assert {c: [o.name for o in outs] for c, (_, outs) in jobs.items()} == {"a": ["a.nii.gz"], "b": ["b.nii.gz"]}
     assert (out / "b.nii.gz").read_bytes() == b"old"
-    with pytest.raises(KeyError, match="zz"):
+    jobs = plan_outputs(PredictConfig(input=str(inp), output=str(out), model="x", skip_existing=True))
+    assert list(jobs) == ["a"]  # b's output exists and is complete (written atomically)
+    with pytest.raises(ValueError, match="exclude each other"):
+        plan_outputs(PredictConfig(input=str(inp), output=str(out), model="x", skip_existing=True, overwrite=True))
+    with pytest.raises(ValueError, match="zz"):
         plan_outputs(PredictConfig(input=str(inp), output=str(out), model="x", overwrite=True, cases=("zz",)))
 
 
 def test_predict_needs_a_trained_run(tmp_path):
-    from medssm.inference.predict import predict
+    from medssm.inference.segmentation import predict
 
     (tmp_path / "run").mkdir()
-    (tmp_path / "run" / "model.json").write_text(json.dumps({"task": "segmentation"}))
+    (tmp_path / "run" / "model.json").write_text(json.dumps({"task": "segmentation", "name": "lightm_unet_2d_tiny",
+                                                              "plan": {}}))
     with pytest.raises(FileNotFoundError, match="no trained model"):
         predict(PredictConfig(input=str(tmp_path), output=str(tmp_path / "o"), model=str(tmp_path / "run")))

@@ -6,7 +6,7 @@ from sklearn import metrics as skm
 
 from medssm.metrics.classification import (classification_metrics, confusion_matrix, plot_confusion_matrix, plot_roc,
                                            predict_labels, roc_auc, roc_curve)
-from medssm.metrics.classify import ClassifierEvaluateConfig, evaluate_classifier, evaluate_predictions
+from medssm.metrics.evaluate_classification import ClassifierEvaluateConfig, evaluate_classifier, evaluate_predictions
 
 
 def _random(n, k, seed, ties=False):

@@ -9,8 +9,9 @@ import pytest
 import torch
 
 from medssm.engine.losses import DiceCELoss, SoftDiceLoss, make_loss
-from medssm.engine.schedules import make_scheduler, poly_factor, recipe_for
-from medssm.metrics.evaluate import EvaluateConfig, evaluate
+from medssm.engine.schedules import make_scheduler, poly_factor
+from medssm.nets import get_model_card
+from medssm.metrics.evaluate_segmentation import EvaluateConfig, evaluate
 from medssm.metrics.overlays import overlay_panels, save_overlay
 from medssm.metrics.segmentation import case_metrics, dice_per_class, summarize
 
@@ -87,8 +88,9 @@ def test_losses_and_recipes():
     assert torch.isfinite(loss) and logits.grad is not None
     perfect = torch.nn.functional.one_hot(target[:, 0], 3).movedim(-1, 1).float() * 50
     assert SoftDiceLoss()(perfect, target) < 1e-4 and DiceCELoss()(perfect, target) < 1e-4
-    assert recipe_for("lightm_unet_2d_tiny").optimizer == "adam" and recipe_for("lightm_unet_3d").lr == 1e-4
-    assert recipe_for("segmamba_3d").loss == "ce" and recipe_for("monai:SegResNet").optimizer == "sgd"
+    recipe = lambda name: get_model_card(name).recipe  # noqa: E731
+    assert recipe("lightm_unet_2d_tiny").optimizer == "adam" and recipe("lightm_unet_3d").lr == 1e-4
+    assert recipe("segmamba_3d").loss == "ce" and recipe("monai:SegResNet").optimizer == "sgd"
     opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
     sched = make_scheduler(opt, "poly", total_steps=10)
     for _ in range(5):

@@ -8,7 +8,7 @@ import torch.nn as nn
 
 import medssm
 from medssm.cli import main
-from medssm.nets.info import (count_macs, count_parameters, default_input_size, model_info, parse_kwargs,
+from medssm.nets.info import (count_macs, count_parameters, default_input_size, model_info,
                               peak_activation_bytes, peak_tensor_bytes, resolve_input_size)
 from medssm.ssm import Mamba
 
@@ -74,20 +74,24 @@ def test_input_size_in_full_or_spatial_only():
 
 
 def test_default_input_size_follows_the_first_convolution():
-    assert default_input_size(medssm.create_model("lightm_unet_3d_tiny", in_channels=4)) == (1, 4, 64, 64, 64)
+    assert default_input_size(medssm.create_model("lightm_unet_3d_tiny", in_channels=4)) == (1, 4, 32, 32, 32)
     assert default_input_size(nn.Sequential(nn.Conv2d(3, 4, 1))) == (1, 3, 224, 224)
     with pytest.raises(ValueError, match="input_size"):
         default_input_size(nn.Linear(3, 4))
 
 
-def test_parse_kwargs():
-    assert parse_kwargs(["a=1", "b=(1, 2)", "c=x", "d=True"]) == {"a": 1, "b": (1, 2), "c": "x", "d": True}
-    with pytest.raises(ValueError, match="key=value"):
-        parse_kwargs(["oops"])
+def test_input_size_sets_the_channels_and_a_disagreeing_argument_is_an_error():
+    info = model_info("lightm_unet_2d_tiny", (1, 3, 32, 32))
+    assert info.input_size == (1, 3, 32, 32) and info.output_size == (1, 2, 32, 32)
+    assert model_info("medmamba_tiny", (2, 1, 32, 32, 32), num_classes=3).output_size == (2, 3)
+    with pytest.raises(ValueError, match="in_channels=1 vs 3"):
+        model_info("lightm_unet_2d_tiny", (1, 3, 32, 32), in_channels=1)
+    with pytest.raises(ValueError, match="not spatial_dims=3"):
+        model_info("lightm_unet_2d_tiny", (32, 32, 32))
 
 
 def test_cli_prints_json(capsys):
-    assert main(["info", "lightm_unet_2d_tiny", "--input-size", "1", "1", "8", "16", "--set", "out_channels=4",
+    assert main(["info", "lightm_unet_2d_tiny", "--input-size", "1", "1", "8", "16", "--model-kwargs", '{"out_channels": 4}',
                  "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["name"] == "lightm_unet_2d_tiny"

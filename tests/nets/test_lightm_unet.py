@@ -102,9 +102,14 @@ def test_authors_checkpoint_layout_loads_strictly(spatial_dims, in_channels, out
     model = LightMUNet(spatial_dims, in_channels, out_channels)
     expected = authors_state_dict_shapes(spatial_dims, in_channels, out_channels)
     assert {k: tuple(v.shape) for k, v in model.state_dict().items()} == expected
-    checkpoint = {k: torch.randn(shape) for k, shape in expected.items()}
-    model.load_state_dict(checkpoint, strict=True)
-    assert torch.equal(model.state_dict()["down_layers.3.4.conv2.mamba.A_log"], checkpoint["down_layers.3.4.conv2.mamba.A_log"])
+    # The deepest Mamba's A_log under the authors' name is the one the forward uses.
+    checkpoint = {k: v.clone() for k, v in model.state_dict().items()}
+    x = torch.randn(1, in_channels, *(16,) * spatial_dims)
+    with torch.no_grad():
+        before = model.eval()(x)
+        checkpoint["down_layers.3.4.conv2.mamba.A_log"] -= 2.0
+        model.load_state_dict(checkpoint, strict=True)
+        assert not torch.allclose(model(x), before)
 
 
 def test_rvm_layer_follows_the_formula():

@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from medssm.ssm import Mamba
+from medssm.ssm import Mamba, use_backend
 
 
 def test_parameter_names_shapes_and_init():
@@ -31,8 +31,8 @@ def test_segmamba_suffixes():
 
 def test_reversed_direction_equals_flipped_sequence():
     torch.manual_seed(1)
-    fwd = Mamba(d_model=8, d_state=4, scan_backend="reference").double()
-    both = Mamba(d_model=8, d_state=4, orders=("raster", "reversed"), scan_backend="reference").double()
+    fwd = Mamba(d_model=8, d_state=4).double()
+    both = Mamba(d_model=8, d_state=4, orders=("raster", "reversed")).double()
     sd = both.state_dict()
     # give the reversed direction the forward weights: then out = f(x) + flip(f'(flip(x))) with f' = f minus D/out_proj share
     for k, v in fwd.state_dict().items():
@@ -43,8 +43,9 @@ def test_reversed_direction_equals_flipped_sequence():
             sd[suffixed] = v
     both.load_state_dict(sd)
     x = torch.randn(2, 11, 8, dtype=torch.float64)
-    expected = fwd(x) + fwd(x.flip(1)).flip(1)
-    torch.testing.assert_close(both(x), expected)
+    with use_backend("reference"):
+        expected = fwd(x) + fwd(x.flip(1)).flip(1)
+        torch.testing.assert_close(both(x), expected)
 
 
 def test_slice_order_needs_shape_and_gradients_flow():
@@ -56,31 +57,3 @@ def test_slice_order_needs_shape_and_gradients_flow():
     assert all(p.grad is not None for p in m.parameters())
     with pytest.raises(ValueError, match="spatial_shape"):
         m(x, spatial_shape=(3, 4, 4))
-
-
-@pytest.mark.parametrize("bias", [True, False])
-def test_long_sequence_conv_matches_conv1d_module(bias):
-    """The one-pass (numba) causal depthwise conv equals the module's conv1d, values and gradients,
-    short rows and long; gradcheck in float64."""
-    pytest.importorskip("numba")
-    from medssm.ssm.mamba import _CausalDepthwiseConv1d, causal_conv1d
-
-    torch.manual_seed(0)
-    conv = torch.nn.Conv1d(6, 6, 4, groups=6, padding=3, bias=bias)
-    for length in (2, 3, 11, 5000):
-        _check_conv_against_module(conv, torch.randn(2, 6, length, requires_grad=True), causal_conv1d)
-    small = conv.double()
-    args = (torch.randn(2, 6, 9, dtype=torch.float64, requires_grad=True), small.weight, small.bias)
-    assert torch.autograd.gradcheck(_CausalDepthwiseConv1d.apply, args)
-
-
-def _check_conv_against_module(conv, x, causal_conv1d):
-    params = [x, *conv.parameters()]
-    ref = conv(x)[..., : x.shape[-1]]
-    ref_grads = torch.autograd.grad((ref * ref.detach().cos()).sum(), params)
-    out = causal_conv1d(x, conv)
-    assert out.grad_fn.name().startswith("_CausalDepthwiseConv1d")
-    grads = torch.autograd.grad((out * ref.detach().cos()).sum(), params)
-    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
-    for g, r in zip(grads, ref_grads):
-        torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-4)

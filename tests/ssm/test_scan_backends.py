@@ -8,7 +8,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from medssm.ssm import scan, selective_scan
+from medssm.ssm import backends, selective_scan, use_backend
 
 from .scan_cases import make_inputs
 
@@ -93,20 +93,41 @@ def test_bfloat16_under_autocast_computes_in_float32(backend):
 
 
 def test_auto_uses_fused_on_cpu():
-    assert scan.resolve_backend("auto", torch.zeros(1)) == "fused"
+    """numba is a dependency: the fused scan must load, not be skipped."""
+    assert "fused" in backends.available_backends()
+    assert backends.resolve_backend("auto", torch.zeros(1)) == "fused"
+
+
+def test_use_backend_selects_the_backend_of_every_scan_in_the_block(monkeypatch):
+    calls = []
+    for name in ("reference", "chunked"):
+        original = backends.get_backend(name)
+        monkeypatch.setitem(backends._BACKENDS, name, lambda *a, _f=original, _n=name: calls.append(_n) or _f(*a))
+    kw = make_inputs(dtype=torch.float32, generator=torch.Generator().manual_seed(5))
+    with use_backend("chunked"):
+        selective_scan(**kw)
+        with use_backend("reference"):
+            selective_scan(**kw)
+        selective_scan(**kw)
+        selective_scan(**kw, backend="reference")  # an explicit backend wins
+    assert calls == ["chunked", "reference", "chunked", "reference"]
+    assert backends.current_backend() == "auto"
+    with pytest.raises(ValueError, match="no_such_scan"):
+        with use_backend("no_such_scan"):
+            pass
 
 
 def test_auto_falls_back_to_chunked_with_one_warning(monkeypatch):
-    backends = {k: v for k, v in scan._BACKENDS.items() if k != "fused"}
-    monkeypatch.setattr(scan, "_BACKENDS", backends)
-    monkeypatch.setattr(scan, "_warned_fallback", False)
+    available = {k: v for k, v in backends._backends().items() if k != "fused"}
+    monkeypatch.setattr(backends, "_BACKENDS", available)
+    monkeypatch.setattr(backends, "_warned_fallback", False)
     kw = make_inputs(generator=torch.Generator().manual_seed(3))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         first = selective_scan(**kw)
         second = selective_scan(**kw)
     assert [w.category for w in caught] == [RuntimeWarning] and "chunked" in str(caught[0].message)
-    assert scan.resolve_backend("auto", kw["u"]) == "chunked"
+    assert backends.resolve_backend("auto", kw["u"]) == "chunked"
     torch.testing.assert_close(first, selective_scan(**kw, backend="reference"))
     torch.testing.assert_close(first, second)
 

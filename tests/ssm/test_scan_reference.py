@@ -65,7 +65,7 @@ def test_bad_shapes_are_named():
     kw["B"] = kw["B"][..., :-1]
     with pytest.raises(ValueError, match="B must be"):
         selective_scan(**kw)
-    with pytest.raises(ValueError, match="unknown scan backend"):
+    with pytest.raises(ValueError, match="unknown or unavailable scan backend"):
         selective_scan(**make_inputs(), backend="nope")
 
 

@@ -161,7 +161,7 @@ def test_gpu_matches_reference(case):
 
 def test_cpu_tensors_need_the_interpreter():
     pytest.importorskip("triton")
-    from medssm.ssm.scan import resolve_backend
+    from medssm.ssm.backends import resolve_backend
     from medssm.ssm import triton_scan
 
     kw = make_inputs(dtype=torch.float32, groups=1)
@@ -177,7 +177,7 @@ def test_cpu_tensors_need_the_interpreter():
 def test_module_imports_without_triton():
     code = ("import sys; sys.modules['triton'] = None\n"  # makes `import triton` raise ImportError
             "import medssm.ssm.triton_scan as t\n"
-            "from medssm.ssm.scan import available_backends\n"
+            "from medssm.ssm.backends import available_backends\n"
             "assert t.triton is None and isinstance(t.TRITON_IMPORT_ERROR, ImportError)\n"
             "assert 'triton' not in available_backends(), available_backends()\n")
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300)

@@ -1,27 +1,7 @@
-"""medssm.data: nnU-Net raw datasets, their integrity check, planning, preprocessing, splits,
-patch sampling and augmentation."""
+"""medssm.data: reading images (:mod:`.io`, both tasks), segmentation datasets
+(:mod:`.segmentation`: nnU-Net raw datasets, planning, preprocessing, sampling, augmentation) and
+classification datasets (:mod:`.classification`: MedMNIST, image folders, CSV)."""
 
 from .io import SUPPORTED_ENDINGS, Geometry, ImageFileError, read_channels, read_image, write_image
-from .nnunet import Case, DatasetError, NnUNetDataset, find_cases, read_case_images, verify_dataset
-from .normalization import SCHEMES, normalize, scheme_for_channel
-from .plan import Fingerprint, Plan, make_plan, parse_overrides, plan_dataset
-from .preprocess import Cache, build_cache, load_cache, preprocess_case, revert_to_original
-from .sampling import PatchSampler
-from .splits import load_or_create_splits, make_splits
 
-__all__ = [
-    "SUPPORTED_ENDINGS", "Geometry", "ImageFileError", "read_channels", "read_image", "write_image",
-    "Case", "DatasetError", "NnUNetDataset", "find_cases", "read_case_images", "verify_dataset",
-    "SCHEMES", "normalize", "scheme_for_channel",
-    "Fingerprint", "Plan", "make_plan", "parse_overrides", "plan_dataset",
-    "Cache", "build_cache", "load_cache", "preprocess_case", "revert_to_original",
-    "PatchSampler", "load_or_create_splits", "make_splits", "training_transforms",
-]
-
-
-def __getattr__(name):
-    # MONAI is slow to import: load the transforms only when asked for.
-    if name == "training_transforms":
-        from .transforms import training_transforms
-        return training_transforms
-    raise AttributeError(f"module 'medssm.data' has no attribute {name!r}")
+__all__ = ["SUPPORTED_ENDINGS", "Geometry", "ImageFileError", "read_channels", "read_image", "write_image"]

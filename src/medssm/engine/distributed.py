@@ -29,15 +29,15 @@ import contextlib
 import dataclasses
 import datetime
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 import torch.distributed as dist
 
-from .devices import resolve_device
+from ..devices import resolve_device
 
 __all__ = ["DistEnv", "environment", "setup", "world", "is_main", "barrier", "main_first", "wrap",
-           "local_batch", "shard", "data_sampler", "global_loss", "all_gather", "weighted_mean"]
+           "local_batch", "shard", "data_sampler", "global_loss", "all_gather", "split_work", "gather_work"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -196,12 +196,18 @@ def global_loss(loss_fn: Callable, logits: torch.Tensor, target: torch.Tensor) -
     return loss_fn(_GatherWithGrad.apply(logits), target)
 
 
-def weighted_mean(values: list[float], count: int) -> list[float]:
-    """Combine per-rank means of ``count`` items each into the mean over all items (every rank gets it)."""
-    if not world().distributed:
-        return list(values)
-    parts: list = [None] * dist.get_world_size()
-    dist.all_gather_object(parts, (list(values), int(count)))
-    parts = [(v, n) for v, n in parts if n]
-    total = sum(n for _, n in parts)
-    return [sum(v[i] * n for v, n in parts) / total for i in range(len(parts[0][0]))] if parts else []
+def split_work(items: Sequence) -> list:
+    """This rank's share of ``items`` (every ``world_size``-th, from its rank): all of them in one process."""
+    w = world()
+    return list(items)[w.rank::w.world_size]
+
+
+def gather_work(results: list) -> list:
+    """Every rank's results of :func:`split_work`, back in the order of the items (every rank gets them)."""
+    w = world()
+    if not w.distributed:
+        return list(results)
+    parts: list = [None] * w.world_size
+    dist.all_gather_object(parts, list(results))
+    total = sum(len(p) for p in parts)
+    return [parts[i % w.world_size][i // w.world_size] for i in range(total)]

@@ -82,11 +82,12 @@ def calibrate(model_name: str, patch: int | Sequence[int], batch: int, steps: in
               model_kwargs: dict | None = None) -> dict:
     """Seconds per training step and per prediction at this size, on this machine, now. An int
     ``patch`` is a square 2D patch; the input has one channel."""
+    from ..nets.registry import build_for_data
     from .losses import make_loss
-    from .train import build_model
 
     patch = (patch, patch) if isinstance(patch, int) else tuple(patch)
-    model = build_model(model_name, len(patch), 1, classes, model_kwargs)
+    model = build_for_data(model_name, spatial_dims=len(patch), in_channels=1, num_classes=classes, patch_size=patch,
+                           **(model_kwargs or {}))
     opt = torch.optim.Adam(model.parameters(), 1e-4)
     loss_fn = make_loss("dice_ce")
     x, y = torch.randn(batch, 1, *patch), torch.randint(0, classes, (batch, 1, *patch))
@@ -107,11 +108,11 @@ def calibrate(model_name: str, patch: int | Sequence[int], batch: int, steps: in
 
 def quickstart(cfg: QuickstartConfig) -> Path:
     """Run the whole job; returns the report folder."""
-    from ..data.nnunet import NnUNetDataset
-    from ..data.splits import make_splits
-    from ..inference.predict import PredictConfig, predict
-    from ..metrics.evaluate import EvaluateConfig, evaluate
-    from .train import TrainConfig, train
+    from ..data.segmentation.nnunet import NnUNetDataset
+    from ..data.segmentation.splits import make_splits
+    from ..inference.segmentation import PredictConfig, predict
+    from ..metrics.evaluate_segmentation import EvaluateConfig, evaluate
+    from .segmentation import TrainConfig, train
 
     t0 = time.perf_counter()
     data = find_lung_data(cfg.data)

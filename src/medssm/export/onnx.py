@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import math
 import os
 import time
@@ -31,7 +30,9 @@ import torch
 import torch.nn as nn
 
 from ..files import atomic_path
-from ..nets.registry import create_model, list_models, load_model
+from ..nets.registry import create_model, get_model_card, list_models, parse_model_kwargs
+from ..runs import load_run
+from ..ssm import use_backend
 
 __all__ = ["ExportConfig", "ExportParityError", "ExportResult", "export_cli", "export_onnx", "load_for_export",
            "onnx_parity", "size_rule"]
@@ -42,19 +43,6 @@ MIN_OPSET = 17
 
 class ExportParityError(RuntimeError):
     """onnxruntime's output differs from PyTorch's by more than the tolerance."""
-
-
-@contextlib.contextmanager
-def scan_backend(model: nn.Module, backend: str):
-    """Set every ``scan_backend`` attribute in ``model`` to ``backend`` inside the block."""
-    saved = [(m, m.scan_backend) for m in model.modules() if isinstance(getattr(m, "scan_backend", None), str)]
-    try:
-        for m, _ in saved:
-            m.scan_backend = backend
-        yield model
-    finally:
-        for m, old in saved:
-            m.scan_backend = old
 
 
 def _movedim_symbolic(g, self, source, destination):
@@ -160,24 +148,20 @@ class SizeRule:
 
 
 def size_rule(model: nn.Module) -> SizeRule:
-    """The :class:`SizeRule` of a medssm network (LightMUNet, SegMamba, MedMamba); other networks
-    get a generic rule from ``spatial_dims`` (segmentation, divisor 16)."""
-    name = type(model).__name__
-    dims = getattr(model, "spatial_dims", None)
-    if dims not in (2, 3):
-        raise ValueError(f"cannot tell the input dimensionality of {name}: it has no spatial_dims attribute "
-                         "(pass input_size with the batch and channel axes to export it)")
-    if name == "MedMamba":
-        # Every padding branch must be traced: patch embedding pads S to a multiple of the patch size,
-        # each merging pads odd sizes. Size 35 (patch 4, 3 mergings) gives 9, 5, 3 tokens: all odd.
-        patch = model.patch_embed.patch_size
-        odd = 3
-        for _ in range(len(model.layers) - 2):
-            odd = 2 * odd - 1
-        return SizeRule(dims, 1, (224,) * dims if dims == 2 else (64,) * 3, (patch * odd - 1,) * dims, False)
-    divisor = getattr(model, "size_divisor", None) or 16  # SegMamba: four halvings
-    default = (64,) * dims if dims == 2 else (32,) * 3
-    return SizeRule(dims, divisor, default, None, True)
+    """The :class:`SizeRule` of a network built by :func:`medssm.create_model`, from its card."""
+    config = getattr(model, "medssm_config", None)
+    if config is None:
+        raise ValueError(f"cannot tell the input sizes of {type(model).__name__}: it was not built by "
+                         "medssm.create_model (pass input_size with the batch and channel axes to export it)")
+    card = get_model_card(config["name"])
+    dims = int(config["kwargs"].get("spatial_dims", card.spatial_dims[0]))
+    segmentation = card.task == "segmentation"
+    if segmentation:  # a small example: the axes are dynamic, the traced size does not matter
+        default = tuple(-(-s // card.size_divisor) * card.size_divisor for s in ((64, 64) if dims == 2 else (32,) * 3))
+    else:
+        default = card.input_size if dims == len(card.input_size) else (card.input_size[0] // 4,) * dims
+    trace = (card.trace_size,) * dims if card.trace_size else None
+    return SizeRule(dims, card.size_divisor, default, trace, segmentation)
 
 
 def _in_channels(model: nn.Module) -> int:
@@ -264,7 +248,7 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, input_size: Sequence[
             a normalisation divides by a small spread: both runtimes round, the net amplifies.)
         check: run the onnxruntime parity check (needs ``onnxruntime``).
         check_size: spatial size of the second check (default: each size plus the size divisor).
-        reference_backend: scan backend of the PyTorch side of the check (default: the model's own,
+        reference_backend: scan backend of the PyTorch side of the check (default: the one in use,
             i.e. what the model computes when it is run normally).
 
     Returns:
@@ -317,7 +301,7 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, input_size: Sequence[
     names = [f"dim{i}" for i in range(len(spatial))]
     in_axes = ({0: "batch"} if dynamic_batch else {}) | ({2 + i: n for i, n in enumerate(names)} if dynamic_spatial else {})
     def reference():  # the PyTorch side of the check
-        return scan_backend(model, reference_backend) if reference_backend else contextlib.nullcontext()
+        return use_backend(reference_backend) if reference_backend else contextlib.nullcontext()
 
     was_training = model.training
     model.eval()
@@ -329,7 +313,7 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, input_size: Sequence[
             out_axes |= {2 + i: n for i, n in enumerate(names)}
         dynamic_axes = {"input": in_axes, "logits": out_axes}
         with atomic_path(path) as tmp:
-            with scan_backend(model, EXPORT_BACKEND), _export_symbolics(opset), warnings.catch_warnings(), torch.no_grad():
+            with use_backend(EXPORT_BACKEND), _export_symbolics(opset), warnings.catch_warnings(), torch.no_grad():
                 warnings.simplefilter("ignore", torch.jit.TracerWarning)  # Python shape checks seen by the tracer
                 warnings.filterwarnings("ignore", message=".*legacy TorchScript-based ONNX export.*")
                 warnings.filterwarnings("ignore", message=".*Constant folding.*")
@@ -362,20 +346,19 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, input_size: Sequence[
 
 
 def load_for_export(source: str | os.PathLike, model_kwargs: dict | None = None) -> tuple[nn.Module, str]:
-    """A model from a registered name (random weights), a saved model folder, or a training run
-    (``RUN/checkpoints/best``, falling back to ``last``). Returns ``(model, description)``."""
-    p = Path(source)
-    if p.is_dir():
+    """A model from a registered name (random weights), a training run (its best checkpoint) or a
+    saved model folder. Returns ``(model, description)``."""
+    if Path(source).is_dir():
         if model_kwargs:
-            raise ValueError("model_kwargs only apply to a registered model name, not to a saved model or run")
-        for folder in (p, p / "checkpoints" / "best", p / "checkpoints" / "last"):
-            if (folder / "model.json").is_file() and (folder / "model.safetensors").is_file():
-                return load_model(folder).eval(), str(folder)
-        raise FileNotFoundError(f"{p}: neither a saved model (model.json + model.safetensors) nor a training run "
-                                "(checkpoints/best or checkpoints/last holding them)")
-    if str(source) in list_models():
-        return create_model(str(source), **(model_kwargs or {})).eval(), f"{source} (random weights)"
-    raise ValueError(f"{source!r} is not a folder and not a registered model; registered: {', '.join(list_models())}")
+            raise ValueError("--model-kwargs only apply to a registered model name, not to a saved model or run")
+        run = load_run(source)
+        return run.load_model("best"), str(run.checkpoint("best"))
+    try:
+        get_model_card(str(source))
+    except ValueError:
+        raise ValueError(f"{source!r} is neither a run or saved model folder nor a registered model; registered: "
+                         f"{', '.join(list_models())}") from None
+    return create_model(str(source), **(model_kwargs or {})).eval(), f"{source} (random weights)"
 
 
 @dataclasses.dataclass
@@ -393,18 +376,18 @@ class ExportConfig:
     dynamic_batch: bool = dataclasses.field(default=True, metadata={"help": "dynamic batch axis"})
     dynamic_spatial: bool = dataclasses.field(default=True, metadata={"help": "dynamic spatial axes"})
     rtol: float = dataclasses.field(default=1e-4, metadata={"help": "largest allowed ||ort-torch||/||torch||"})
+    scan_backend: str = dataclasses.field(default="auto", metadata={
+        "help": "scan backend of the PyTorch side of the check (the graph itself always uses chunked)"})
     check: bool = dataclasses.field(default=True, metadata={"help": "run the onnxruntime parity check"})
     model_kwargs: str = dataclasses.field(
         default="", metadata={"help": "JSON arguments for a registered model name, e.g. '{\"out_channels\": 3}'"})
 
 
 def export_cli(cfg: ExportConfig) -> int:
-    kwargs = json.loads(cfg.model_kwargs) if cfg.model_kwargs else None
-    if kwargs is not None and not isinstance(kwargs, dict):
-        raise SystemExit(f"--model-kwargs must be a JSON object, got {cfg.model_kwargs!r}")
-    model, what = load_for_export(cfg.model, kwargs)
-    result = export_onnx(model, cfg.onnx, cfg.input_size, cfg.batch_size, cfg.opset, cfg.dynamic_batch,
-                         cfg.dynamic_spatial, cfg.rtol, cfg.check)
+    model, what = load_for_export(cfg.model, parse_model_kwargs(cfg.model_kwargs))
+    with use_backend(cfg.scan_backend):
+        result = export_onnx(model, cfg.onnx, cfg.input_size, cfg.batch_size, cfg.opset, cfg.dynamic_batch,
+                             cfg.dynamic_spatial, cfg.rtol, cfg.check)
     axes = ", ".join(f"{i}:{n}" for i, n in result.dynamic_axes["input"].items()) or "none"
     print(f"exported {what} -> {result.path} (opset {result.opset}, input {result.input_shape}, dynamic axes {axes}) "
           f"in {result.seconds:.1f} s")

@@ -3,7 +3,7 @@
 nnU-Net plans, preprocesses, augments, trains, validates and predicts as it always does; these
 trainer classes only swap the network (through the current ``build_network_architecture``
 signature, which inference calls too) and take the optimiser and test-time mirroring from the
-model's recipe (:func:`medssm.engine.schedules.recipe_for`).
+model's recipe (its card: :func:`medssm.get_model_card`).
 
 Use (see docs/how-to/nnunet.md)::
 
@@ -34,8 +34,8 @@ try:
 except ImportError as e:  # pragma: no cover - exercised only without the extra
     raise ImportError("medssm.integrations.nnunet needs nnU-Net v2: pip install 'medssm[nnunet]'") from e
 
-from ..engine.schedules import make_optimizer, recipe_for
-from ..nets.registry import create_model
+from ..engine.schedules import make_optimizer
+from ..nets.registry import create_model, get_model_card
 
 __all__ = ["TRAINER_DIR", "MedssmTrainer", "nnUNetTrainerLightMUNet", "nnUNetTrainerSegMamba"]
 
@@ -58,7 +58,7 @@ class MedssmTrainer(nnUNetTrainer):
                  device: torch.device = torch.device("cuda")):
         super().__init__(plans, configuration, fold, dataset_json, device)
         self.enable_deep_supervision = False  # the networks return one full-resolution output
-        self.recipe = recipe_for(self.model_name(self.configuration_manager.patch_size))
+        self.recipe = get_model_card(self.model_name(self.configuration_manager.patch_size)).recipe
         self.initial_lr, self.weight_decay = self.recipe.lr, self.recipe.weight_decay
 
     @classmethod
@@ -86,9 +86,7 @@ class MedssmTrainer(nnUNetTrainer):
         return model
 
     def configure_optimizers(self):
-        optimizer = make_optimizer(self.network.parameters(), self.recipe.optimizer, lr=self.initial_lr,
-                                   weight_decay=self.weight_decay, momentum=self.recipe.momentum,
-                                   nesterov=self.recipe.nesterov)
+        optimizer = make_optimizer(self.network.parameters(), self.recipe)
         return optimizer, PolyLRScheduler(optimizer, self.initial_lr, self.num_epochs)
 
     def configure_rotation_dummyDA_mirroring_and_inital_patch_size(self):

@@ -27,7 +27,8 @@ from torch.utils._pytree import tree_flatten
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
-from medssm.ssm import count_scan_flops
+from ..ssm import count_scan_flops
+from .registry import create_model, get_model_card, parse_model_kwargs
 
 DEFAULT_SPATIAL = {2: (224, 224), 3: (64, 64, 64)}
 
@@ -113,16 +114,39 @@ def resolve_input_size(model: nn.Module, input_size: Sequence[int] | None) -> tu
     if len(size) != dims + 2:
         raise ValueError(f"{type(model).__name__} is {dims}D: give the input size as {dims} spatial sizes or as "
                          f"B C and {dims} spatial sizes, got {size}")
+    if size[1] != default[1]:
+        raise ValueError(f"{type(model).__name__} takes {default[1]} input channel(s), the input size {size} has "
+                         f"{size[1]}")
     return size
 
 
 def default_input_size(model: nn.Module) -> tuple[int, ...]:
-    """(1, C, 224, 224) or (1, C, 64, 64, 64), from the model's first convolution."""
+    """(1, C, *S): C from the model's first convolution; S the card's input size for a registered
+    model, else 224x224 or 64^3."""
     conv = next((m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Conv3d))), None)
     if conv is None:
         raise ValueError("cannot guess an input size for a model without 2D/3D convolutions: give input_size")
     dims = 3 if isinstance(conv, nn.Conv3d) else 2
-    return (1, conv.in_channels, *DEFAULT_SPATIAL[dims])
+    config = getattr(model, "medssm_config", None)
+    spatial = get_model_card(config["name"]).input_size if config else ()
+    return (1, conv.in_channels, *(spatial if len(spatial) == dims else DEFAULT_SPATIAL[dims]))
+
+
+def build_for_input(name: str, input_size: Sequence[int] | None = None, **kwargs) -> nn.Module:
+    """The registered model ``name`` shaped for ``input_size``: its length sets the dimensionality and,
+    for a full (B, C, *S) shape, C the input channels (an argument that says otherwise is an error)."""
+    card = get_model_card(name)
+    size = tuple(int(s) for s in input_size or ())
+    implied = {}
+    if len(size) in (2, 3, 4, 5):
+        implied["spatial_dims"] = len(size) - (2 if len(size) > 3 else 0)
+    if len(size) in (4, 5):
+        implied["in_channels" if card.task == "segmentation" else "in_chans"] = size[1]
+    clash = {k: (kwargs[k], v) for k, v in implied.items() if k in kwargs and kwargs[k] != v}
+    if clash:
+        raise ValueError(f"input size {size} and the model arguments disagree: "
+                         + ", ".join(f"{k}={a} vs {b} from the input size" for k, (a, b) in clash.items()))
+    return create_model(name, **{**implied, **kwargs})
 
 
 @dataclass
@@ -168,9 +192,7 @@ def model_info(model: nn.Module | str, input_size: Sequence[int] | None = None, 
         >>> info.parameters, info.macs, info.scan_flops, info.peak_activation_bytes
     """
     if isinstance(model, str):
-        from .registry import create_model
-
-        name, model = model, create_model(model, **model_kwargs)
+        name, model = model, build_for_input(model, input_size, **model_kwargs)
     input_size = resolve_input_size(model, input_size)
     x = torch.randn(*input_size)
     macs, scan_flops = count_macs(model, x)
@@ -183,41 +205,31 @@ def model_info(model: nn.Module | str, input_size: Sequence[int] | None = None, 
 
 @dataclass
 class InfoConfig:
-    """Print the true parameter count, conv/linear MACs, selective-scan FLOPs and peak activation
-    memory of one forward pass of a registered model."""
+    """Print a registered model's card, then its true parameter count, conv/linear MACs,
+    selective-scan FLOPs and peak activation memory of one forward pass."""
 
     model: str = field(metadata={"positional": True, "help": "registered model name (see medssm.list_models())"})
     input_size: tuple[int, ...] = field(default=(), metadata={
-        "help": "input shape B C *S or spatial sizes only, e.g. 1 1 256 256 or 256 256 (default: 224x224 for 2D, 64^3 for 3D models)"})
-    model_kwargs: tuple[str, ...] = field(default=(), metadata={
-        "flags": ("--set",), "help": "model arguments as key=value, e.g. --set in_channels=3 out_channels=2"})
+        "help": "input shape B C *S or spatial sizes only, e.g. 1 1 256 256 or 256 256 (default: the card's)"})
+    model_kwargs: str = field(default="{}", metadata={
+        "help": "model arguments as JSON, e.g. '{\"in_channels\": 3, \"out_channels\": 2}'"})
     json: bool = field(default=False, metadata={"help": "print JSON instead of a table"})
 
 
-def parse_kwargs(items: Sequence[str]) -> dict:
-    """``["a=1", "b=(1, 2)", "c=x"]`` -> ``{"a": 1, "b": (1, 2), "c": "x"}`` (Python literals, else strings)."""
-    import ast
-
-    out = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise ValueError(f"model argument {item!r} is not key=value")
-        try:
-            out[key] = ast.literal_eval(value)
-        except (ValueError, SyntaxError):
-            out[key] = value
-    return out
-
-
 def print_info(cfg: InfoConfig) -> ModelInfo:
-    """``medssm info``: measure ``cfg.model`` and print a table (or JSON)."""
+    """``medssm info``: the card, then the measures on ``cfg.input_size`` (a table, or JSON)."""
+    import dataclasses
     import json
 
-    info = model_info(cfg.model, cfg.input_size or None, **parse_kwargs(cfg.model_kwargs))
-    print(json.dumps(info.as_dict(), indent=2) if cfg.json else info)
+    card = get_model_card(cfg.model)
+    info = model_info(cfg.model, cfg.input_size or None, **parse_model_kwargs(cfg.model_kwargs))
+    if cfg.json:
+        print(json.dumps({"card": dataclasses.asdict(card), **info.as_dict()}, indent=2, default=str))
+    else:
+        print(f"{card}\n\n{info}")
     return info
 
 
 __all__ = ["ModelInfo", "model_info", "count_parameters", "count_macs", "peak_activation_bytes",
-           "peak_tensor_bytes", "LiveTensorBytes", "default_input_size", "resolve_input_size", "InfoConfig", "print_info"]
+           "peak_tensor_bytes", "LiveTensorBytes", "default_input_size", "resolve_input_size", "build_for_input",
+           "InfoConfig", "print_info"]

@@ -15,8 +15,9 @@ import torch
 import torch.nn as nn
 
 from medssm.ssm import Mamba, image_to_tokens
-from medssm.ssm.mamba import _linear_cf
+from medssm.ssm.mamba import linear_channels_first
 
+from .cards import Recipe
 from .registry import register_model
 
 CONV = {2: nn.Conv2d, 3: nn.Conv3d}
@@ -52,11 +53,10 @@ class RVMLayer(nn.Module):
     """
 
     def __init__(self, in_channels: int, out_channels: int, d_state: int = 16, d_conv: int = 4,
-                 expand: int = 2, ssm_norm: bool = False, scan_backend: str = "auto"):
+                 expand: int = 2, ssm_norm: bool = False):
         super().__init__()
         self.norm = nn.LayerNorm(in_channels)
-        self.mamba = Mamba(in_channels, d_state=d_state, d_conv=d_conv, expand=expand, scan_backend=scan_backend,
-                           out_norm=ssm_norm)
+        self.mamba = Mamba(in_channels, d_state=d_state, d_conv=d_conv, expand=expand, out_norm=ssm_norm)
         self.proj = nn.Linear(in_channels, out_channels)
         self.skip_scale = nn.Parameter(torch.ones(1))
 
@@ -65,7 +65,7 @@ class RVMLayer(nn.Module):
             x = x.float()
         tokens = image_to_tokens(x)  # (B, L, C_in), a view of the channels-first map
         y = self.mamba(self.norm(tokens)) + self.skip_scale * tokens  # Mamba returns a channels-first view too
-        y = _linear_cf(self.norm(y).transpose(1, 2), self.proj)  # (B, C_out, L), contiguous: no copy back
+        y = linear_channels_first(self.norm(y).transpose(1, 2), self.proj)  # (B, C_out, L), contiguous: no copy back
         return y.reshape(*y.shape[:2], *x.shape[2:])  # (B, C_out, *S)
 
 
@@ -120,7 +120,6 @@ class LightMUNet(nn.Module):
         d_state, d_conv, expand: Mamba layer sizes.
         ssm_norm: the paper's variant: LayerNorm on the SSM output before the gate (adds parameters
             ``mamba.out_norm.*``; not in the released code or its checkpoints).
-        scan_backend: see :func:`medssm.ssm.selective_scan`.
 
     Examples:
         >>> net = LightMUNet(spatial_dims=2, in_channels=3, out_channels=2)  # 5,011,765 parameters
@@ -134,7 +133,7 @@ class LightMUNet(nn.Module):
     def __init__(self, spatial_dims: int, in_channels: int, out_channels: int, init_filters: int = 32,
                  blocks_down: Sequence[int] = (1, 2, 2, 4), blocks_up: Sequence[int] = (1, 1, 1),
                  norm_groups: int = 8, d_state: int = 16, d_conv: int = 4, expand: int = 2,
-                 ssm_norm: bool = False, scan_backend: str = "auto"):
+                 ssm_norm: bool = False):
         super().__init__()
         if spatial_dims not in (2, 3):
             raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims}")
@@ -142,7 +141,7 @@ class LightMUNet(nn.Module):
             raise ValueError(f"blocks_up needs len(blocks_down) - 1 = {len(blocks_down) - 1} entries, got {tuple(blocks_up)}")
         self.spatial_dims = spatial_dims
         self.size_divisor = 2 ** (len(blocks_down) - 1)
-        mamba_kwargs = dict(d_state=d_state, d_conv=d_conv, expand=expand, ssm_norm=ssm_norm, scan_backend=scan_backend)
+        mamba_kwargs = dict(d_state=d_state, d_conv=d_conv, expand=expand, ssm_norm=ssm_norm)
 
         self.convInit = dw_conv(spatial_dims, in_channels, init_filters, kernel_size=3)
         self.down_layers = nn.ModuleList()
@@ -191,25 +190,33 @@ class LightMUNet(nn.Module):
         return self.conv_final(x)
 
 
-@register_model
+RECIPE = Recipe("adam", 1e-4, 1e-5, source="LightM-UNet's nnU-Net trainer: Adam 1e-4, wd 1e-5, poly 0.9, "
+                                         "Dice+CE, clip 12, 100 x 250 iterations, no mirror TTA")
+CARD = dict(task="segmentation", size_divisor=8, recipe=RECIPE,
+            reference="Liao et al. 2024, LightM-UNet, arXiv 2403.05246; code: github.com/MrBlankness/LightM-UNet")
+CARD_2D = dict(spatial_dims=(2,), input_size=(256, 256), **CARD)
+CARD_3D = dict(spatial_dims=(3,), input_size=(128, 128, 128), **CARD)
+
+
+@register_model(**CARD_2D)
 def lightm_unet_2d(in_channels: int = 1, out_channels: int = 2, **kwargs) -> LightMUNet:
     """LightM-UNet 2D at the released size (5,011,765 parameters for 3 inputs, 2 classes)."""
     return LightMUNet(2, in_channels, out_channels, **kwargs)
 
 
-@register_model
+@register_model(**CARD_3D)
 def lightm_unet_3d(in_channels: int = 1, out_channels: int = 2, **kwargs) -> LightMUNet:
     """LightM-UNet 3D at the released size (5,015,766 parameters for 1 input, 3 classes)."""
     return LightMUNet(3, in_channels, out_channels, **kwargs)
 
 
-@register_model
+@register_model(**{**CARD_2D, "input_size": (64, 64)})
 def lightm_unet_2d_tiny(in_channels: int = 1, out_channels: int = 2, **kwargs) -> LightMUNet:
     """A tiny 2D LightM-UNet for tests and demos (8 filters, one block per level)."""
     return LightMUNet(2, in_channels, out_channels, **{"init_filters": 8, "blocks_down": (1, 1, 1, 1), **kwargs})
 
 
-@register_model
+@register_model(**{**CARD_3D, "input_size": (32, 32, 32)})
 def lightm_unet_3d_tiny(in_channels: int = 1, out_channels: int = 2, **kwargs) -> LightMUNet:
     """A tiny 3D LightM-UNet for tests and demos (8 filters, one block per level)."""
     return LightMUNet(3, in_channels, out_channels, **{"init_filters": 8, "blocks_down": (1, 1, 1, 1), **kwargs})

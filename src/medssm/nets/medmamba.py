@@ -20,7 +20,8 @@ import torch.nn.functional as F
 
 from ..ssm.mamba import init_A_log, init_dt_bias
 from ..ssm.orders import CROSS_SCAN_2D, CROSS_SCAN_3D, cross_merge, cross_scan
-from ..ssm.scan import selective_scan
+from ..ssm import selective_scan
+from .cards import CLASSIFIER_DEFAULT
 from .registry import register_model
 
 __all__ = ["MedMamba", "SS2D", "SSConvSSM", "PatchEmbed", "PatchMerging", "DropPath"]
@@ -109,14 +110,13 @@ class SS2D(nn.Module):
     """
 
     def __init__(self, d_model: int, d_state: int = 16, d_conv: int = 3, expand: int = 2,
-                 dt_rank: int | str = "auto", spatial_dims: int = 2, scan_backend: str = "auto"):
+                 dt_rank: int | str = "auto", spatial_dims: int = 2):
         super().__init__()
         _check_spatial_dims(spatial_dims)
         self.d_state = d_state
         self.d_inner = expand * d_model
         self.dt_rank = math.ceil(d_model / 16) if dt_rank == "auto" else int(dt_rank)
         self.orders = CROSS_SCAN_2D if spatial_dims == 2 else CROSS_SCAN_3D
-        self.scan_backend = scan_backend
         k, d, r = len(self.orders), self.d_inner, self.dt_rank
 
         self.in_proj = nn.Linear(d_model, 2 * d, bias=False)
@@ -151,7 +151,7 @@ class SS2D(nn.Module):
         ys = selective_scan(
             xs.reshape(b, k * self.d_inner, length), dts.reshape(b, k * self.d_inner, length),
             -torch.exp(self.A_logs), Bs, Cs, self.Ds, delta_bias=self.dt_projs_bias.reshape(-1),
-            delta_softplus=True, backend=self.scan_backend,
+            delta_softplus=True,
         )  # (B, K*d_inner, L), computed in float32 or float64; group k of B/C serves direction k
         return cross_merge(ys.view(b, k, self.d_inner, length), spatial, self.orders)
 
@@ -161,14 +161,13 @@ class SSConvSSM(nn.Module):
     the second half through DropPath(SS2D(LayerNorm)), interleaved (output channel 2i is conv
     channel i, 2i+1 is SSM channel i), plus the input."""
 
-    def __init__(self, hidden_dim: int, drop_path: float = 0.0, d_state: int = 16, spatial_dims: int = 2,
-                 scan_backend: str = "auto"):
+    def __init__(self, hidden_dim: int, drop_path: float = 0.0, d_state: int = 16, spatial_dims: int = 2):
         super().__init__()
         if hidden_dim % 2:
             raise ValueError(f"SS-Conv-SSM splits channels in half; hidden_dim must be even, got {hidden_dim}")
         half, conv, bn = hidden_dim // 2, _CONV[spatial_dims], _BATCHNORM[spatial_dims]
         self.ln_1 = nn.LayerNorm(half)
-        self.self_attention = SS2D(half, d_state=d_state, spatial_dims=spatial_dims, scan_backend=scan_backend)
+        self.self_attention = SS2D(half, d_state=d_state, spatial_dims=spatial_dims)
         self.drop_path = DropPath(drop_path)
         self.conv33conv33conv11 = nn.Sequential(
             bn(half), conv(half, half, 3, padding=1), bn(half), nn.ReLU(),
@@ -188,10 +187,10 @@ class MedMambaStage(nn.Module):
     """``depth`` SS-Conv-SSM blocks, then an optional patch merging (the authors' ``VSSLayer``)."""
 
     def __init__(self, dim: int, depth: int, drop_path: Sequence[float], downsample: bool, d_state: int = 16,
-                 spatial_dims: int = 2, scan_backend: str = "auto"):
+                 spatial_dims: int = 2):
         super().__init__()
         self.blocks = nn.ModuleList(
-            SSConvSSM(dim, drop_path[i], d_state, spatial_dims, scan_backend) for i in range(depth))
+            SSConvSSM(dim, drop_path[i], d_state, spatial_dims) for i in range(depth))
         self.downsample = PatchMerging(dim, spatial_dims) if downsample else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -218,7 +217,6 @@ class MedMamba(nn.Module):
         d_state: SSM state size.
         patch_size: patch embedding kernel and stride.
         spatial_dims: 2 or 3.
-        scan_backend: see :func:`medssm.ssm.selective_scan`.
 
     Examples:
         >>> model = MedMamba(in_chans=1, num_classes=2, depths=(2, 2, 4, 2), dims=(96, 192, 384, 768))
@@ -231,7 +229,7 @@ class MedMamba(nn.Module):
 
     def __init__(self, in_chans: int = 3, num_classes: int = 1000, depths: Sequence[int] = (2, 2, 4, 2),
                  dims: Sequence[int] = (96, 192, 384, 768), drop_path_rate: float = 0.1, drop_rate: float = 0.0,
-                 d_state: int = 16, patch_size: int = 4, spatial_dims: int = 2, scan_backend: str = "auto"):
+                 d_state: int = 16, patch_size: int = 4, spatial_dims: int = 2):
         super().__init__()
         _check_spatial_dims(spatial_dims)
         if len(depths) != len(dims):
@@ -248,7 +246,7 @@ class MedMamba(nn.Module):
         starts = [sum(depths[:i]) for i in range(len(depths))]
         self.layers = nn.ModuleList(
             MedMambaStage(dims[i], depths[i], dpr[starts[i]: starts[i] + depths[i]], i < len(depths) - 1,
-                          d_state, spatial_dims, scan_backend)
+                          d_state, spatial_dims)
             for i in range(len(depths)))
         self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
         self.apply(_init_weights)
@@ -296,25 +294,32 @@ def _init_weights(m: nn.Module) -> None:
         nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
 
 
-@register_model
+# Any size works: the patch embedding pads to a multiple of 4 and each merging pads odd sizes. At
+# side 35 every one of them pads (9, 5, 3 tokens after the embedding and the three mergings).
+CARD = dict(task="classification", spatial_dims=(2, 3), size_divisor=1, input_size=(224, 224), in_channels=3,
+            trace_size=35, recipe=CLASSIFIER_DEFAULT,
+            reference="Yue & Li 2024, MedMamba, arXiv 2403.03849; code: github.com/YubiaoYue/MedMamba")
+
+
+@register_model(**CARD)
 def medmamba_tiny(**kwargs) -> MedMamba:
     """A small MedMamba for tests and quick experiments (depths 1,1,1,1, dims 16..128)."""
     return MedMamba(**{"depths": (1, 1, 1, 1), "dims": (16, 32, 64, 128), **kwargs})
 
 
-@register_model
+@register_model(**CARD)
 def medmamba_t(**kwargs) -> MedMamba:
     """MedMamba-T: depths 2,2,4,2, dims 96..768 (14,457,222 parameters with 6 classes)."""
     return MedMamba(**{"depths": (2, 2, 4, 2), "dims": (96, 192, 384, 768), **kwargs})
 
 
-@register_model
+@register_model(**CARD)
 def medmamba_s(**kwargs) -> MedMamba:
     """MedMamba-S: depths 2,2,8,2, dims 96..768 (18,625,158 parameters with 6 classes)."""
     return MedMamba(**{"depths": (2, 2, 8, 2), "dims": (96, 192, 384, 768), **kwargs})
 
 
-@register_model
+@register_model(**CARD)
 def medmamba_b(**kwargs) -> MedMamba:
     """MedMamba-B: depths 2,2,12,2, dims 128..1024 (39,864,838 parameters with 6 classes)."""
     return MedMamba(**{"depths": (2, 2, 12, 2), "dims": (128, 256, 512, 1024), **kwargs})

@@ -25,6 +25,8 @@ from typing import Mapping
 import torch
 import torch.nn as nn
 
+from ..files import read_torch
+
 __all__ = ["extract_state_dict", "load_pretrained", "read_checkpoint"]
 
 # Where each known container keeps the weights, tried in this order.
@@ -48,17 +50,11 @@ def _numpy_safe_globals() -> list:
 
 def read_checkpoint(path: str | os.PathLike) -> object:
     """``torch.load(path, map_location="cpu", weights_only=True)``, numpy scalars and arrays allowed."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such checkpoint file")
     try:
-        with torch.serialization.safe_globals(_numpy_safe_globals()):
-            return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # UnpicklingError, or a file that is not a torch checkpoint at all
-        raise ValueError(f"{path}: cannot be read as a weights-only PyTorch checkpoint ({type(e).__name__}: "
-                         f"{str(e).splitlines()[0] if str(e) else e!r}). medssm loads no pickled code; if you trust "
-                         "the file, re-save just its state dict: torch.save(torch.load(path, weights_only=False)"
-                         "[...].state_dict(), 'weights.pth')") from None
+        return read_torch(path, "PyTorch checkpoint", _numpy_safe_globals())
+    except ValueError as e:
+        raise ValueError(f"{e}. medssm loads no pickled code; if you trust the file, re-save just its state dict: "
+                         "torch.save(torch.load(path, weights_only=False)[...].state_dict(), 'weights.pth')") from None
 
 
 def _is_state_dict(obj: object) -> bool:

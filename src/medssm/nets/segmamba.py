@@ -22,6 +22,7 @@ import torch.nn as nn
 
 from ..ssm.mamba import Mamba
 from ..ssm.orders import image_to_tokens, tokens_to_image
+from .cards import Recipe
 from .registry import register_model
 
 __all__ = ["SegMamba", "GSC", "MambaLayer", "UnetResBlock", "UnetrBasicBlock", "UnetrUpBlock", "UnetOutBlock"]
@@ -142,11 +143,10 @@ class MambaLayer(nn.Module):
     """``x + ToM(LayerNorm(tokens(x)))``: the tri-orientated Mamba (forward, reversed, inter-slice)
     on the raster-ordered tokens of a ``(B, C, *S)`` map, the slice order taken from ``S``."""
 
-    def __init__(self, dim: int, d_state: int = 16, d_conv: int = 4, expand: int = 2, scan_backend: str = "auto"):
+    def __init__(self, dim: int, d_state: int = 16, d_conv: int = 4, expand: int = 2):
         super().__init__()
         self.norm = nn.LayerNorm(dim)
-        self.mamba = Mamba(dim, d_state=d_state, d_conv=d_conv, expand=expand, orders=TRI_ORIENTATED,
-                           scan_backend=scan_backend)
+        self.mamba = Mamba(dim, d_state=d_state, d_conv=d_conv, expand=expand, orders=TRI_ORIENTATED)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         spatial = x.shape[2:]
@@ -212,7 +212,6 @@ class SegMamba(nn.Module):
         gsc_gate: how GSC merges its two branches: ``"sum"`` (released code, default) or
             ``"product"`` (the paper's figure).
         d_state, d_conv, expand: Mamba layer sizes (see :class:`medssm.ssm.Mamba`).
-        scan_backend: selective-scan backend (see :func:`medssm.ssm.selective_scan`).
 
     Examples::
 
@@ -230,7 +229,7 @@ class SegMamba(nn.Module):
     def __init__(self, spatial_dims: int = 3, in_channels: int = 4, out_channels: int = 4,
                  depths: Sequence[int] = (2, 2, 2, 2), feature_size: Sequence[int] = (48, 96, 192, 384),
                  hidden_size: int = 768, gsc_gate: str = "sum", d_state: int = 16, d_conv: int = 4,
-                 expand: int = 2, scan_backend: str = "auto"):
+                 expand: int = 2):
         super().__init__()
         if len(depths) != 4 or len(feature_size) != 4:
             raise ValueError(f"depths and feature_size need 4 entries each, got {tuple(depths)} and {tuple(feature_size)}")
@@ -238,7 +237,7 @@ class SegMamba(nn.Module):
         self.spatial_dims = spatial_dims
         f = tuple(feature_size)
         self.vit = MambaEncoder(spatial_dims, in_channels, depths, f, gsc_gate, d_state=d_state, d_conv=d_conv,
-                                expand=expand, scan_backend=scan_backend)
+                                expand=expand)
         self.encoder1 = UnetrBasicBlock(spatial_dims, in_channels, f[0])
         self.encoder2 = UnetrBasicBlock(spatial_dims, f[0], f[1])
         self.encoder3 = UnetrBasicBlock(spatial_dims, f[1], f[2])
@@ -277,19 +276,27 @@ class SegMamba(nn.Module):
         return self.out(self.decoder1(dec))
 
 
-@register_model
+# Clipping is not part of SegMamba's description; 12 is the nnU-Net value its trainer inherits.
+RECIPE = Recipe("sgd", 1e-2, 3e-5, momentum=0.99, nesterov=True, loss="ce", mirror_tta=True, batch_size=2,
+                source="SegMamba: SGD 1e-2, momentum 0.99 Nesterov, wd 3e-5, poly per iteration, CE, "
+                       "batch 2 at 128^3, 8-way mirror TTA")
+CARD = dict(task="segmentation", size_divisor=16, recipe=RECIPE,
+            reference="Xing et al. 2024, SegMamba, arXiv 2401.13560; code: github.com/ge-xing/SegMamba")
+
+
+@register_model(spatial_dims=(3,), input_size=(128, 128, 128), **CARD)
 def segmamba_3d(**kwargs) -> SegMamba:
     """The published SegMamba: 3D, feature sizes 48-384, 67.4 M parameters (4 in, 4 out)."""
     return SegMamba(**{"spatial_dims": 3, **kwargs})
 
 
-@register_model
+@register_model(spatial_dims=(2,), input_size=(256, 256), **CARD)
 def segmamba_2d(**kwargs) -> SegMamba:
     """The same network on 2D images (third scan column-major)."""
     return SegMamba(**{"spatial_dims": 2, **kwargs})
 
 
-@register_model
+@register_model(spatial_dims=(3, 2), input_size=(32, 32, 32), **CARD)
 def segmamba_tiny(**kwargs) -> SegMamba:
     """A tiny SegMamba for tests (one Mamba layer a stage, 8-32 channels); 3D unless ``spatial_dims=2``."""
     return SegMamba(**{"spatial_dims": 3, "depths": (1, 1, 1, 1), "feature_size": (8, 16, 24, 32),

@@ -13,7 +13,8 @@ from typing import Callable
 import torch.nn as nn
 
 from . import medmamba
-from .registry import create_model
+from .cards import ModelCard
+from .registry import create_model, get_model_card
 
 __all__ = ["TIMM_MODELS", "register_with_timm"]
 
@@ -54,7 +55,7 @@ def _timm_entrypoint(name: str) -> Callable[..., nn.Module]:
         for key in _TIMM_ONLY_KWARGS:
             kwargs.pop(key, None)
         model = create_model(name, **kwargs)
-        model.pretrained_cfg = model.default_cfg = _data_config(model)
+        model.pretrained_cfg = model.default_cfg = _data_config(model, get_model_card(name))
         return model
 
     entrypoint.__name__ = entrypoint.__qualname__ = name
@@ -65,11 +66,11 @@ def _timm_entrypoint(name: str) -> Callable[..., nn.Module]:
     return entrypoint
 
 
-def _data_config(model: nn.Module) -> dict:
-    """timm's pretrained_cfg keys for data set-up: the authors' 224-pixel inputs scaled to [-1, 1]."""
+def _data_config(model: nn.Module, card: ModelCard) -> dict:
+    """timm's pretrained_cfg keys for data set-up: the card's input size, scaled to [-1, 1]."""
     in_chans = model.patch_embed.proj.in_channels
     return {
-        "input_size": (in_chans,) + (224,) * model.spatial_dims,
+        "input_size": (in_chans,) + (card.input_size[0],) * model.spatial_dims,
         "interpolation": "bilinear",
         "crop_pct": 1.0,
         "mean": (0.5,) * in_chans,

@@ -38,7 +38,8 @@ import warnings
 import torch
 import torch.nn.functional as F
 
-from .scan import finish_output, prepare_delta, register_backend
+from .backends import register_backend
+from .reference import finish_output, prepare_delta
 
 CHUNK = 16
 EXTRA_LEVELS = 2  # under tracing: levels above what the traced length needs (up to CHUNK**2 times longer)

@@ -5,7 +5,7 @@ Not tested here (no GPU in CI); it only forwards arguments, so the kernel's own 
 
 from __future__ import annotations
 
-from .scan import register_backend
+from .backends import register_backend
 
 try:
     from mamba_ssm.ops.selective_scan_interface import selective_scan_fn

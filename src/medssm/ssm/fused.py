@@ -34,7 +34,7 @@ from llvmlite import ir
 from numba import njit, prange, types
 from numba.extending import intrinsic, overload
 
-from .scan import register_backend
+from .backends import register_backend
 
 # Numba's default OpenMP layer leaves its threads spinning after each call, starving torch's own
 # threads (a whole LightM-UNet step ran 5-10x slower on 2 cores); workqueue threads sleep.

@@ -18,33 +18,12 @@ returns the dtype of ``u``.
 
 from __future__ import annotations
 
-import warnings
 from contextlib import contextmanager
-from typing import Callable, Iterator
+from typing import Iterator
 
 import torch
-import torch.nn.functional as F
 
-Backend = Callable[..., "torch.Tensor | tuple[torch.Tensor, torch.Tensor]"]
-_BACKENDS: dict[str, Backend] = {}
-
-
-def register_backend(name: str):
-    """Decorator: make ``fn`` selectable as ``selective_scan(..., backend=name)``.
-
-    A backend receives prepared inputs: float32/float64 tensors, ``B``/``C`` always grouped
-    ``(batch, G, N, L)``, ``delta_bias`` and ``delta_softplus`` not yet applied.
-    """
-
-    def wrap(fn: Backend) -> Backend:
-        _BACKENDS[name] = fn
-        return fn
-
-    return wrap
-
-
-def available_backends() -> list[str]:
-    return sorted(_BACKENDS)
+from .backends import get_backend, resolve_backend
 
 
 def selective_scan(
@@ -63,8 +42,9 @@ def selective_scan(
     """Selective scan with ``mamba_ssm``'s signature; see the module docstring for shapes.
 
     ``backend``: ``"reference"`` (sequential loop, the float64 oracle), ``"chunked"`` (pure
-    PyTorch, any device, exports to ONNX), ``"fused"`` (compiled CPU kernel), ``"cuda"``
-    (``mamba_ssm``'s kernel) or ``"auto"`` (the fastest one available for the tensors' device).
+    PyTorch, any device, exports to ONNX), ``"fused"`` (compiled CPU kernel), ``"triton"``,
+    ``"cuda"`` (``mamba_ssm``'s kernel) or ``"auto"``: the one :func:`medssm.ssm.use_backend`
+    selected, else the fastest one available for the tensors' device.
     Returns ``out`` of shape ``(batch, dim, L)``, and ``last_state`` ``(batch, dim, N)`` when asked.
     """
     _check_shapes(u, delta, A, B, C, D, z, delta_bias)
@@ -82,7 +62,7 @@ def selective_scan(
     if C.dim() == 3:
         C = C.unsqueeze(1)
     with torch.autocast(u.device.type, enabled=False):
-        result = _BACKENDS[name](
+        result = get_backend(name)(
             cast(u), cast(delta), cast(A), cast(B), cast(C), cast(D), cast(z),
             cast(delta_bias), delta_softplus, return_last_state,
         )
@@ -92,7 +72,6 @@ def selective_scan(
     return result.to(out_dtype)
 
 
-_warned_fallback = False
 class _ScanCalls(list):
     """FLOPs of the scans made inside one :func:`count_scan_flops` block."""
 
@@ -129,32 +108,6 @@ def count_scan_flops(compute: bool = True) -> Iterator[list[int]]:
         _flop_counters.remove(calls)
 
 
-def is_exporting() -> bool:
-    """True while ``torch.jit`` traces or ``torch.onnx`` exports: only plain torch ops may run."""
-    return torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()
-
-
-def resolve_backend(backend: str, u: torch.Tensor) -> str:
-    """The concrete backend ``backend`` stands for, for tensors like ``u``."""
-    global _warned_fallback
-    if backend != "auto":
-        if backend not in _BACKENDS:
-            raise ValueError(f"unknown scan backend {backend!r}; available: {available_backends()}")
-        return backend
-    exporting = is_exporting()
-    if u.device.type == "cuda" and not exporting:
-        preference = ("cuda", "triton", "chunked")
-    elif u.device.type == "cpu" and not exporting:
-        preference = ("fused", "chunked")
-        if "fused" not in _BACKENDS and not _warned_fallback:
-            warnings.warn("medssm: the fused CPU scan (numba) could not be loaded; using the slower "
-                          "'chunked' scan", RuntimeWarning, stacklevel=3)
-            _warned_fallback = True
-    else:
-        preference = ("chunked",)
-    return next((name for name in preference if name in _BACKENDS), "reference")
-
-
 def _check_shapes(u, delta, A, B, C, D, z, delta_bias):
     if u.dim() != 3:
         raise ValueError(f"u must be (batch, dim, L), got shape {tuple(u.shape)}")
@@ -178,50 +131,3 @@ def _check_shapes(u, delta, A, B, C, D, z, delta_bias):
             raise ValueError(f"{name} must be (dim={dim},), got {tuple(t.shape)}")
     if z is not None and z.shape != u.shape:
         raise ValueError(f"z must have u's shape {tuple(u.shape)}, got {tuple(z.shape)}")
-
-
-def prepare_delta(delta, delta_bias, delta_softplus):
-    """``softplus(delta + delta_bias)`` (each step as asked), shared by the PyTorch backends."""
-    if delta_bias is not None:
-        delta = delta + delta_bias[:, None]
-    return F.softplus(delta) if delta_softplus else delta
-
-
-def finish_output(y, u, D, z):
-    """``(y + D u) * silu(z)``, each term as given."""
-    if D is not None:
-        y = y + u * D[:, None]
-    if z is not None:
-        y = y * F.silu(z)
-    return y
-
-
-def expand_groups(t: torch.Tensor, dim: int) -> torch.Tensor:
-    """(batch, G, N, L) -> (batch, dim, N, L): each group serves dim/G consecutive channels."""
-    return t.repeat_interleave(dim // t.shape[1], dim=1)
-
-
-@register_backend("reference")
-def reference_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state):
-    """Sequential loop over L. Iterates over ``unbind``-ed slices, so its backward stays O(L)."""
-    delta = prepare_delta(delta, delta_bias, delta_softplus)
-    batch, dim, _ = u.shape
-    B, C = expand_groups(B, dim), expand_groups(C, dim)  # (batch, dim, N, L)
-    h = u.new_zeros(batch, dim, A.shape[1])  # (batch, dim, N)
-    ys = []
-    for u_t, d_t, B_t, C_t in zip(u.unbind(-1), delta.unbind(-1), B.unbind(-1), C.unbind(-1)):
-        h = torch.exp(d_t[..., None] * A) * h + (d_t * u_t)[..., None] * B_t
-        ys.append((h * C_t).sum(-1))
-    out = finish_output(torch.stack(ys, dim=-1), u, D, z)
-    return (out, h) if return_last_state else out
-
-
-# Backends register themselves on import; the fused CPU scan needs numba and is optional.
-from . import chunked  # noqa: E402,F401
-from . import cuda  # noqa: E402,F401
-from . import triton_scan  # noqa: E402,F401  registers "triton" when triton imports
-
-try:
-    from . import fused  # noqa: E402,F401
-except (ImportError, OSError):  # numba/llvmlite missing or unloadable: "auto" warns, uses chunked
-    pass

@@ -30,7 +30,7 @@ from contextlib import nullcontext
 
 import torch
 
-from .scan import register_backend
+from .backends import register_backend
 
 try:
     import triton

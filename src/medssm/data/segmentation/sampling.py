@@ -41,7 +41,7 @@ class PatchSampler:
 
     Args:
         cache: ``{case: {"image": (C, *S) float32, "label": (*S) int, "class_locations": {k: (N, ndim)}}}``
-            (``class_locations`` optional), or what :func:`medssm.data.preprocess.build_cache`
+            (``class_locations`` optional), or what :func:`medssm.data.segmentation.preprocess.build_cache`
             returns (``{case: npz path}``; the cases are then read into memory).
         cases: the cases to draw from (e.g. a fold's ``train``); their order does not matter.
         patch_size, batch_size: as in the plan.

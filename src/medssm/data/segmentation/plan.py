@@ -18,10 +18,10 @@ from pathlib import Path
 
 import numpy as np
 
-from ..files import atomic_path
+from ...files import atomic_path
 from .nnunet import NnUNetDataset
 from .normalization import SCHEMES, scheme_for_channel
-from .preprocess import nonzero_box
+from .cropping import nonzero_box
 
 PLAN_VERSION = 1
 

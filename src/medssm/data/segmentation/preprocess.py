@@ -19,8 +19,9 @@ from typing import TYPE_CHECKING
 import numpy as np
 from scipy import ndimage
 
-from ..files import atomic_path
-from .io import Geometry
+from ...files import atomic_path
+from ..io import Geometry
+from .cropping import nonzero_box
 from .normalization import normalize
 
 if TYPE_CHECKING:
@@ -28,19 +29,6 @@ if TYPE_CHECKING:
     from .plan import Plan
 
 MAX_LOCATIONS_PER_CLASS = 10000
-
-
-def nonzero_box(image: np.ndarray) -> list[tuple[int, int]]:
-    """``[(start, stop), ...]`` per spatial axis of the region where any channel of ``image``
-    ``(C, *S)`` is nonzero; the whole image when all is zero."""
-    nonzero = np.any(image != 0, axis=0)
-    if not nonzero.any():
-        return [(0, s) for s in nonzero.shape]
-    box = []
-    for axis in range(nonzero.ndim):
-        hit = np.flatnonzero(nonzero.any(axis=tuple(a for a in range(nonzero.ndim) if a != axis)))
-        box.append((int(hit[0]), int(hit[-1]) + 1))
-    return box
 
 
 def resize(array: np.ndarray, shape: tuple[int, ...] | list[int], order: int) -> np.ndarray:

@@ -23,8 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..files import atomic_path
-from .classification import SPLITS, ClassificationSource
+from ...files import atomic_path
+from .base import SPLITS, ClassificationSource
 
 __all__ = ["MEDMNIST", "SIZES_2D", "SIZES_3D", "MedMNISTSource", "open_medmnist", "medmnist_file", "medmnist_url",
            "download_medmnist", "verify_md5", "parse_name", "default_root"]
@@ -245,6 +245,9 @@ class MedMNISTSource(ClassificationSource):
             self.classes = [str(i) for i in range(k)]
         self.description = f"{self.path.name} [{split}]"
         self.check_labels(len(self.classes), f"{self.dataset or self.path.name}")
+
+    def inputs(self) -> list[Path]:
+        return [self.path]
 
     def _check(self, split: str, x: np.ndarray, y: np.ndarray) -> None:
         where = f"{self.path}: {split}"

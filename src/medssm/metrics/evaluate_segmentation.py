@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..files import atomic_path
+from ..files import atomic_path, read_json
 from .segmentation import case_metrics, summarize
 
 
@@ -30,7 +30,7 @@ class EvaluateConfig:
     out: str | None = dataclasses.field(default=None, metadata={
         "flags": ("-o", "--out"), "help": "output folder (default: PRED_evaluation beside PRED)"})
     labels: str | None = dataclasses.field(default=None, metadata={
-        "help": "dataset.json or a run's model.json naming the labels (default: REF/../dataset.json, "
+        "help": "dataset.json or a training run naming the labels (default: REF/../dataset.json, "
                 "else the label values found)"})
     images: str | None = dataclasses.field(default=None, metadata={
         "help": "folder of the images, for the overlays (default: REF/../imagesTr when it exists)"})
@@ -58,19 +58,22 @@ def label_files(folder: str | os.PathLike) -> dict[str, Path]:
 
 
 def read_label_names(path: str | os.PathLike | None, ref: Path) -> dict[str, int] | None:
-    """Label names from a dataset.json / model.json (``labels``), or REF/../dataset.json."""
-    candidates = [Path(path)] if path else [ref.parent / "dataset.json"]
-    for p in candidates:
-        if p.is_dir():
-            p = p / "model.json" if (p / "model.json").is_file() else p / "dataset.json"
-        if p.is_file():
-            labels = json.loads(p.read_text()).get("labels")
-            if isinstance(labels, dict):
-                return {str(k): int(v) for k, v in labels.items() if k != "ignore"}
-            if path:
-                raise ValueError(f"{p}: no 'labels' mapping in it")
-        elif path:
-            raise FileNotFoundError(f"{p}: not found")
+    """Label names (``labels``) from a dataset.json, a training run, or REF/../dataset.json."""
+    from ..runs import load_run
+
+    p = Path(path) if path else ref.parent / "dataset.json"
+    if p.is_dir() and not (p / "dataset.json").is_file():
+        labels = load_run(p).description.get("labels")  # a training run (or one of its checkpoints)
+    elif p.is_file() or p.is_dir():
+        labels = read_json(p / "dataset.json" if p.is_dir() else p, "dataset description").get("labels")
+    elif path:
+        raise FileNotFoundError(f"{p}: not found")
+    else:
+        return None
+    if isinstance(labels, dict):
+        return {str(k): int(v) for k, v in labels.items() if k != "ignore"}
+    if path:
+        raise ValueError(f"{p}: no 'labels' mapping in it")
     return None
 
 

@@ -1,4 +1,4 @@
-"""Where training runs and in which precision: ``--device`` and ``--precision``, shared by both trainers.
+"""Where a model runs and in which precision: ``--device`` and ``--precision``, for training and prediction.
 
 ``--device auto`` picks CUDA, then MPS, then the CPU. ``--precision bf16|fp16`` runs the network
 under :func:`torch.autocast` (the selective scan still computes in float32: it turns autocast off
@@ -18,19 +18,21 @@ import contextlib
 
 import torch
 
-__all__ = ["PRECISIONS", "resolve_device", "check_precision", "autocast", "grad_scaler", "backward_and_step"]
+__all__ = ["PRECISIONS", "resolve_device", "check_precision", "autocast"]
 
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def resolve_device(name: str = "auto", local_rank: int | None = None) -> torch.device:
-    """``cpu``, ``cuda``, ``cuda:N``, ``mps`` or ``auto`` (CUDA, else MPS, else CPU) as a device.
+def resolve_device(name: str = "auto", local_rank: int | None = None, prefer: str | None = None) -> torch.device:
+    """``cpu``, ``cuda``, ``cuda:N``, ``mps`` or ``auto`` as a device.
 
-    With ``local_rank`` (one process per GPU), a bare ``cuda`` becomes ``cuda:local_rank``.
-    Raises a clear error when the backend is not there.
+    ``auto`` is the ``prefer`` kind when given and present here (e.g. the kind a run was trained
+    on), else CUDA, else MPS, else the CPU. With ``local_rank`` (one process per GPU), a bare
+    ``cuda`` becomes ``cuda:local_rank``. Raises a clear error when the backend is not there.
     """
     if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "mps" if _mps_available() else "cpu"
+        present = {"cuda": torch.cuda.is_available(), "mps": _mps_available(), "cpu": True}
+        name = prefer if present.get(prefer or "") else next(k for k, ok in present.items() if ok)
     try:
         device = torch.device(name)
     except RuntimeError:
@@ -69,20 +71,3 @@ def autocast(device: torch.device, precision: str) -> contextlib.AbstractContext
     if precision == "fp32":
         return contextlib.nullcontext()
     return torch.autocast(device.type, dtype=PRECISIONS[precision])
-
-
-def grad_scaler(device: torch.device, precision: str) -> torch.amp.GradScaler:
-    """A loss scaler, active for fp16 only (bf16 has float32's range); disabled it passes through."""
-    return torch.amp.GradScaler(device.type, enabled=precision == "fp16")
-
-
-def backward_and_step(loss: torch.Tensor, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                      scaler: torch.amp.GradScaler | None = None, grad_clip: float | None = None) -> None:
-    """Backward (loss-scaled for fp16), optional gradient-norm clipping on the true gradients, optimiser step."""
-    scaler = scaler if scaler is not None else torch.amp.GradScaler("cpu", enabled=False)
-    scaler.scale(loss).backward()
-    if grad_clip and grad_clip > 0:
-        scaler.unscale_(optimizer)
-        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-    scaler.step(optimizer)
-    scaler.update()

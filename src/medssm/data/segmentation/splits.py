@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..files import atomic_path
+from ...files import atomic_path
 
 
 def make_splits(cases, n_folds: int = 5, seed: int = 12345) -> list[dict[str, list[str]]]:

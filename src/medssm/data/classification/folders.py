@@ -26,7 +26,7 @@ from typing import Sequence
 
 import numpy as np
 
-from .classification import SPLITS, ClassificationSource, split_indices
+from .base import SPLITS, ClassificationSource, split_indices
 
 __all__ = ["ImageFolderSource", "CsvSource", "UnlabelledImages", "read_image", "is_image_file", "IMAGE_SUFFIXES",
            "VOLUME_SUFFIXES"]
@@ -120,9 +120,11 @@ def _image_size(path: Path) -> tuple[int, ...]:
 
 
 class _FileSource(ClassificationSource):
-    """Samples that are files: ``self.paths`` and ``self.labels``; works out dims, channels, size."""
+    """Samples that are files: ``self.paths`` and ``self.labels``, listed by ``self.origin`` (a folder
+    or a CSV); works out dims, channels, size."""
 
     paths: list[Path]
+    origin: Path
 
     def _describe(self, in_chans: int | None) -> None:
         if not self.paths:
@@ -142,6 +144,9 @@ class _FileSource(ClassificationSource):
     def name(self, i: int) -> str:
         return str(self.paths[i])
 
+    def inputs(self) -> list[Path]:
+        return [self.origin, *self.paths]
+
 
 def _images_in(folder: Path) -> list[Path]:
     return sorted(p for p in folder.rglob("*") if is_image_file(p))
@@ -160,7 +165,7 @@ class ImageFolderSource(_FileSource):
 
     def __init__(self, root: str | os.PathLike, split: str = "train", *, val_fraction: float = 0.1, seed: int = 0,
                  classes: Sequence[str] | None = None, in_chans: int | None = None):
-        self.root = Path(root)
+        self.root = self.origin = Path(root)
         if split not in SPLITS:
             raise ValueError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
         self.description = f"{self.root} [{split}]"
@@ -201,7 +206,7 @@ class CsvSource(_FileSource):
 
     def __init__(self, csv_path: str | os.PathLike, split: str = "train", *, val_fraction: float = 0.1, seed: int = 0,
                  classes: Sequence[str] | None = None, in_chans: int | None = None):
-        self.csv_path = Path(csv_path)
+        self.csv_path = self.origin = Path(csv_path)
         self.description = f"{self.csv_path} [{split}]"
         rows = self._read()
         has_split = any(r[2] for r in rows)
@@ -295,7 +300,7 @@ class UnlabelledImages(_FileSource):
     """Images to predict: one file, or every image/volume under a folder (sorted)."""
 
     def __init__(self, path: str | os.PathLike, *, classes: Sequence[str] | None = None, in_chans: int | None = None):
-        p = Path(path)
+        p = self.origin = Path(path)
         self.description = str(p)
         self.paths = [p] if p.is_file() else _images_in(p)
         if not self.paths:

@@ -8,6 +8,8 @@ averaged, in the MedMNIST v2 convention), ``confusion_matrix.png`` and ``roc.png
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import os
 from dataclasses import dataclass, field
@@ -17,9 +19,11 @@ from typing import Sequence
 import numpy as np
 
 from ..files import atomic_path
-from .classification import classification_metrics, format_metrics, plot_confusion_matrix, plot_roc
+from .classification import (classification_metrics, format_metrics, plot_confusion_matrix, plot_roc,
+                             predict_labels)
 
-__all__ = ["ClassifierEvaluateConfig", "evaluate_classifier", "evaluate_predictions"]
+__all__ = ["ClassifierEvaluateConfig", "evaluate_classifier", "evaluate_predictions", "write_predictions",
+           "read_predictions"]
 
 
 @dataclass
@@ -38,6 +42,49 @@ class ClassifierEvaluateConfig:
     overwrite: bool = field(default=False, metadata={"help": "replace an existing evaluation"})
 
 
+def write_predictions(path: str | os.PathLike, names: list[str], probs: np.ndarray, classes: list[str],
+                      targets: np.ndarray | None = None) -> Path:
+    """Write the predictions CSV (atomically); see the module docstring for its columns."""
+    pred = predict_labels(probs)
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(["path", "label", "label_name", "target"] + [f"prob_{c}" for c in classes])
+    for i, name in enumerate(names):
+        t = "" if targets is None or targets[i] < 0 else int(targets[i])
+        w.writerow([name, int(pred[i]), classes[pred[i]], t] + [f"{v:.6g}" for v in probs[i]])
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        tmp.write_text(buf.getvalue())
+    return path
+
+
+def read_predictions(path: str | os.PathLike) -> tuple[list[str], np.ndarray, np.ndarray, list[str]]:
+    """(paths, probabilities (N, K), targets (N,) with -1 where absent, class names) of a predictions CSV."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such predictions CSV")
+    rows = list(csv.reader(path.read_text(encoding="utf-8-sig").splitlines()))
+    if not rows or "path" not in rows[0]:
+        raise ValueError(f"{path}: not a predictions CSV (expected a header with path and prob_<class> columns)")
+    head = rows[0]
+    prob_cols = [i for i, h in enumerate(head) if h.startswith("prob_")]
+    if len(prob_cols) < 2:
+        raise ValueError(f"{path}: needs one prob_<class> column per class (at least 2), found {len(prob_cols)}")
+    ip, it = head.index("path"), head.index("target") if "target" in head else None
+    names, probs, targets = [], [], []
+    for n, r in enumerate(rows[1:], start=2):
+        if not r:
+            continue
+        try:
+            names.append(r[ip])
+            probs.append([float(r[i]) for i in prob_cols])
+            targets.append(int(r[it]) if it is not None and r[it].strip() != "" else -1)
+        except (ValueError, IndexError) as e:
+            raise ValueError(f"{path}, line {n}: malformed row ({e})") from e
+    return names, np.asarray(probs, dtype=np.float64), np.asarray(targets, dtype=np.int64), \
+        [head[i][len("prob_"):] for i in prob_cols]
+
+
 def evaluate_predictions(y_true, probs, classes: Sequence[str], out: str | os.PathLike | None = None,
                          title: str = "") -> dict:
     """Metrics of ``probs`` against ``y_true``; with ``out``, also metrics.json and the two PNGs."""
@@ -54,8 +101,7 @@ def evaluate_predictions(y_true, probs, classes: Sequence[str], out: str | os.Pa
 
 def evaluate_classifier(cfg: ClassifierEvaluateConfig) -> dict:
     from ..data.classification import open_classification_data
-    from ..inference.classify import read_predictions
-
+    
     pred_path = Path(cfg.predictions)
     names, probs, targets, classes = read_predictions(pred_path)
     if cfg.reference is not None:

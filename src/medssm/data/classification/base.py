@@ -1,0 +1,101 @@
+"""The one sample interface every classification source has, and what all sources share.
+
+A *source* (:class:`ClassificationSource`) is one split of a dataset: MedMNIST ``.npz`` arrays
+(:mod:`.medmnist`), image folders or a CSV of ``path,label`` (:mod:`.folders`). Each sample is a
+float32 array ``(C, *spatial)`` in [0, 1] with an integer label (-1 when unknown) and a name (its
+path, or ``file.npz:split/index``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+__all__ = ["SPLITS", "ClassificationSource", "Subset", "split_indices", "class_weights"]
+
+SPLITS = ("train", "val", "test")
+
+
+class ClassificationSource:
+    """One split of a classification dataset. Subclasses fill ``classes``, ``labels`` (int64, -1 for
+    unknown), ``spatial_dims``, ``in_chans``, ``native_size`` and implement :meth:`load` and
+    :meth:`name`."""
+
+    description: str = ""
+    classes: list[str]
+    labels: np.ndarray
+    spatial_dims: int = 2
+    in_chans: int = 1
+    native_size: tuple[int, ...] | None = None
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def load(self, i: int) -> np.ndarray:
+        """Sample ``i`` as float32 ``(C, *spatial)`` in [0, 1]."""
+        raise NotImplementedError
+
+    def name(self, i: int) -> str:
+        raise NotImplementedError
+
+    def inputs(self) -> list[Path]:
+        """The files and folders this source reads (nothing may ever be written over them)."""
+        return []
+
+    @property
+    def has_labels(self) -> bool:
+        return len(self.labels) > 0 and bool((self.labels >= 0).all())
+
+    def subset(self, indices: Sequence[int]) -> "Subset":
+        return Subset(self, indices)
+
+    def check_labels(self, num_classes: int, what: str = "the model") -> None:
+        """Raise a clear error if a known label is not a class index of ``num_classes`` classes."""
+        bad = np.flatnonzero((self.labels >= num_classes) | (self.labels < -1))
+        if len(bad):
+            i = int(bad[0])
+            raise ValueError(f"{self.name(i)}: label {int(self.labels[i])} is out of range: {what} has "
+                             f"{num_classes} classes (0..{num_classes - 1})")
+
+
+class Subset(ClassificationSource):
+    """Some samples of a source, in the given order."""
+
+    def __init__(self, source: ClassificationSource, indices: Sequence[int]):
+        self.source = source
+        self.indices = np.asarray(indices, dtype=np.int64)
+        self.labels = source.labels[self.indices]
+        for attr in ("classes", "spatial_dims", "in_chans", "native_size", "description"):
+            setattr(self, attr, getattr(source, attr))
+
+    def load(self, i: int) -> np.ndarray:
+        return self.source.load(int(self.indices[i]))
+
+    def name(self, i: int) -> str:
+        return self.source.name(int(self.indices[i]))
+
+    def inputs(self) -> list[Path]:
+        return self.source.inputs()
+
+
+def split_indices(n: int, fraction: float, seed: int, labels: np.ndarray | None = None) -> tuple[list[int], list[int]]:
+    """Split ``range(n)`` (samples in sorted order) into (kept, held-out) with a fixed seed,
+    stratified by ``labels`` when given, each part sorted."""
+    rng = np.random.default_rng(seed)
+    held: list[int] = []
+    groups = [np.arange(n)] if labels is None else [np.flatnonzero(labels == c) for c in np.unique(labels)]
+    for g in groups:
+        g = rng.permutation(g)
+        held.extend(g[: int(round(len(g) * fraction))].tolist())
+    held_set = set(held)
+    return [i for i in range(n) if i not in held_set], sorted(held)
+
+
+def class_weights(labels: np.ndarray, num_classes: int) -> torch.Tensor:
+    """'Balanced' cross-entropy weights: ``n / (K * count_c)`` (absent classes get weight 0)."""
+    counts = np.bincount(labels[labels >= 0], minlength=num_classes).astype(np.float64)
+    w = np.divide(counts.sum(), num_classes * counts, out=np.zeros_like(counts), where=counts > 0)
+    return torch.tensor(w, dtype=torch.float32)

@@ -1,0 +1,120 @@
+"""What both trainers share: seeding, the optimisation step, when to validate, and how an epoch ends
+(checkpoints, log, curves, one printed line). A trainer for each task differs in its loop only.
+
+Example (inside a trainer):
+    >>> seed_everything(cfg.seed)
+    >>> loss = train_step(ddp_model, images, labels, loss_fn, optimizer, scheduler, grad_clip=12.0)
+    >>> recorder.end_epoch(row, improved, model, evaluated, optimizer=optimizer, scheduler=scheduler)
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..devices import autocast
+from ..runs import save_checkpoint
+from . import distributed
+from .history import History
+
+__all__ = ["seed_everything", "grad_scaler", "backward_and_step", "train_step", "validation_due", "EpochRecorder"]
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python's, NumPy's and torch's global generators."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def grad_scaler(device: torch.device, precision: str) -> torch.amp.GradScaler:
+    """A loss scaler, active for fp16 only (bf16 has float32's range); disabled it passes through."""
+    return torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+
+
+def backward_and_step(loss: torch.Tensor, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                      scaler: torch.amp.GradScaler | None = None, grad_clip: float | None = None) -> None:
+    """Backward (loss-scaled for fp16), optional gradient-norm clipping on the true gradients, optimiser step."""
+    scaler = scaler if scaler is not None else torch.amp.GradScaler("cpu", enabled=False)
+    scaler.scale(loss).backward()
+    if grad_clip and grad_clip > 0:
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    scaler.step(optimizer)
+    scaler.update()
+
+
+def train_step(model: torch.nn.Module, image: torch.Tensor, label: torch.Tensor, loss_fn,
+               optimizer: torch.optim.Optimizer, scheduler=None, grad_clip: float | None = 12.0,
+               device: torch.device | str = "cpu", precision: str = "fp32",
+               scaler: torch.amp.GradScaler | None = None) -> float:
+    """One update from this process's slice of the global batch (``image``, ``label``): forward
+    under autocast unless fp32, the loss on the global batch (every rank's labels gathered), backward,
+    gradient-norm clipping, optimiser and schedule step; returns the loss. A non-finite loss skips
+    the update (and is returned, so the caller can count it)."""
+    device = torch.device(device)
+    image = image.to(device, non_blocking=True)
+    label = distributed.all_gather(label.to(device, non_blocking=True))
+    optimizer.zero_grad(set_to_none=True)
+    with autocast(device, precision):
+        loss = distributed.global_loss(loss_fn, model(image), label)
+    if torch.isfinite(loss):
+        backward_and_step(loss, model, optimizer, scaler, grad_clip)
+    if scheduler is not None:
+        scheduler.step()
+    return float(loss.detach())
+
+
+def validation_due(epoch: int, epochs: int, every: int) -> bool:
+    """Validate after epoch ``epoch`` (1-based) of ``epochs``: every ``every`` epochs and after the last."""
+    return epoch == epochs or (every > 0 and epoch % every == 0)
+
+
+class EpochRecorder:
+    """How an epoch ends, on rank 0: ``checkpoints/last`` (everything to resume), then
+    ``checkpoints/best`` when validation improved, a row in ``log.csv``/``log.json``, the curves,
+    and one line on stdout (printed with or without progress bars). Other ranks record nothing."""
+
+    def __init__(self, run: Path, metadata: dict, *, resume_epoch: int | None = None, main: bool = True,
+                 score: str = "val_score"):
+        self.run, self.metadata, self.main, self.score = Path(run), metadata, main, score
+        self.history = History(self.run, resume=resume_epoch is not None, resume_epoch=resume_epoch)
+        self.started = time.perf_counter()
+
+    def end_epoch(self, row: dict, epochs: int, improved: bool, model: torch.nn.Module, evaluated: torch.nn.Module,
+                  *, optimizer, scheduler=None, scaler=None, extra_state: dict | None = None) -> None:
+        """Record epoch ``row["epoch"]``: ``model`` (the trained weights) into ``last`` with the
+        training state, ``evaluated`` (the same, or its moving average) into ``best`` if ``improved``."""
+        if not self.main:
+            return
+        epoch = row["epoch"]
+        meta = {**self.metadata, **{k: v for k, v in row.items() if k.startswith("val_")}}
+        checkpoints = self.run / "checkpoints"
+        save_checkpoint(checkpoints / "last", model, epoch=epoch, optimizer=optimizer, scheduler=scheduler,
+                        scaler=scaler, metadata=meta, extra_state=extra_state)
+        if improved:
+            save_checkpoint(checkpoints / "best", evaluated, epoch=epoch, metadata=meta)
+        self.history.log(**row)
+        self.history.plot()
+        print(self.line(row, epochs, improved), file=sys.stdout, flush=True)
+
+    def finish(self, evaluated: torch.nn.Module, epoch: int) -> Path:
+        """Make sure ``checkpoints/best`` exists (a run without validation keeps its last model)."""
+        best = self.run / "checkpoints" / "best"
+        if self.main and not best.is_dir():
+            save_checkpoint(best, evaluated, epoch=epoch, metadata=self.metadata)
+        distributed.barrier()  # every rank returns once rank 0's files are written
+        return self.run
+
+    def line(self, row: dict, epochs: int, improved: bool) -> str:
+        """``epoch 3/10: loss 0.41, val Dice 0.90 (best) [12 s]``: losses and validation scores of ``row``."""
+        parts = [f"{k.replace('_', ' ')} {v:.4f}" for k, v in row.items()
+                 if isinstance(v, float) and math.isfinite(v) and (k.endswith("loss") or k in (self.score, "val_acc"))]
+        text = f"epoch {row['epoch']}/{epochs}: " + ", ".join(parts)
+        return text + (" (best)" if improved else "") + f" [{row.get('time_s', 0):.0f} s]"
