@@ -141,7 +141,11 @@ def save_model(model: nn.Module, directory: str | os.PathLike, extra: dict | Non
         raise ValueError("save_model needs a model built by medssm.create_model (it records name and arguments)")
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    state, seen = {}, set()
+    for k, v in model.state_dict().items():  # a tensor held under two names (DynUNet's skips) is written twice
+        v = v.detach().contiguous().cpu()
+        state[k] = v.clone() if v.untyped_storage().data_ptr() in seen else v
+        seen.add(v.untyped_storage().data_ptr())
     with atomic_path(directory / "model.safetensors") as tmp:
         save_file(state, str(tmp))
     with atomic_path(directory / "model.json") as tmp:
