@@ -112,26 +112,30 @@ def train_and_test(args: argparse.Namespace, name: str, seed: int, root: Path) -
     from medssm.cli import config_from_args
     from medssm.data.classification import ClassificationDataset
     from medssm.data.classification.medmnist import open_medmnist
-    from medssm.engine.classification import ClassifierTrainConfig, predict_proba, train_classifier
     from medssm.devices import resolve_device
-    from medssm.inference.classification import load_classifier, write_predictions
-    from medssm.metrics.evaluate_classification import evaluate_predictions
+    from medssm.engine.classification import ClassifierTrainConfig, train_classifier
+    from medssm.files import read_json
+    from medssm.inference.classification import predict_proba
+    from medssm.metrics.evaluate_classification import evaluate_predictions, write_predictions
+    from medssm.runs import has_checkpoint, load_run
 
     t0 = time.perf_counter()
     run = Path(args.runs) / f"{name}_{args.model}_{args.input_size or args.size}_seed{seed}"
     cfg = config_from_args(ClassifierTrainConfig, argparse.Namespace(**{
         **vars(args), "data": name, "data_root": str(root), "out": str(run), "seed": seed,
-        "resume": args.resume and (run / "last").exists(), "progress": not args.no_progress}))
+        "resume": args.resume and has_checkpoint(run), "progress": not args.no_progress}))
     train_classifier(cfg)
     device = resolve_device(args.device)
-    model, meta = load_classifier(run, device=str(device))
+    trained = load_run(run)
+    model, meta = trained.load_model("best", device), trained.description
+    best = read_json(trained.checkpoint("best") / "model.json")
     test = open_medmnist(name, "test", root=root, size=args.size)
     probs = predict_proba(model, ClassificationDataset(test, meta["input_size"]), batch_size=128, device=device)
     write_predictions(run / "test_predictions.csv", [test.name(i) for i in range(len(test))], probs,
                       meta["classes"], test.labels)
     m = evaluate_predictions(test.labels, probs, meta["classes"], run / "test_evaluation", title=f"{name} test")
     return {"seed": seed, "test_acc": m["acc"], "test_auc": m["auc"], "test_f1": m["f1"],
-            "best_epoch": meta["best_epoch"], "val_auc": meta["val_auc"], "train_samples": meta["train_samples"],
+            "best_epoch": best["epoch"], "val_auc": best["val_auc"], "train_samples": meta["train_samples"],
             "test_samples": m["n"], "wall_s": round(time.perf_counter() - t0, 1), "run": str(run)}
 
 

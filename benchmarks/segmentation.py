@@ -40,7 +40,7 @@ TASKS = {
 def run_task(name: str, args) -> list[dict]:
     from medssm.data.segmentation.nnunet import NnUNetDataset
     from medssm.engine.quickstart import calibrate
-    from medssm.engine.schedules import recipe_for
+    from medssm.nets import get_model_card
     from medssm.engine.segmentation import TrainConfig, train
 
     spec = TASKS[name]
@@ -58,7 +58,7 @@ def run_task(name: str, args) -> list[dict]:
     rows.append(_row(name, spec["model"], run, wall, spec["target"]))
     if not args.skip_baseline:
         # Same wall time: scale the baseline's iterations by the ratio of step times.
-        recipe = recipe_for(spec["model"])  # the baseline gets the medssm model's optimiser
+        recipe = get_model_card(spec["model"]).recipe  # the baseline gets the medssm model's optimiser
         ratio = (calibrate(spec["model"], spec["patch"], spec["batch"], classes=classes)["s_per_step"]
                  / calibrate(spec["baseline"], spec["patch"], spec["batch"], classes=classes,
                              model_kwargs=spec["baseline_kwargs"])["s_per_step"])

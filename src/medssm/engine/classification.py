@@ -136,7 +136,7 @@ def _train(cfg: ClassifierTrainConfig) -> Path:
     if not train_src.has_labels or not val_src.has_labels:
         raise ValueError(f"{cfg.data}: training needs a label for every train and val sample")
     train_src, val_src = _limit(train_src, cfg.limit, cfg.seed), _limit(val_src, cfg.limit, cfg.seed)
-    classes, k = train_src.classes, len(train_src.classes)
+    k = len(train_src.classes)
     if k < 2:
         raise ValueError(f"{cfg.data}: found {k} class(es); classification needs at least 2")
     val_src.check_labels(k, "the training data")

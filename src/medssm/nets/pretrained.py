@@ -19,7 +19,6 @@ nnU-Net checkpoints also hold the training log (numpy floats) and ``init_args`` 
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from typing import Mapping
 
 import torch
