@@ -16,6 +16,7 @@ import types
 import typing
 from pathlib import Path
 
+from .extras import MissingDependency
 from .files import describe_os_error
 
 # (command, task) -> "module:ConfigDataclass:function"; task None for commands that have one form.
@@ -199,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
         add_config_arguments(parser, config_cls)
         args = parser.parse_args(rest)
         result = function(config_from_args(config_cls, args))
-    except (ValueError, FileNotFoundError, FileExistsError) as e:  # bad input: say what, no traceback
+    except (ValueError, FileNotFoundError, FileExistsError, MissingDependency) as e:  # say what, no traceback
         print(f"medssm {command}: error: {e}", file=sys.stderr)
         return 2
     except OSError as e:  # disk full, permissions ...: the file and the reason, no traceback

@@ -30,11 +30,21 @@ class atomic_path:
             self.tmp.unlink(missing_ok=True)
 
 
+def write_file(path: str | os.PathLike, write) -> Path:
+    """Write ``path`` atomically through ``write(binary_file)``; an OS error (a full disk ...) names ``path``."""
+    path = Path(path)
+    try:
+        with atomic_path(path) as tmp, open(tmp, "wb") as f:
+            write(f)
+    except OSError as e:
+        raise OSError(e.errno, e.strerror or str(e), str(path)) from None
+    return path
+
+
 def write_json(path: str | os.PathLike, obj, **dumps) -> Path:
     """``obj`` as indented JSON at ``path``, atomically."""
-    with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(obj, indent=2, **dumps))
-    return Path(path)
+    text = json.dumps(obj, indent=2, **dumps).encode()
+    return write_file(path, lambda f: f.write(text))
 
 
 def _first_line(e: BaseException) -> str:

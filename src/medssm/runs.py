@@ -40,7 +40,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from .files import read_json, read_safetensors, read_torch, write_json
+from .files import read_json, read_safetensors, read_torch, write_file, write_json
 from .nets.cards import ModelCard
 from .nets.registry import create_model, get_model_card, save_model
 
@@ -223,16 +223,21 @@ def save_checkpoint(directory: str | os.PathLike, model: nn.Module, *, epoch: in
     try:
         save_model(model, tmp, extra={**(metadata or {}), "epoch": epoch})
         if optimizer is not None:
-            torch.save({"epoch": epoch, "optimizer": optimizer.state_dict(),
-                        "scheduler": scheduler.state_dict() if scheduler is not None else None,
-                        "scaler": scaler.state_dict() if scaler is not None else None,
-                        "rng": rng_state(), "extra": extra_state or {}}, tmp / STATE_FILE)
+            state = {"epoch": epoch, "optimizer": optimizer.state_dict(),
+                     "scheduler": scheduler.state_dict() if scheduler is not None else None,
+                     "scaler": scaler.state_dict() if scaler is not None else None,
+                     "rng": rng_state(), "extra": extra_state or {}}
+            write_file(tmp / STATE_FILE, lambda f: torch.save(state, f))
         old = directory.with_name(directory.name + ".old")
         if directory.exists():
             shutil.rmtree(old, ignore_errors=True)
             os.replace(directory, old)
         os.replace(tmp, directory)
         shutil.rmtree(old, ignore_errors=True)
+    except OSError as e:  # say the file as it would have been named, not its temporary folder
+        shutil.rmtree(tmp, ignore_errors=True)
+        name = str(e.filename or "").replace(str(tmp), str(directory))
+        raise OSError(e.errno, e.strerror or str(e), name or str(directory)) from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

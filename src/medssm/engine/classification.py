@@ -247,6 +247,4 @@ def _train_claimed(cfg, env, device, card, recipe, model_kwargs, train_src, val_
         recorder.end_epoch(row, recipe.epochs, improved, model, evaluated, optimizer=optimizer, scheduler=scheduler,
                            scaler=scaler, extra_state={"best_auc": best_auc, "best_epoch": best_epoch,
                                                        **({"ema": ema.state_dict()} if ema else {})})
-    if main:
-        print(f"done: best val AUC {best_auc:.4f} at epoch {best_epoch}; run in {run}")
     return recorder.finish(evaluated, recipe.epochs)

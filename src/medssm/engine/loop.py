@@ -105,10 +105,16 @@ class EpochRecorder:
         print(self.line(row, epochs, improved), file=sys.stdout, flush=True)
 
     def finish(self, evaluated: torch.nn.Module, epoch: int) -> Path:
-        """Make sure ``checkpoints/best`` exists (a run without validation keeps its last model)."""
+        """Make sure ``checkpoints/best`` exists (a run without validation keeps its last model) and
+        print where the run is, with its best validation score."""
         best = self.run / "checkpoints" / "best"
-        if self.main and not best.is_dir():
-            save_checkpoint(best, evaluated, epoch=epoch, metadata=self.metadata)
+        if self.main:
+            if not best.is_dir():
+                save_checkpoint(best, evaluated, epoch=epoch, metadata=self.metadata)
+            scored = [r for r in self.history.rows if isinstance(r.get(self.score), float) and math.isfinite(r[self.score])]
+            top = max(scored, key=lambda r: r[self.score], default=None)
+            said = f"best {self.score.replace('_', ' ')} {top[self.score]:.4f} at epoch {top['epoch']}; " if top else ""
+            print(f"done: {said}run in {self.run}", flush=True)
         distributed.barrier()  # every rank returns once rank 0's files are written
         return self.run
 

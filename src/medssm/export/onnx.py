@@ -29,9 +29,11 @@ from typing import Sequence
 import torch
 import torch.nn as nn
 
+from ..extras import require
 from ..files import atomic_path
 from ..nets.registry import create_model, get_model_card, list_models, parse_model_kwargs
 from ..runs import load_run
+from ..progress import stage
 from ..ssm import use_backend
 
 __all__ = ["ExportConfig", "ExportParityError", "ExportResult", "export_cli", "export_onnx", "load_for_export",
@@ -229,7 +231,8 @@ def ort_session(path: str | os.PathLike, threads: int | None = None):
 def export_onnx(model: nn.Module, path: str | os.PathLike, input_size: Sequence[int] | None = None,
                 batch_size: int = 1, opset: int = MIN_OPSET, dynamic_batch: bool = True,
                 dynamic_spatial: bool = True, rtol: float = 1e-4, check: bool = True,
-                check_size: Sequence[int] | None = None, reference_backend: str | None = None) -> ExportResult:
+                check_size: Sequence[int] | None = None, reference_backend: str | None = None,
+                progress: bool = False) -> ExportResult:
     """Export ``model`` to ONNX at ``path`` and check it against PyTorch in onnxruntime.
 
     Args:
@@ -250,6 +253,7 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, input_size: Sequence[
         check_size: spatial size of the second check (default: each size plus the size divisor).
         reference_backend: scan backend of the PyTorch side of the check (default: the one in use,
             i.e. what the model computes when it is run normally).
+        progress: print each stage (tracing, each check) with the time it took.
 
     Returns:
         :class:`ExportResult` with the checks' errors.
@@ -263,6 +267,9 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, input_size: Sequence[
         >>> export_onnx(net, "lightm_unet.onnx", input_size=(256, 256)).rel_error  # doctest: +SKIP
         3.1e-07
     """
+    require("onnx", "export", "ONNX export")
+    if check:
+        require("onnxruntime", "export", "The ONNX parity check")
     if opset < MIN_OPSET:
         raise ValueError(f"opset must be >= {MIN_OPSET} (LayerNormalization), got {opset}")
     if rtol <= 0:
@@ -313,7 +320,8 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, input_size: Sequence[
             out_axes |= {2 + i: n for i, n in enumerate(names)}
         dynamic_axes = {"input": in_axes, "logits": out_axes}
         with atomic_path(path) as tmp:
-            with use_backend(EXPORT_BACKEND), _export_symbolics(opset), warnings.catch_warnings(), torch.no_grad():
+            with stage(f"tracing {type(model).__name__} at {trace_shape}", progress), use_backend(EXPORT_BACKEND), \
+                    _export_symbolics(opset), warnings.catch_warnings(), torch.no_grad():
                 warnings.simplefilter("ignore", torch.jit.TracerWarning)  # Python shape checks seen by the tracer
                 warnings.filterwarnings("ignore", message=".*legacy TorchScript-based ONNX export.*")
                 warnings.filterwarnings("ignore", message=".*Constant folding.*")
@@ -327,7 +335,8 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, input_size: Sequence[
                 inputs = [shape] + ([check_shape] if check_shape != shape else [])
                 with reference():
                     for seed, s in enumerate(inputs, start=1):
-                        checks.append(onnx_parity(session, model, _random_input(s, seed)))
+                        with stage(f"checking onnxruntime against PyTorch at {s}", progress):
+                            checks.append(onnx_parity(session, model, _random_input(s, seed)))
                 bad = [c for c in checks if not c["rel_error"] <= rtol]
                 if bad:
                     lines = "; ".join(f"input {c['shape']}: {c.get('error') or 'relative error %.3g' % c['rel_error']}"
@@ -378,6 +387,7 @@ class ExportConfig:
     rtol: float = dataclasses.field(default=1e-4, metadata={"help": "largest allowed ||ort-torch||/||torch||"})
     scan_backend: str = dataclasses.field(default="auto", metadata={
         "help": "scan backend of the PyTorch side of the check (the graph itself always uses chunked)"})
+    progress: bool = dataclasses.field(default=True, metadata={"help": "print each stage and its time"})
     check: bool = dataclasses.field(default=True, metadata={"help": "run the onnxruntime parity check"})
     model_kwargs: str = dataclasses.field(
         default="", metadata={"help": "JSON arguments for a registered model name, e.g. '{\"out_channels\": 3}'"})
@@ -387,7 +397,7 @@ def export_cli(cfg: ExportConfig) -> int:
     model, what = load_for_export(cfg.model, parse_model_kwargs(cfg.model_kwargs))
     with use_backend(cfg.scan_backend):
         result = export_onnx(model, cfg.onnx, cfg.input_size, cfg.batch_size, cfg.opset, cfg.dynamic_batch,
-                             cfg.dynamic_spatial, cfg.rtol, cfg.check)
+                             cfg.dynamic_spatial, cfg.rtol, cfg.check, progress=cfg.progress)
     axes = ", ".join(f"{i}:{n}" for i, n in result.dynamic_axes["input"].items()) or "none"
     print(f"exported {what} -> {result.path} (opset {result.opset}, input {result.input_shape}, dynamic axes {axes}) "
           f"in {result.seconds:.1f} s")

@@ -28,14 +28,12 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-try:
-    from nnunetv2.training.lr_scheduler.polylr import PolyLRScheduler
-    from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
-except ImportError as e:  # pragma: no cover - exercised only without the extra
-    raise ImportError("medssm.integrations.nnunet needs nnU-Net v2: pip install 'medssm[nnunet]'") from e
-
 from ..engine.schedules import make_optimizer
+from ..extras import require
 from ..nets.registry import create_model, get_model_card
+
+PolyLRScheduler = require("nnunetv2.training.lr_scheduler.polylr", "nnunet", "The nnU-Net plug-in").PolyLRScheduler
+nnUNetTrainer = require("nnunetv2.training.nnUNetTrainer.nnUNetTrainer", "nnunet", "The nnU-Net plug-in").nnUNetTrainer
 
 __all__ = ["TRAINER_DIR", "MedssmTrainer", "nnUNetTrainerLightMUNet", "nnUNetTrainerSegMamba"]
 

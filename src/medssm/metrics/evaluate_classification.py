@@ -19,6 +19,7 @@ from typing import Sequence
 import numpy as np
 
 from ..files import atomic_path
+from ..progress import stage
 from .classification import (classification_metrics, format_metrics, plot_confusion_matrix, plot_roc,
                              predict_labels)
 
@@ -40,6 +41,7 @@ class ClassifierEvaluateConfig:
     size: int = field(default=28, metadata={"help": "MedMNIST image size when --reference is a name"})
     data_root: str | None = field(default=None, metadata={"help": "folder of MedMNIST files for names"})
     overwrite: bool = field(default=False, metadata={"help": "replace an existing evaluation"})
+    progress: bool = field(default=True, metadata={"help": "print each stage and its time (on stderr)"})
 
 
 def write_predictions(path: str | os.PathLike, names: list[str], probs: np.ndarray, classes: list[str],
@@ -101,11 +103,13 @@ def evaluate_predictions(y_true, probs, classes: Sequence[str], out: str | os.Pa
 
 def evaluate_classifier(cfg: ClassifierEvaluateConfig) -> dict:
     from ..data.classification import open_classification_data
-    
+
     pred_path = Path(cfg.predictions)
     names, probs, targets, classes = read_predictions(pred_path)
     if cfg.reference is not None:
-        ref = open_classification_data(cfg.reference, cfg.split, root=cfg.data_root, size=cfg.size, classes=classes)
+        with stage(f"reading the labels of {cfg.reference} [{cfg.split}]", cfg.progress):
+            ref = open_classification_data(cfg.reference, cfg.split, root=cfg.data_root, size=cfg.size,
+                                           classes=classes)
         ref.check_labels(len(classes), f"{pred_path} (its prob_ columns)")
         by_name = {ref.name(i): int(ref.labels[i]) for i in range(len(ref))}
         missing = [n for n in names if n not in by_name]
@@ -123,7 +127,8 @@ def evaluate_classifier(cfg: ClassifierEvaluateConfig) -> dict:
     out = Path(cfg.out) if cfg.out else pred_path.with_name(pred_path.stem + "_evaluation")
     if (out / "metrics.json").exists() and not cfg.overwrite:
         raise FileExistsError(f"{out}: already holds an evaluation; pass --overwrite to replace it")
-    m = evaluate_predictions(targets, probs, classes, out, title=pred_path.stem)
+    with stage("scoring and drawing the confusion matrix and ROC curves", cfg.progress):
+        m = evaluate_predictions(targets, probs, classes, out, title=pred_path.stem)
     print(format_metrics(m))
     print(f"metrics.json, confusion_matrix.png, roc.png -> {out}")
     return m

@@ -27,6 +27,7 @@ from torch.utils._pytree import tree_flatten
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
+from ..progress import stage
 from ..ssm import count_scan_flops
 from .registry import create_model, get_model_card, parse_model_kwargs
 
@@ -183,24 +184,27 @@ class ModelInfo:
 
 
 def model_info(model: nn.Module | str, input_size: Sequence[int] | None = None, name: str | None = None,
-               **model_kwargs) -> ModelInfo:
+               progress: bool = False, **model_kwargs) -> ModelInfo:
     """Measure ``model`` (a module, or a registered name built with ``model_kwargs``) on a random
-    input of ``input_size`` ((B, C, *S), or only the spatial sizes; default :func:`default_input_size`).
+    input of ``input_size`` ((B, C, *S), or only the spatial sizes; default :func:`default_input_size`);
+    ``progress`` prints each measurement with its time (a 3D model at full size takes minutes).
 
     Example:
         >>> info = model_info("lightm_unet_2d", (1, 1, 256, 256))
         >>> info.parameters, info.macs, info.scan_flops, info.peak_activation_bytes
     """
     if isinstance(model, str):
-        name, model = model, build_for_input(model, input_size, **model_kwargs)
+        with stage(f"building {model}", progress):
+            name, model = model, build_for_input(model, input_size, **model_kwargs)
     input_size = resolve_input_size(model, input_size)
     x = torch.randn(*input_size)
-    macs, scan_flops = count_macs(model, x)
-    with torch.no_grad():
-        output_size = tuple(model.eval()(x).shape)
-    return ModelInfo(name=name or type(model).__name__, input_size=input_size, output_size=output_size,
-                     parameters=count_parameters(model), macs=macs, scan_flops=scan_flops,
-                     peak_activation_bytes=peak_activation_bytes(model, x))
+    with stage(f"counting MACs and scan FLOPs at {input_size}", progress):
+        macs, scan_flops = count_macs(model, x)
+    outputs = []
+    with stage("measuring the peak activation memory of a forward pass", progress), torch.no_grad():
+        peak = peak_tensor_bytes(lambda: outputs.append(tuple(model.eval()(x).shape)))
+    return ModelInfo(name=name or type(model).__name__, input_size=input_size, output_size=outputs[0],
+                     parameters=count_parameters(model), macs=macs, scan_flops=scan_flops, peak_activation_bytes=peak)
 
 
 @dataclass
@@ -214,6 +218,7 @@ class InfoConfig:
     model_kwargs: str = field(default="{}", metadata={
         "help": "model arguments as JSON, e.g. '{\"in_channels\": 3, \"out_channels\": 2}'"})
     json: bool = field(default=False, metadata={"help": "print JSON instead of a table"})
+    progress: bool = field(default=True, metadata={"help": "print each measurement and its time (on stderr)"})
 
 
 def print_info(cfg: InfoConfig) -> ModelInfo:
@@ -222,7 +227,7 @@ def print_info(cfg: InfoConfig) -> ModelInfo:
     import json
 
     card = get_model_card(cfg.model)
-    info = model_info(cfg.model, cfg.input_size or None, **parse_model_kwargs(cfg.model_kwargs))
+    info = model_info(cfg.model, cfg.input_size or None, progress=cfg.progress, **parse_model_kwargs(cfg.model_kwargs))
     if cfg.json:
         print(json.dumps({"card": dataclasses.asdict(card), **info.as_dict()}, indent=2, default=str))
     else:

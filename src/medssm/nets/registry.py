@@ -18,7 +18,7 @@ from typing import Callable, Sequence
 
 import torch.nn as nn
 
-from ..files import atomic_path, read_json, read_safetensors
+from ..files import read_json, read_safetensors, write_file, write_json
 from .cards import ModelCard
 
 __all__ = ["register_model", "get_model_card", "list_models", "create_model", "build_for_data",
@@ -134,7 +134,7 @@ def parse_model_kwargs(value: str | dict | None) -> dict:
 def save_model(model: nn.Module, directory: str | os.PathLike, extra: dict | None = None) -> Path:
     """Write ``model.safetensors`` and ``model.json`` (name, arguments, ``extra``) into ``directory``,
     each atomically. The model must come from :func:`create_model`."""
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     config = getattr(model, "medssm_config", None)
     if config is None:
@@ -146,10 +146,9 @@ def save_model(model: nn.Module, directory: str | os.PathLike, extra: dict | Non
         v = v.detach().contiguous().cpu()
         state[k] = v.clone() if v.untyped_storage().data_ptr() in seen else v
         seen.add(v.untyped_storage().data_ptr())
-    with atomic_path(directory / "model.safetensors") as tmp:
-        save_file(state, str(tmp))
-    with atomic_path(directory / "model.json") as tmp:
-        tmp.write_text(json.dumps({**config, **(extra or {})}, indent=2, default=_json_default))
+    weights = save(state)  # bytes: written by Python, so a failed write raises (naming the file)
+    write_file(directory / "model.safetensors", lambda f: f.write(weights))
+    write_json(directory / "model.json", {**config, **(extra or {})}, default=_json_default)
     return directory
 
 
