@@ -17,6 +17,7 @@ import torch.nn as nn
 from medssm.ssm import Mamba, image_to_tokens
 from medssm.ssm.mamba import linear_channels_first
 
+from .blocks import NoMixer
 from .cards import Recipe
 from .registry import register_model
 
@@ -50,13 +51,15 @@ class RVMLayer(nn.Module):
 
     Tokens ``t`` in C order; ``y = proj(norm(mamba(norm(t)) + skip_scale * t))``: one LayerNorm module
     applied twice, a scalar skip scale, a Linear to ``out_channels``. fp16 input is computed in fp32.
+    ``no_mamba`` makes ``mamba`` the identity (the No-Mamba ablation).
     """
 
     def __init__(self, in_channels: int, out_channels: int, d_state: int = 16, d_conv: int = 4,
-                 expand: int = 2, ssm_norm: bool = False):
+                 expand: int = 2, ssm_norm: bool = False, no_mamba: bool = False):
         super().__init__()
         self.norm = nn.LayerNorm(in_channels)
-        self.mamba = Mamba(in_channels, d_state=d_state, d_conv=d_conv, expand=expand, out_norm=ssm_norm)
+        self.mamba = NoMixer() if no_mamba else Mamba(in_channels, d_state=d_state, d_conv=d_conv, expand=expand,
+                                                      out_norm=ssm_norm)
         self.proj = nn.Linear(in_channels, out_channels)
         self.skip_scale = nn.Parameter(torch.ones(1))
 
@@ -120,6 +123,7 @@ class LightMUNet(nn.Module):
         d_state, d_conv, expand: Mamba layer sizes.
         ssm_norm: the paper's variant: LayerNorm on the SSM output before the gate (adds parameters
             ``mamba.out_norm.*``; not in the released code or its checkpoints).
+        no_mamba: replace every Mamba mixer by the identity, all else unchanged (the No-Mamba ablation).
 
     Examples:
         >>> net = LightMUNet(spatial_dims=2, in_channels=3, out_channels=2)  # 5,011,765 parameters
@@ -133,7 +137,7 @@ class LightMUNet(nn.Module):
     def __init__(self, spatial_dims: int, in_channels: int, out_channels: int, init_filters: int = 32,
                  blocks_down: Sequence[int] = (1, 2, 2, 4), blocks_up: Sequence[int] = (1, 1, 1),
                  norm_groups: int = 8, d_state: int = 16, d_conv: int = 4, expand: int = 2,
-                 ssm_norm: bool = False):
+                 ssm_norm: bool = False, no_mamba: bool = False):
         super().__init__()
         if spatial_dims not in (2, 3):
             raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims}")
@@ -141,7 +145,7 @@ class LightMUNet(nn.Module):
             raise ValueError(f"blocks_up needs len(blocks_down) - 1 = {len(blocks_down) - 1} entries, got {tuple(blocks_up)}")
         self.spatial_dims = spatial_dims
         self.size_divisor = 2 ** (len(blocks_down) - 1)
-        mamba_kwargs = dict(d_state=d_state, d_conv=d_conv, expand=expand, ssm_norm=ssm_norm)
+        mamba_kwargs = dict(d_state=d_state, d_conv=d_conv, expand=expand, ssm_norm=ssm_norm, no_mamba=no_mamba)
 
         self.convInit = dw_conv(spatial_dims, in_channels, init_filters, kernel_size=3)
         self.down_layers = nn.ModuleList()
@@ -208,6 +212,18 @@ def lightm_unet_2d(in_channels: int = 1, out_channels: int = 2, **kwargs) -> Lig
 def lightm_unet_3d(in_channels: int = 1, out_channels: int = 2, **kwargs) -> LightMUNet:
     """LightM-UNet 3D at the released size (5,015,766 parameters for 1 input, 3 classes)."""
     return LightMUNet(3, in_channels, out_channels, **kwargs)
+
+
+@register_model(**CARD_2D, ablation_of="lightm_unet_2d")
+def lightm_unet_2d_nomamba(in_channels: int = 1, out_channels: int = 2, **kwargs) -> LightMUNet:
+    """LightM-UNet 2D with every Mamba mixer replaced by the identity (No-Mamba ablation)."""
+    return LightMUNet(2, in_channels, out_channels, **{**kwargs, "no_mamba": True})
+
+
+@register_model(**CARD_3D, ablation_of="lightm_unet_3d")
+def lightm_unet_3d_nomamba(in_channels: int = 1, out_channels: int = 2, **kwargs) -> LightMUNet:
+    """LightM-UNet 3D with every Mamba mixer replaced by the identity (No-Mamba ablation)."""
+    return LightMUNet(3, in_channels, out_channels, **{**kwargs, "no_mamba": True})
 
 
 @register_model(**{**CARD_2D, "input_size": (64, 64)})

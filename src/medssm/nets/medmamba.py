@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from ..ssm.mamba import init_A_log, init_dt_bias
 from ..ssm.orders import CROSS_SCAN_2D, CROSS_SCAN_3D, cross_merge, cross_scan
 from ..ssm import selective_scan
+from .blocks import NoMixer
 from .cards import CLASSIFIER_DEFAULT
 from .registry import register_model
 
@@ -159,15 +160,16 @@ class SS2D(nn.Module):
 class SSConvSSM(nn.Module):
     """SS-Conv-SSM block on (B, *S, C): the first half of the channels through three convolutions,
     the second half through DropPath(SS2D(LayerNorm)), interleaved (output channel 2i is conv
-    channel i, 2i+1 is SSM channel i), plus the input."""
+    channel i, 2i+1 is SSM channel i), plus the input. ``no_mamba`` makes SS2D the identity."""
 
-    def __init__(self, hidden_dim: int, drop_path: float = 0.0, d_state: int = 16, spatial_dims: int = 2):
+    def __init__(self, hidden_dim: int, drop_path: float = 0.0, d_state: int = 16, spatial_dims: int = 2,
+                 no_mamba: bool = False):
         super().__init__()
         if hidden_dim % 2:
             raise ValueError(f"SS-Conv-SSM splits channels in half; hidden_dim must be even, got {hidden_dim}")
         half, conv, bn = hidden_dim // 2, _CONV[spatial_dims], _BATCHNORM[spatial_dims]
         self.ln_1 = nn.LayerNorm(half)
-        self.self_attention = SS2D(half, d_state=d_state, spatial_dims=spatial_dims)
+        self.self_attention = NoMixer() if no_mamba else SS2D(half, d_state=d_state, spatial_dims=spatial_dims)
         self.drop_path = DropPath(drop_path)
         self.conv33conv33conv11 = nn.Sequential(
             bn(half), conv(half, half, 3, padding=1), bn(half), nn.ReLU(),
@@ -187,10 +189,10 @@ class MedMambaStage(nn.Module):
     """``depth`` SS-Conv-SSM blocks, then an optional patch merging (the authors' ``VSSLayer``)."""
 
     def __init__(self, dim: int, depth: int, drop_path: Sequence[float], downsample: bool, d_state: int = 16,
-                 spatial_dims: int = 2):
+                 spatial_dims: int = 2, no_mamba: bool = False):
         super().__init__()
         self.blocks = nn.ModuleList(
-            SSConvSSM(dim, drop_path[i], d_state, spatial_dims) for i in range(depth))
+            SSConvSSM(dim, drop_path[i], d_state, spatial_dims, no_mamba) for i in range(depth))
         self.downsample = PatchMerging(dim, spatial_dims) if downsample else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -217,6 +219,7 @@ class MedMamba(nn.Module):
         d_state: SSM state size.
         patch_size: patch embedding kernel and stride.
         spatial_dims: 2 or 3.
+        no_mamba: replace every SS2D mixer by the identity, all else unchanged (the No-Mamba ablation).
 
     Examples:
         >>> model = MedMamba(in_chans=1, num_classes=2, depths=(2, 2, 4, 2), dims=(96, 192, 384, 768))
@@ -229,7 +232,7 @@ class MedMamba(nn.Module):
 
     def __init__(self, in_chans: int = 3, num_classes: int = 1000, depths: Sequence[int] = (2, 2, 4, 2),
                  dims: Sequence[int] = (96, 192, 384, 768), drop_path_rate: float = 0.1, drop_rate: float = 0.0,
-                 d_state: int = 16, patch_size: int = 4, spatial_dims: int = 2):
+                 d_state: int = 16, patch_size: int = 4, spatial_dims: int = 2, no_mamba: bool = False):
         super().__init__()
         _check_spatial_dims(spatial_dims)
         if len(depths) != len(dims):
@@ -246,7 +249,7 @@ class MedMamba(nn.Module):
         starts = [sum(depths[:i]) for i in range(len(depths))]
         self.layers = nn.ModuleList(
             MedMambaStage(dims[i], depths[i], dpr[starts[i]: starts[i] + depths[i]], i < len(depths) - 1,
-                          d_state, spatial_dims)
+                          d_state, spatial_dims, no_mamba)
             for i in range(len(depths)))
         self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
         self.apply(_init_weights)
@@ -311,6 +314,12 @@ def medmamba_tiny(**kwargs) -> MedMamba:
 def medmamba_t(**kwargs) -> MedMamba:
     """MedMamba-T: depths 2,2,4,2, dims 96..768 (14,457,222 parameters with 6 classes)."""
     return MedMamba(**{"depths": (2, 2, 4, 2), "dims": (96, 192, 384, 768), **kwargs})
+
+
+@register_model(**CARD, ablation_of="medmamba_t")
+def medmamba_t_nomamba(**kwargs) -> MedMamba:
+    """MedMamba-T with every SS2D mixer replaced by the identity (No-Mamba ablation)."""
+    return MedMamba(**{"depths": (2, 2, 4, 2), "dims": (96, 192, 384, 768), **kwargs, "no_mamba": True})
 
 
 @register_model(**CARD)

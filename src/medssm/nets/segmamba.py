@@ -22,6 +22,7 @@ import torch.nn as nn
 
 from ..ssm.mamba import Mamba
 from ..ssm.orders import image_to_tokens, tokens_to_image
+from .blocks import NoMixer
 from .cards import Recipe
 from .registry import register_model
 
@@ -141,12 +142,14 @@ class GSC(nn.Module):
 
 class MambaLayer(nn.Module):
     """``x + ToM(LayerNorm(tokens(x)))``: the tri-orientated Mamba (forward, reversed, inter-slice)
-    on the raster-ordered tokens of a ``(B, C, *S)`` map, the slice order taken from ``S``."""
+    on the raster-ordered tokens of a ``(B, C, *S)`` map, the slice order taken from ``S``;
+    ``no_mamba`` makes ToM the identity (the No-Mamba ablation)."""
 
-    def __init__(self, dim: int, d_state: int = 16, d_conv: int = 4, expand: int = 2):
+    def __init__(self, dim: int, d_state: int = 16, d_conv: int = 4, expand: int = 2, no_mamba: bool = False):
         super().__init__()
         self.norm = nn.LayerNorm(dim)
-        self.mamba = Mamba(dim, d_state=d_state, d_conv=d_conv, expand=expand, orders=TRI_ORIENTATED)
+        self.mamba = NoMixer() if no_mamba else Mamba(dim, d_state=d_state, d_conv=d_conv, expand=expand,
+                                                      orders=TRI_ORIENTATED)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         spatial = x.shape[2:]
@@ -212,6 +215,7 @@ class SegMamba(nn.Module):
         gsc_gate: how GSC merges its two branches: ``"sum"`` (released code, default) or
             ``"product"`` (the paper's figure).
         d_state, d_conv, expand: Mamba layer sizes (see :class:`medssm.ssm.Mamba`).
+        no_mamba: replace every Mamba mixer by the identity, all else unchanged (the No-Mamba ablation).
 
     Examples::
 
@@ -229,7 +233,7 @@ class SegMamba(nn.Module):
     def __init__(self, spatial_dims: int = 3, in_channels: int = 4, out_channels: int = 4,
                  depths: Sequence[int] = (2, 2, 2, 2), feature_size: Sequence[int] = (48, 96, 192, 384),
                  hidden_size: int = 768, gsc_gate: str = "sum", d_state: int = 16, d_conv: int = 4,
-                 expand: int = 2):
+                 expand: int = 2, no_mamba: bool = False):
         super().__init__()
         if len(depths) != 4 or len(feature_size) != 4:
             raise ValueError(f"depths and feature_size need 4 entries each, got {tuple(depths)} and {tuple(feature_size)}")
@@ -237,7 +241,7 @@ class SegMamba(nn.Module):
         self.spatial_dims = spatial_dims
         f = tuple(feature_size)
         self.vit = MambaEncoder(spatial_dims, in_channels, depths, f, gsc_gate, d_state=d_state, d_conv=d_conv,
-                                expand=expand)
+                                expand=expand, no_mamba=no_mamba)
         self.encoder1 = UnetrBasicBlock(spatial_dims, in_channels, f[0])
         self.encoder2 = UnetrBasicBlock(spatial_dims, f[0], f[1])
         self.encoder3 = UnetrBasicBlock(spatial_dims, f[1], f[2])
@@ -288,6 +292,12 @@ CARD = dict(task="segmentation", size_divisor=16, recipe=RECIPE,
 def segmamba_3d(**kwargs) -> SegMamba:
     """The published SegMamba: 3D, feature sizes 48-384, 67.4 M parameters (4 in, 4 out)."""
     return SegMamba(**{"spatial_dims": 3, **kwargs})
+
+
+@register_model(spatial_dims=(3,), input_size=(128, 128, 128), ablation_of="segmamba_3d", **CARD)
+def segmamba_3d_nomamba(**kwargs) -> SegMamba:
+    """SegMamba 3D with every tri-orientated Mamba replaced by the identity (No-Mamba ablation)."""
+    return SegMamba(**{"spatial_dims": 3, **kwargs, "no_mamba": True})
 
 
 @register_model(spatial_dims=(2,), input_size=(256, 256), **CARD)
