@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 from ..data.classification import ClassificationDataset, class_weights, open_classification_data
 from ..devices import autocast, check_precision
-from ..files import write_json
+from ..files import read_json, write_json
 from ..inference.classification import predict_proba
 from ..metrics.classification import classification_metrics
 from ..nets.registry import build_for_data, get_model_card, parse_model_kwargs
@@ -36,7 +36,7 @@ from ..runs import claim_run, has_checkpoint, load_run, load_training_state, wri
 from ..ssm import use_backend
 from . import distributed
 from .ema import WeightAverage
-from .loop import EpochRecorder, grad_scaler, seed_everything, train_step
+from .loop import EpochRecorder, grad_scaler, seed_everything, train_step, validation_due
 from .options import TrainOptions
 from .schedules import make_optimizer, make_scheduler
 
@@ -100,6 +100,35 @@ def _class_weights(spec: str, labels: np.ndarray, k: int) -> torch.Tensor | None
     return torch.tensor(w, dtype=torch.float32)
 
 
+def fit_budget(cfg: ClassifierTrainConfig, new_model, train_src, val_src, input_size: int, batch_size: int,
+               device):
+    """The :class:`~medssm.engine.budget.BudgetPlan` that fits ``cfg.budget``: a real training step
+    (data loading and augmentation included) and the validation of a sample, timed on this machine."""
+    from .budget import Candidate, Timing, parse_duration, plan_budget
+
+    budget_s = parse_duration(cfg.budget)
+
+    def measure(candidate: Candidate) -> Timing:
+        model = new_model()
+        dataset = ClassificationDataset(train_src, input_size, train=True, crop_scale=cfg.crop_scale,
+                                        hflip=cfg.hflip, vflip=cfg.vflip)
+        loader = iter(torch.utils.data.DataLoader(dataset, batch_size=candidate.batch_size, shuffle=True))
+        optimizer = torch.optim.Adam(model.parameters(), 1e-4)
+        times = []
+        for _ in range(3):  # the first step compiles the scan kernels: not counted
+            t = time.perf_counter()
+            x, y, _ = next(loader)
+            train_step(model, x, y, torch.nn.CrossEntropyLoss(), optimizer, device=device)
+            times.append(time.perf_counter() - t)
+        few = torch.utils.data.Subset(ClassificationDataset(val_src, input_size), range(min(64, len(val_src))))
+        t = time.perf_counter()
+        predict_proba(model, few, batch_size=64, device=device)
+        return Timing(min(times[1:]), (time.perf_counter() - t) / len(few))
+
+    return plan_budget(budget_s, [Candidate(1.0, batch_size)], measure, held_out=len(val_src),
+                       samples_per_epoch=len(train_src), over_budget=cfg.over_budget)
+
+
 def validate(model: torch.nn.Module, dataset: ClassificationDataset, batch_size: int, device, precision: str,
              progress: bool) -> np.ndarray:
     """Probabilities ``(N, K)`` over ``dataset``, each process predicting its share of the samples."""
@@ -125,6 +154,7 @@ def _train(cfg: ClassifierTrainConfig) -> Path:
     if recipe.optimizer not in ("adam", "adamw", "sgd") or recipe.epochs < 1 or (recipe.batch_size or 1) < 1:
         raise ValueError(f"--optimizer must be adam, adamw or sgd and --epochs, --batch-size at least 1 (got "
                          f"{recipe.optimizer}, {recipe.epochs}, {recipe.batch_size})")
+    cfg.check_budget("max_steps")
     model_kwargs = parse_model_kwargs(cfg.model_kwargs)
     env, device = distributed.setup(cfg.device)  # one process, or one of torchrun's / srun's
     check_precision(cfg.precision, device)
@@ -154,13 +184,28 @@ def _train_claimed(cfg, env, device, card, recipe, model_kwargs, train_src, val_
         print(f"{run}: no complete checkpoint yet; starting from the beginning")
     if not cfg.resume and has_checkpoint(run):
         raise FileExistsError(f"{run}: already holds a run; pass --resume to continue it or choose another --out")
-    seed_everything(cfg.seed)
     classes, k = train_src.classes, len(train_src.classes)
     input_size = int(cfg.input_size or (train_src.native_size[0] if train_src.native_size else card.input_size[0]))
     if cfg.drop_path is not None:
         model_kwargs = {"drop_path_rate": cfg.drop_path, **model_kwargs}
-    model = build_for_data(card.name, spatial_dims=train_src.spatial_dims, in_channels=train_src.in_chans,
-                           num_classes=k, **model_kwargs).to(device)
+    batch_size = recipe.batch_size or 32
+
+    def new_model():
+        return build_for_data(card.name, spatial_dims=train_src.spatial_dims, in_channels=train_src.in_chans,
+                              num_classes=k, **model_kwargs).to(device)
+
+    epochs, max_steps, val_every = recipe.epochs, cfg.max_steps, cfg.val_every or 1
+    budget = read_json(run / "budget.json") if resuming and (run / "budget.json").is_file() else None
+    if cfg.budget and not resuming:  # measured on rank 0 only, so that every rank trains the same plan
+        fitted = fit_budget(cfg, new_model, train_src, val_src, input_size, batch_size, device) if main else None
+        if main:
+            print(fitted, flush=True)
+        budget = distributed.broadcast(fitted.as_dict() if main else None)
+    if budget:
+        epochs, max_steps, val_every = budget["epochs"], budget["iterations_per_epoch"], budget["val_every"]
+        val_src = _limit(val_src, budget["val_cases"] or None, cfg.seed)
+    seed_everything(cfg.seed)
+    model = new_model()
     ema = WeightAverage(model, cfg.ema) if cfg.ema else None
     evaluated = ema.module if ema else model  # what is validated, kept and predicted with
     metadata = {
@@ -174,16 +219,15 @@ def _train_claimed(cfg, env, device, card, recipe, model_kwargs, train_src, val_
                                      hflip=cfg.hflip, vflip=cfg.vflip)
     val_ds = ClassificationDataset(val_src, input_size, train=False)
     sampler = distributed.data_sampler(train_ds, cfg.seed)  # the batch size is the global batch
-    batch_size = recipe.batch_size or 32
     loader = torch.utils.data.DataLoader(train_ds, batch_size=distributed.local_batch(batch_size),
                                          shuffle=sampler is None, sampler=sampler, drop_last=False,
                                          num_workers=cfg.num_workers)
-    steps = len(loader) if cfg.max_steps is None else min(len(loader), cfg.max_steps)
+    steps = len(loader) if max_steps is None else min(len(loader), max_steps)
     weights = _class_weights(cfg.class_weights, train_src.labels, k)
     criterion = torch.nn.CrossEntropyLoss(weight=None if weights is None else weights.to(device),
                                           label_smoothing=cfg.label_smoothing)
     optimizer = make_optimizer(model.parameters(), recipe)
-    scheduler = make_scheduler(optimizer, recipe.schedule, total_steps=recipe.epochs * steps,
+    scheduler = make_scheduler(optimizer, recipe.schedule, total_steps=epochs * steps,
                                warmup_steps=recipe.warmup_epochs * steps)
     scaler = grad_scaler(device, cfg.precision)
 
@@ -204,6 +248,8 @@ def _train_claimed(cfg, env, device, card, recipe, model_kwargs, train_src, val_
         write_json(run / "config.json", dataclasses.asdict(cfg), default=str)
         write_json(run / "splits.json", {"train": [train_src.name(i) for i in range(len(train_src))],
                                          "val": [val_src.name(i) for i in range(len(val_src))]})
+        if budget:
+            write_json(run / "budget.json", budget, default=str)
     recorder = EpochRecorder(run, metadata, resume_epoch=start if cfg.resume else None, main=main, score="val_auc")
     ddp_model = distributed.wrap(model, device)  # `model` itself is what is validated and saved
     if main:
@@ -211,13 +257,14 @@ def _train_claimed(cfg, env, device, card, recipe, model_kwargs, train_src, val_
               f"{len(train_src)} train / {len(val_src)} val samples at {input_size}px on {device}"
               + (f" x {env.world_size} processes" if env.distributed else ""))
 
-    for epoch in range(start + 1, recipe.epochs + 1):
+    started = time.perf_counter()
+    for epoch in range(start + 1, epochs + 1):
         t0 = time.perf_counter()
         model.train()
         if sampler is not None:
             sampler.set_epoch(epoch)
         total, seen, nonfinite = 0.0, 0, 0
-        bar = tqdm(loader, total=steps, desc=f"epoch {epoch}/{recipe.epochs}", leave=False,
+        bar = tqdm(loader, total=steps, desc=f"epoch {epoch}/{epochs}", leave=False,
                    disable=not (cfg.progress and main))
         for step, (x, y, _) in enumerate(bar):
             if step >= steps:
@@ -233,18 +280,23 @@ def _train_claimed(cfg, env, device, card, recipe, model_kwargs, train_src, val_
             seen += len(y)
             bar.set_postfix(loss=f"{total / seen:.4f}")
         bar.close()
-        probs = validate(evaluated, val_ds, max(batch_size, 64), device, cfg.precision, cfg.progress and main)
-        val_loss = float(F.nll_loss(torch.log(torch.from_numpy(probs).clamp_min(1e-12)),
-                                    torch.from_numpy(val_src.labels)))
-        m = classification_metrics(val_src.labels, probs, classes)
-        score = m["auc"] if not math.isnan(m["auc"]) else m["acc"]
-        improved = score > best_auc
-        if improved:
-            best_auc, best_epoch = score, epoch
         row = {"epoch": epoch, "train_loss": total / seen if seen else math.nan, "nonfinite_steps": nonfinite,
-               "val_loss": val_loss, "val_acc": m["acc"], "val_auc": m["auc"], "val_f1": m["f1"],
-               "lr": optimizer.param_groups[0]["lr"], "time_s": round(time.perf_counter() - t0, 2)}
-        recorder.end_epoch(row, recipe.epochs, improved, model, evaluated, optimizer=optimizer, scheduler=scheduler,
+               "lr": optimizer.param_groups[0]["lr"]}
+        improved = False
+        if validation_due(epoch, epochs, val_every):
+            probs = validate(evaluated, val_ds, max(batch_size, 64), device, cfg.precision, cfg.progress and main)
+            m = classification_metrics(val_src.labels, probs, classes)
+            row.update(val_loss=float(F.nll_loss(torch.log(torch.from_numpy(probs).clamp_min(1e-12)),
+                                                 torch.from_numpy(val_src.labels))),
+                       val_acc=m["acc"], val_auc=m["auc"], val_f1=m["f1"])
+            score = m["auc"] if not math.isnan(m["auc"]) else m["acc"]
+            improved = score > best_auc
+            if improved:
+                best_auc, best_epoch = score, epoch
+        row["time_s"] = round(time.perf_counter() - t0, 2)
+        recorder.end_epoch(row, epochs, improved, model, evaluated, optimizer=optimizer, scheduler=scheduler,
                            scaler=scaler, extra_state={"best_auc": best_auc, "best_epoch": best_epoch,
                                                        **({"ema": ema.state_dict()} if ema else {})})
-    return recorder.finish(evaluated, recipe.epochs)
+    if budget and main:
+        write_json(run / "budget.json", {**budget, "actual_s": round(time.perf_counter() - started, 1)}, default=str)
+    return recorder.finish(evaluated, epochs)

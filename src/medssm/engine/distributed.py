@@ -37,7 +37,8 @@ import torch.distributed as dist
 from ..devices import resolve_device
 
 __all__ = ["DistEnv", "environment", "setup", "world", "is_main", "barrier", "main_first", "wrap",
-           "local_batch", "shard", "data_sampler", "global_loss", "all_gather", "split_work", "gather_work"]
+           "local_batch", "shard", "data_sampler", "global_loss", "all_gather", "broadcast", "split_work",
+           "gather_work"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -194,6 +195,15 @@ def global_loss(loss_fn: Callable, logits: torch.Tensor, target: torch.Tensor) -
     if not world().distributed:
         return loss_fn(logits, target)
     return loss_fn(_GatherWithGrad.apply(logits), target)
+
+
+def broadcast(obj):
+    """Rank 0's ``obj`` on every rank (e.g. a plan only rank 0 measured)."""
+    if not world().distributed:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def split_work(items: Sequence) -> list:

@@ -38,6 +38,13 @@ class TrainOptions:
     schedule: str | None = field(default=None, metadata={"help": "poly, cosine or constant, per step (default: the recipe's)"})
     warmup_epochs: int | None = field(default=None, metadata={"help": "linear warm-up epochs (default: the recipe's)"})
     grad_clip: float | None = field(default=None, metadata={"help": "max gradient norm, 0 off (default: the recipe's)"})
+    budget: str | None = field(default=None, metadata={"help": (
+        "train to a time budget on this machine, e.g. 90s, 20m, 2h: the step is measured and the length, the "
+        "validation and (segmentation) the resolution are fitted to it (sets --epochs and the validation)")})
+    over_budget: bool = field(default=False, metadata={"help": (
+        "with --budget: when even the minimum training does not fit, train it anyway (and report the real time)")})
+    val_every: int | None = field(default=None, metadata={"help": (
+        "validate every N epochs and after the last (default: 5 for segmentation, 1 for classification)")})
     seed: int = field(default=0, metadata={"help": "random seed (initialisation, sampling, augmentation)"})
     resume: bool = field(default=False, metadata={"help": "continue the run in --out from its last checkpoint"})
     precision: str = field(default="fp32", metadata={
@@ -48,6 +55,13 @@ class TrainOptions:
         "help": "selective-scan implementation: auto, fused (CPU), chunked, triton, cuda, reference"})
     num_workers: int = field(default=0, metadata={"help": "data-loading worker processes"})
     progress: bool = field(default=True, metadata={"help": "progress bars (one line per epoch is printed either way)"})
+
+    def check_budget(self, *sets: str) -> None:
+        """``--budget`` fits the options named in ``sets``: refuse them beside it."""
+        given = [n for n in ("epochs", "val_every", *sets) if getattr(self, n) not in (None, 0)]
+        if self.budget and given:
+            raise ValueError("--budget fits the training length and the validation to the time: leave out "
+                             + ", ".join("--" + n.replace("_", "-") for n in given))
 
     def recipe(self, card: ModelCard) -> Recipe:
         """The card's recipe with the options that were given."""

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from ..devices import autocast, check_precision
-from ..files import write_json
+from ..files import read_json, write_json
 from ..inference.sliding import sliding_window_probabilities
 from ..metrics.segmentation import dice_per_class
 from ..nets.registry import build_for_data, get_model_card, parse_model_kwargs
@@ -51,8 +51,6 @@ class TrainConfig(TrainOptions):
     fold: int = field(default=0, metadata={"help": f"validation fold, 0..{N_FOLDS - 1}"})
     iterations_per_epoch: int | None = field(default=None, metadata={
         "help": "training steps per epoch (default: the recipe's, 250)"})
-    val_every: int = field(default=5, metadata={
-        "help": "validate (sliding-window Dice on the held-out fold) every N epochs, and after the last"})
     val_cases: int = field(default=0, metadata={"help": "validate on the first N held-out cases only (0: all)"})
     patch_size: tuple[int, ...] | None = field(default=None, metadata={"help": "override the plan's"})
     target_spacing: tuple[float, ...] | None = field(default=None, metadata={
@@ -98,12 +96,57 @@ def resolve_data(data: str) -> Path:
     return p
 
 
+def fit_budget(cfg: TrainConfig, dataset, card, recipe, model_kwargs: dict, val_count: int, device):
+    """The plan and the :class:`~medssm.engine.budget.BudgetPlan` that fit ``cfg.budget``: candidates
+    at the dataset's resolution and (when the median image stays at least 4 patches of the size
+    divisor wide) at half of it, each timed on this machine."""
+    from ..data.segmentation.plan import make_plan, plan_dataset
+    from ..data.segmentation.preprocess import preprocess_case
+    from .budget import Candidate, Timing, call_seconds, parse_duration, plan_budget, step_seconds
+    from .losses import make_loss
+
+    budget_s = parse_duration(cfg.budget)
+    fingerprint = plan_dataset(dataset)
+    base = dict(divisor=card.size_divisor, oversample_foreground=cfg.oversample_foreground, fingerprint=fingerprint)
+    plans = {1.0: make_plan(dataset, **base, **overrides_of(cfg))}
+    full = plans[1.0]
+    if not cfg.target_spacing and min(full.median_shape) >= 8 * card.size_divisor:
+        patch = [max(card.size_divisor, round(p / 2 / card.size_divisor) * card.size_divisor) for p in full.patch_size]
+        half = {**overrides_of(cfg), "target_spacing": [2 * s for s in full.target_spacing],
+                **({"patch_size": patch} if cfg.patch_size else {})}
+        plans[2.0] = make_plan(dataset, **base, **half)
+    case = dataset.load_case(dataset.cases[0])
+    preprocess_s = call_seconds(lambda: preprocess_case(case.image, case.geometry, full, case.label)) * len(dataset.cases)
+
+    def measure(candidate: Candidate) -> Timing:
+        plan = plans[candidate.scale]
+        model = build_for_data(card.name, spatial_dims=plan.spatial_dims, in_channels=plan.num_channels,
+                               num_classes=plan.num_classes, patch_size=plan.patch_size, **model_kwargs).to(device)
+        x = torch.randn(plan.batch_size, plan.num_channels, *plan.patch_size, device=device)
+        y = torch.randint(0, plan.num_classes, (plan.batch_size, 1, *plan.patch_size), device=device)
+        step = step_seconds(model, x, y, make_loss(recipe.loss))
+        image = torch.randn(plan.num_channels, *plan.median_shape)
+        case_s = call_seconds(lambda: sliding_window_probabilities(model, image, plan.patch_size, device=device))
+        return Timing(step, case_s, preprocess_s)
+
+    candidates = [Candidate(scale, p.batch_size, tuple(p.patch_size)) for scale, p in plans.items()]
+    fitted = plan_budget(budget_s, candidates, measure, held_out=val_count, over_budget=cfg.over_budget)
+    return plans[fitted.candidate.scale], fitted
+
+
+def overrides_of(cfg: TrainConfig) -> dict:
+    """The plan fields the options override."""
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in (
+        ("patch_size", cfg.patch_size), ("batch_size", cfg.batch_size), ("target_spacing", cfg.target_spacing)) if v}
+
+
 def _check_config(cfg: TrainConfig) -> None:
     if not 0 <= cfg.fold < N_FOLDS:
         raise ValueError(f"--fold must be 0..{N_FOLDS - 1}, got {cfg.fold}")
-    for name in ("epochs", "iterations_per_epoch", "batch_size"):
+    for name in ("epochs", "iterations_per_epoch", "batch_size", "val_every"):
         if getattr(cfg, name) is not None and getattr(cfg, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(cfg, name)}")
+    cfg.check_budget("iterations_per_epoch", "val_cases")
 
 
 def train(cfg: TrainConfig) -> Path:
@@ -143,10 +186,11 @@ def _train_claimed(cfg, env, device, dataset, card, model_kwargs, run: Path) -> 
     from ..data.segmentation.plan import Plan, make_plan
     from ..data.segmentation.preprocess import build_cache, load_cache
     from ..data.segmentation.sampling import PatchSampler
-    from ..data.segmentation.splits import load_or_create_splits
+    from ..data.segmentation.splits import load_or_create_splits, make_splits
     from ..data.segmentation.transforms import training_transforms
     from .losses import make_loss
 
+    started = time.perf_counter()
     main = env.rank == 0
     progress = cfg.progress and main
     resuming = cfg.resume and has_checkpoint(run)
@@ -157,15 +201,29 @@ def _train_claimed(cfg, env, device, dataset, card, model_kwargs, run: Path) -> 
     recipe = dataclasses.replace(cfg.recipe(card), **({"loss": cfg.loss} if cfg.loss else {}))
     epochs = recipe.epochs
     iterations = cfg.iterations_per_epoch or recipe.iterations_per_epoch or 250
+    val_every = cfg.val_every or 5
+    folds = (load_or_create_splits(run / "splits.json", dataset.cases) if (run / "splits.json").exists()
+             else make_splits(dataset.cases, N_FOLDS, seed=12345))
+    held_out = len(folds[cfg.fold]["val"])
+    val_count = min(cfg.val_cases, held_out) if cfg.val_cases > 0 else held_out
 
+    budget = None
     if resuming and (run / "plan.json").is_file():
         plan = Plan.load(run / "plan.json")
+        budget = read_json(run / "budget.json") if (run / "budget.json").is_file() else None  # the same fit
     else:
-        overrides = {k: list(v) if isinstance(v, tuple) else v for k, v in (
-            ("patch_size", cfg.patch_size), ("batch_size", cfg.batch_size), ("target_spacing", cfg.target_spacing))
-            if v}
-        plan = make_plan(dataset, divisor=card.size_divisor, oversample_foreground=cfg.oversample_foreground,
-                         **overrides)
+        if cfg.budget:  # measured on rank 0 only, so that every rank trains the same plan
+            fitted = fit_budget(cfg, dataset, card, recipe, model_kwargs, val_count, device) if main else None
+            if main:
+                print(fitted[1], flush=True)
+            plan_dict, budget = distributed.broadcast((fitted[0].to_dict(), fitted[1].as_dict()) if main else None)
+            plan = Plan.from_dict(plan_dict)
+        else:
+            plan = make_plan(dataset, divisor=card.size_divisor, oversample_foreground=cfg.oversample_foreground,
+                             **overrides_of(cfg))
+    if budget:
+        epochs, iterations, val_every = budget["epochs"], budget["iterations_per_epoch"], budget["val_every"]
+        val_count = budget["val_cases"] or held_out
     distributed.local_batch(plan.batch_size)  # refuse a global batch that does not split over the ranks
     seed_everything(cfg.seed)
     model = build_for_data(card.name, spatial_dims=plan.spatial_dims, in_channels=plan.num_channels,
@@ -176,9 +234,7 @@ def _train_claimed(cfg, env, device, dataset, card, model_kwargs, run: Path) -> 
         plan.save(run / "plan.json")
     with distributed.main_first():  # rank 0 writes splits.json, the other ranks read it
         splits = load_or_create_splits(run / "splits.json", dataset.cases)
-    train_cases, val_cases = list(splits[cfg.fold]["train"]), list(splits[cfg.fold]["val"])
-    if cfg.val_cases > 0:
-        val_cases = val_cases[: cfg.val_cases]
+    train_cases, val_cases = list(splits[cfg.fold]["train"]), list(splits[cfg.fold]["val"])[:val_count]
     labels = {k: v for k, v in dataset.labels.items() if k != "ignore"}
     metadata = {"task": "segmentation", "dataset": dataset.name, "labels": labels, "plan": plan.to_dict(),
                 "fold": cfg.fold, "recipe": dataclasses.asdict(recipe), "file_ending": dataset.file_ending,
@@ -186,6 +242,8 @@ def _train_claimed(cfg, env, device, dataset, card, model_kwargs, run: Path) -> 
     if main:
         write_description(run, model, metadata)
         write_json(run / "config.json", dataclasses.asdict(cfg), default=str)
+        if budget:
+            write_json(run / "budget.json", budget, default=str)
 
     # 3. Preprocess once; patches; augmentation; loss; optimiser; schedule.
     with distributed.main_first():  # rank 0 preprocesses, the other ranks find the cache built
@@ -233,7 +291,7 @@ def _train_claimed(cfg, env, device, dataset, card, model_kwargs, run: Path) -> 
         row = {"epoch": epoch, "train_loss": float(np.mean(finite)) if finite else math.nan,
                "lr": optimizer.param_groups[0]["lr"], "nonfinite_steps": len(losses) - len(finite)}
         improved = False
-        if val_cases and validation_due(epoch, epochs, cfg.val_every):
+        if val_cases and validation_due(epoch, epochs, val_every):
             with autocast(device, cfg.precision):
                 per_class = validate(model, val_data, plan.patch_size, plan.num_classes, device, progress)
             row["val_dice"] = float(np.mean(per_class))
@@ -245,4 +303,6 @@ def _train_claimed(cfg, env, device, dataset, card, model_kwargs, run: Path) -> 
         recorder.end_epoch(row, epochs, improved, model, model, optimizer=optimizer, scheduler=scheduler,
                            scaler=scaler, extra_state={"best": best, "sampler": sampler.state_dict(),
                                                        "augment": augment.state_dict() if augment else {}})
+    if budget and main:
+        write_json(run / "budget.json", {**budget, "actual_s": round(time.perf_counter() - started, 1)}, default=str)
     return recorder.finish(model, epochs)

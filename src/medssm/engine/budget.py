@@ -1,0 +1,202 @@
+"""Training to a time budget (``medssm train --budget 20m``): measure a step on this machine, then fit
+the training length, the validation and (for segmentation) the resolution to the budget.
+
+The plan, nnU-Net style but for time instead of memory:
+
+- the step time is measured at each candidate resolution (the dataset's own spacing, then
+  coarser ones), as are the validation cost per case and the fixed costs (preprocessing);
+- validation takes at most ``VALIDATION_SHARE`` (15 %) of the budget: as many validations of the
+  whole held-out set as fit (up to ``MAX_VALIDATIONS``), else one of as many cases as fit;
+- the training steps are what is left; the finest resolution at which at least ``GOOD_SAMPLES``
+  training samples fit is chosen (the coarsest otherwise);
+- the plan never trains less than ``MIN_SAMPLES`` samples: when the machine is too slow for that,
+  it says how long a budget the minimum needs, and stops (or, with ``--over-budget``, trains the
+  minimum and reports the real time).
+
+Everything measured comes in through ``measure(candidate)``, so the planning itself is plain
+arithmetic (and is tested with a fake clock).
+
+Example:
+    >>> plan = plan_budget(600, [Candidate(1.0, 8), Candidate(2.0, 8)], measure)  # doctest: +SKIP
+    >>> plan.epochs, plan.iterations_per_epoch, plan.val_every, plan.val_cases
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+__all__ = ["parse_duration", "Candidate", "Timing", "BudgetPlan", "BudgetTooShort", "plan_budget",
+           "VALIDATION_SHARE", "MIN_SAMPLES", "GOOD_SAMPLES"]
+
+VALIDATION_SHARE = 0.15  # of the budget, at most
+MAX_VALIDATIONS = 5
+MIN_SAMPLES = 200  # training samples below which a run is not worth its report
+GOOD_SAMPLES = 2000  # enough samples to prefer a finer resolution over more steps
+MARGIN = 0.05  # of the budget, kept for what is not measured (logging, checkpoints, the last epoch's spill)
+
+
+def parse_duration(text: str | float | int) -> float:
+    """Seconds in ``"90s"``, ``"20m"``, ``"2h"``, ``"1h30m"`` or a plain number of seconds."""
+    if isinstance(text, (int, float)):
+        seconds = float(text)
+    else:
+        parts = re.fullmatch(r"\s*(?:(\d+(?:\.\d+)?)h)?\s*(?:(\d+(?:\.\d+)?)m(?:in)?)?\s*(?:(\d+(?:\.\d+)?)s?)?\s*",
+                             str(text))
+        if not parts or not any(parts.groups()):
+            raise ValueError(f"--budget: expected a duration such as 90s, 20m, 2h or 1h30m, got {text!r}")
+        h, m, s = (float(g) if g else 0.0 for g in parts.groups())
+        seconds = 3600 * h + 60 * m + s
+    if not seconds > 0:
+        raise ValueError(f"--budget must be positive, got {text!r}")
+    return seconds
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One resolution to train at: ``scale`` 1 is the dataset's own spacing, 2 half the resolution."""
+
+    scale: float
+    batch_size: int
+    patch_size: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True)
+class Timing:
+    """What was measured for a candidate, in seconds."""
+
+    step: float  # one training step (one batch), forward, backward and update
+    validation_case: float  # one held-out case (sliding window)
+    fixed: float = 0.0  # once per run: preprocessing, set-up
+
+
+class BudgetTooShort(ValueError):
+    """The minimum training does not fit the budget on this machine (the message says what would)."""
+
+
+@dataclass
+class BudgetPlan:
+    """How a run fits its budget, and why."""
+
+    budget_s: float
+    candidate: Candidate
+    timing: Timing
+    epochs: int
+    iterations_per_epoch: int
+    val_every: int
+    val_cases: int  # 0: all
+    validations: int
+    samples: int
+    expected_s: float
+    over_budget: bool = False
+    reasons: list[str] = field(default_factory=list)
+
+    def as_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def __str__(self) -> str:
+        c = self.candidate
+        head = (f"budget {self.budget_s / 60:.1f} min: {self.epochs} epochs x {self.iterations_per_epoch} steps of "
+                f"batch {c.batch_size}" + (f", patch {list(c.patch_size)}" if c.patch_size else "")
+                + (f" at 1/{c.scale:g} resolution" if c.scale != 1 else "")
+                + f"; {self.validations} validation(s) of {self.val_cases or 'all'} held-out cases; "
+                f"expected {self.expected_s / 60:.1f} min")
+        return "\n".join([head, *(f"  - {r}" for r in self.reasons)])
+
+
+def plan_budget(budget_s: float, candidates: Sequence[Candidate], measure: Callable[[Candidate], Timing],
+                held_out: int, samples_per_epoch: int | None = None, over_budget: bool = False) -> BudgetPlan:
+    """Fit training to ``budget_s`` seconds (see the module docstring).
+
+    Args:
+        candidates: resolutions to consider, finest first (one for classification).
+        measure: the timing of a candidate on this machine.
+        held_out: held-out cases (or samples) one full validation scores.
+        samples_per_epoch: the training set's size when an epoch is one pass over it
+            (classification); None for segmentation, whose epochs are a number of steps.
+        over_budget: when even the minimum does not fit, plan the minimum anyway instead of raising.
+    """
+    if not candidates:
+        raise ValueError("plan_budget needs at least one candidate")
+    reasons: list[str] = []
+    options = []
+    for cand in candidates:
+        t = measure(cand)
+        spare = budget_s * (1 - MARGIN) - t.fixed
+        one_validation = max(held_out, 1) * t.validation_case
+        validations = max(1, min(MAX_VALIDATIONS, int(VALIDATION_SHARE * budget_s // max(one_validation, 1e-9))))
+        if validations * one_validation <= VALIDATION_SHARE * budget_s:
+            val_cases, validation_s = 0, validations * one_validation
+        else:  # not even one full validation fits its share: score as many cases as fit, once
+            val_cases = max(1, int(VALIDATION_SHARE * budget_s // max(t.validation_case, 1e-9)))
+            val_cases = min(val_cases, held_out) if held_out else val_cases
+            validations, validation_s = 1, val_cases * t.validation_case
+        steps = int(max(spare - validation_s, 0) // t.step)
+        options.append((cand, t, steps, validations, val_cases, validation_s))
+        reasons.append(f"at 1/{cand.scale:g} resolution a step takes {t.step:.3f} s and a held-out case "
+                       f"{t.validation_case:.3f} s: {steps} steps ({steps * cand.batch_size} samples) fit")
+    good = [o for o in options if o[2] * o[0].batch_size >= GOOD_SAMPLES]
+    cand, t, steps, validations, val_cases, validation_s = good[0] if good else options[-1]
+    reasons.append(f"chose 1/{cand.scale:g} resolution: " + (
+        f"the finest at which {GOOD_SAMPLES} samples fit" if good else
+        f"the coarsest tried; fewer than {GOOD_SAMPLES} samples fit at any"))
+    min_steps = math.ceil(MIN_SAMPLES / cand.batch_size)
+    planned_over = False
+    if steps < min_steps:
+        needed = (t.fixed + validation_s + min_steps * t.step) / (1 - MARGIN)
+        message = (f"a budget of {budget_s / 60:.1f} min is too short on this machine: {steps} steps fit, the "
+                   f"minimum is {min_steps} ({MIN_SAMPLES} samples); ask for at least {math.ceil(needed / 60)} min")
+        if not over_budget:
+            raise BudgetTooShort(message + ", or pass --over-budget to train the minimum anyway")
+        reasons.append(message + "; training the minimum anyway (--over-budget)")
+        steps, planned_over = min_steps, True
+    if samples_per_epoch:  # classification: an epoch is a pass over the data, possibly cut short
+        per_epoch = max(1, math.ceil(samples_per_epoch / cand.batch_size))
+        epochs = max(1, steps // per_epoch)
+        iterations = min(per_epoch, steps)
+        validations = min(validations, epochs)
+    else:
+        epochs = 2 * validations
+        iterations = max(1, steps // epochs)
+    val_every = max(1, epochs // validations)
+    reasons.append(f"validation: {validations} x {val_cases or 'all'} cases, {validation_s:.0f} s "
+                   f"(at most {VALIDATION_SHARE:.0%} of the budget)")
+    expected = t.fixed + validation_s + epochs * iterations * t.step
+    return BudgetPlan(budget_s, cand, t, epochs, iterations, val_every, val_cases, validations,
+                      epochs * iterations * cand.batch_size, expected, planned_over, reasons)
+
+
+# ----------------------------------------------------------------------------------------------
+# Measuring on this machine.
+
+
+def step_seconds(model, inputs, targets, loss_fn, steps: int = 2) -> float:
+    """Seconds of one training step (forward, loss, backward, Adam update) of ``model`` on one batch:
+    the best of ``steps`` after a first, uncounted one (it compiles the scan kernels)."""
+    import time
+
+    import torch
+
+    model.train()
+    optimizer = torch.optim.Adam(model.parameters(), 1e-4)
+    times = []
+    for _ in range(steps + 1):
+        start = time.perf_counter()
+        optimizer.zero_grad(set_to_none=True)
+        loss_fn(model(inputs), targets).backward()
+        optimizer.step()
+        times.append(time.perf_counter() - start)
+    return min(times[1:])
+
+
+def call_seconds(fn) -> float:
+    """Seconds of one call of ``fn`` (after a first, uncounted one)."""
+    import time
+
+    fn()
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start

@@ -1,0 +1,73 @@
+"""Training to a time budget: the planning on a fake clock (deterministic), then a real budgeted run."""
+
+import json
+
+import pytest
+
+from medssm.engine.budget import (GOOD_SAMPLES, MIN_SAMPLES, VALIDATION_SHARE, BudgetTooShort, Candidate, Timing,
+                                  parse_duration, plan_budget)
+
+
+def test_durations():
+    assert parse_duration("90s") == 90 and parse_duration("20m") == 1200 and parse_duration("2h") == 7200
+    assert parse_duration("1h30m") == 5400 and parse_duration(45) == 45 and parse_duration("15") == 15
+    for bad in ("", "soon", "-5m", "0s"):
+        with pytest.raises(ValueError, match="budget"):
+            parse_duration(bad)
+
+
+def clock(step: dict, case: float = 0.1, fixed: float = 0.0):
+    """A fake measurement: ``step[scale]`` seconds a step, ``case`` a held-out case."""
+    return lambda cand: Timing(step[cand.scale], case, fixed)
+
+
+def test_fits_the_budget_and_keeps_validation_within_its_share():
+    plan = plan_budget(600, [Candidate(1.0, 4)], clock({1.0: 0.25}, case=0.5, fixed=20), held_out=40)
+    assert plan.expected_s <= 600
+    validation = plan.validations * 40 * 0.5
+    assert validation <= VALIDATION_SHARE * 600 and plan.val_cases == 0  # whole held-out set, 4 times
+    assert plan.validations == 4 and plan.epochs % plan.val_every == 0 and plan.epochs // plan.val_every == 4
+    assert plan.epochs * plan.iterations_per_epoch * 0.25 + validation + 20 >= 0.9 * 600  # the budget is used
+
+
+def test_validation_of_a_subset_when_a_whole_one_does_not_fit():
+    plan = plan_budget(100, [Candidate(1.0, 2)], clock({1.0: 0.05}, case=2.0), held_out=50)
+    assert plan.validations == 1 and plan.val_cases == int(VALIDATION_SHARE * 100 // 2.0)
+
+
+def test_picks_the_finest_resolution_where_enough_samples_fit():
+    fast_enough = plan_budget(200, [Candidate(1.0, 8), Candidate(2.0, 8)], clock({1.0: 1.0, 2.0: 0.25}), held_out=10)
+    assert fast_enough.candidate.scale == 2.0 and fast_enough.samples >= GOOD_SAMPLES
+    roomy = plan_budget(3000, [Candidate(1.0, 8), Candidate(2.0, 8)], clock({1.0: 1.0, 2.0: 0.25}), held_out=10)
+    assert roomy.candidate.scale == 1.0 and roomy.samples >= GOOD_SAMPLES
+
+
+def test_too_slow_says_what_budget_would_do_or_trains_the_minimum():
+    with pytest.raises(BudgetTooShort, match=r"ask for at least \d+ min"):
+        plan_budget(60, [Candidate(1.0, 2)], clock({1.0: 5.0}), held_out=10)
+    plan = plan_budget(60, [Candidate(1.0, 2)], clock({1.0: 5.0}), held_out=10, over_budget=True)
+    assert plan.over_budget and plan.samples >= MIN_SAMPLES and plan.expected_s > 60
+    assert any("--over-budget" in r for r in plan.reasons)
+
+
+def test_classification_epochs_are_passes_over_the_data():
+    plan = plan_budget(600, [Candidate(1.0, 32)], clock({1.0: 0.5}, case=0.01), held_out=500, samples_per_epoch=3200)
+    assert plan.iterations_per_epoch == 100 and plan.epochs == plan.epochs * plan.iterations_per_epoch // 100
+    short = plan_budget(120, [Candidate(1.0, 32)], clock({1.0: 0.5}, case=0.01), held_out=500, samples_per_epoch=32000)
+    assert short.epochs == 1 and short.iterations_per_epoch < 1000  # one epoch, cut short to fit
+
+
+def test_a_budgeted_run_writes_its_plan_and_keeps_to_it(data_root, tmp_path):
+    from medssm.engine.segmentation import TrainConfig, train
+
+    from .seg_data import lung_subset
+
+    lung = lung_subset(data_root, tmp_path / "Dataset001_LungXray", n=6, size=64)
+    run = train(TrainConfig(data=str(lung), out=str(tmp_path / "run"), model="lightm_unet_2d_tiny", budget="15s",
+                            patch_size=(64, 64), batch_size=2, over_budget=True, progress=False))
+    budget = json.loads((run / "budget.json").read_text())
+    log = json.loads((run / "log.json").read_text())
+    assert len(log) == budget["epochs"] and budget["reasons"] and budget["actual_s"] > 0
+    assert sum("val_dice" in r for r in log) == budget["validations"]
+    with pytest.raises(ValueError, match="leave out --epochs"):
+        train(TrainConfig(data=str(lung), out=str(tmp_path / "x"), budget="1m", epochs=3))
