@@ -61,7 +61,7 @@ def _break_shape(ds, case):
 
 def _break_geometry(ds, case):
     _rewrite(ds.label_file(case), lambda a, g: (a, Geometry((2.0, 1.0, 1.0), g.origin, g.direction, g.shape)))
-    return ds.label_file(case), "geometry"
+    return ds.label_file(case), "label spacing (1, 1, 2) differs from the image's (1, 1, 1)"
 
 
 def _break_label_values(ds, case):
@@ -158,3 +158,36 @@ def test_read_case_images_for_prediction(hippo_copy):
     other = found[list(found)[1]][0]
     with pytest.raises(DatasetError, match="shape .* differs"):
         read_case_images([files[0], other], case)
+
+
+def test_geometry_and_value_messages_in_itk_order(hippo_copy):
+    """Spacing and origin are printed in ITK/NIfTI (x, y, z) order, the message says which of them
+    differs, and label values read from a float file print as integers."""
+    import SimpleITK as sitk
+
+    ds = NnUNetDataset(hippo_copy)
+    spaced, moved, floating = ds.cases[:3]
+    # Geometry is in numpy (z, y, x) order: (1, 1, 2) is ITK spacing (2, 1, 1).
+    _rewrite(ds.label_file(spaced), lambda a, g: (a, Geometry((1.0, 1.0, 2.0), g.origin, g.direction, g.shape)))
+    assert sitk.ReadImage(str(ds.label_file(spaced))).GetSpacing() == (2.0, 1.0, 1.0)
+    image_origin = sitk.ReadImage(str(ds.image_files(moved)[0])).GetOrigin()
+    _rewrite(ds.label_file(moved), lambda a, g: (a, Geometry(g.spacing, g.origin[:2] + (g.origin[2] + 5,),
+                                                             g.direction, g.shape)))
+    _rewrite(ds.label_file(floating), lambda a, g: (np.where(a == 2, 7, a).astype(np.float32), g))
+    with pytest.raises(DatasetError) as err:
+        verify_dataset(hippo_copy)
+    problems = {case: problem for case, _, problem in err.value.problems}
+    assert "label spacing (2, 1, 1) differs from the image's (1, 1, 1) (x, y, z)" in problems[spaced]
+    assert "origin" not in problems[spaced] and "direction" not in problems[spaced]
+    x, y, z = (f"{v:g}" for v in image_origin)
+    assert f"label origin ({float(x) + 5:g}, {y}, {z}) differs from the image's ({x}, {y}, {z})" in problems[moved]
+    assert "spacing" not in problems[moved]
+    assert "label values [7] not declared" in problems[floating]
+    # Channel against channel (a prediction input): the second file's origin, named against the first's.
+    first = ds.image_files(ds.cases[3])[0]
+    second = first.with_name(first.name.replace("_0000", "_0001"))
+    second.write_bytes(first.read_bytes())
+    _rewrite(second, lambda a, g: (a, Geometry(g.spacing, g.origin[:2] + (g.origin[2] + 5,), g.direction, g.shape)))
+    with pytest.raises(DatasetError) as err:
+        read_case_images([first, second], ds.cases[3])
+    assert f"origin ({float(x) + 5:g}, {y}, {z}) differs from {first.name}'s ({x}, {y}, {z}) (x, y, z)" in str(err.value)

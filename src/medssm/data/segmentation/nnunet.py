@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..io import SUPPORTED_ENDINGS, Geometry, ImageFileError, read_channels, read_image
+from ..io import SUPPORTED_ENDINGS, Geometry, ImageFileError, format_number, itk_axes, read_channels, read_image
 from ..io import file_ending as ending_of
 
 _CHANNEL_FILE = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")
@@ -218,24 +218,25 @@ class NnUNetDataset:
 
 
 def _check_geometry(case, geometries, label_path, label_geometry) -> list:
+    """Every channel file against the first one, and the label against the image: shape, spacing,
+    origin and direction, each named when it differs, in ITK/NIfTI (x, y, z) order."""
     problems = []
     if not geometries:
         return problems
     ref_path, ref = geometries[0]
     for path, g in geometries[1:]:
-        if g.shape != ref.shape:
-            problems.append((case, str(path), f"shape {g.shape} differs from {ref_path.name}'s {ref.shape}"))
-        elif not g.matches(ref):
-            problems.append((case, str(path), f"geometry differs from {ref_path.name}'s (spacing/origin/direction)"))
+        problems += _geometry_problems(case, path, "", g.differences(ref), f"{ref_path.name}'s", len(ref.shape))
     if label_geometry is not None:
-        if label_geometry.shape != ref.shape:
-            problems.append((case, str(label_path), f"label shape {label_geometry.shape} differs from image shape "
-                                                    f"{ref.shape}"))
-        elif not label_geometry.matches(ref):
-            problems.append((case, str(label_path), f"label geometry (spacing {label_geometry.spacing}, origin "
-                                                    f"{label_geometry.origin}) differs from image's (spacing "
-                                                    f"{ref.spacing}, origin {ref.origin}) or direction differs"))
+        problems += _geometry_problems(case, label_path, "label ", label_geometry.differences(ref), "the image's",
+                                       len(ref.shape))
     return problems
+
+
+def _geometry_problems(case, path, what, differences, whose, ndim) -> list:
+    if not differences:
+        return []
+    text = "; ".join(f"{what}{name} {mine} differs from {whose} {theirs}" for name, mine, theirs in differences)
+    return [(case, str(path), f"{text} ({itk_axes(ndim)})")]
 
 
 def _check_values(case, files, channels, label_path, label, allowed) -> list:
@@ -249,10 +250,10 @@ def _check_values(case, files, channels, label_path, label, allowed) -> list:
             problems.append((case, str(label_path), "label holds NaN or Inf"))
             return problems
         values = np.unique(label)
-        bad = [v.item() for v in values if v not in allowed]
+        bad = [format_number(v) for v in values if v not in allowed]
         if bad:
-            problems.append((case, str(label_path), f"label values {bad[:10]} not declared in dataset.json "
-                                                    f"(declared: {allowed})"))
+            problems.append((case, str(label_path), f"label values [{', '.join(bad[:10])}] not declared in "
+                                                    f"dataset.json (declared: {allowed})"))
     return problems
 
 
