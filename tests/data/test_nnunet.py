@@ -191,3 +191,25 @@ def test_geometry_and_value_messages_in_itk_order(hippo_copy):
     with pytest.raises(DatasetError) as err:
         read_case_images([first, second], ds.cases[3])
     assert f"origin ({float(x) + 5:g}, {y}, {z}) differs from {first.name}'s ({x}, {y}, {z}) (x, y, z)" in str(err.value)
+
+
+def test_truncated_rgb_file_is_reported_alone(lung_copy):
+    """In a one-file RGB layout a truncated PNG is unreadable; its channels 1 and 2 were never files
+    of their own, so they are not reported missing."""
+    from PIL import Image
+
+    meta = json.loads((lung_copy / "dataset.json").read_text())
+    meta["channel_names"] = {"0": "R", "1": "G", "2": "B"}
+    (lung_copy / "dataset.json").write_text(json.dumps(meta))
+    ds = NnUNetDataset(lung_copy)
+    for case in ds.cases:
+        path = ds.image_files(case)[0]
+        grey = np.asarray(Image.open(path))
+        Image.fromarray(np.stack([grey, grey // 2, 255 - grey], axis=-1)).save(path)
+    assert NnUNetDataset(lung_copy).load_case(ds.cases[0]).image.shape == (3, 256, 256)
+    broken = ds.image_files(ds.cases[1])[0]
+    broken.write_bytes(broken.read_bytes()[: broken.stat().st_size // 2])
+    with pytest.raises(DatasetError) as err:
+        verify_dataset(lung_copy)
+    assert [(case, path) for case, path, _ in err.value.problems] == [(ds.cases[1], str(broken))]
+    assert "unreadable" in err.value.problems[0][2] and "missing channel" not in str(err.value)

@@ -93,6 +93,7 @@ class NnUNetDataset:
         self.file_ending: str = self.meta["file_ending"]
         self._images, self._misnamed = _group_channel_files(self.root / "imagesTr", self.file_ending)
         self.cases: list[str] = list(self._images)
+        self._one_file_per_case = all(len(group) == 1 for group in self._images.values())
 
     def _check_meta(self, meta_path: Path) -> list[tuple[str, str, str]]:
         m, where, problems = self.meta, str(meta_path), []
@@ -195,6 +196,8 @@ class NnUNetDataset:
         present = self._images[case]
         expected = self.num_channels
         problems = []
+        if len(channels) < len(files) and self._one_file_per_case:
+            return problems  # an unreadable file (reported already) whose channels are unknown (an RGB file?)
         if all(len(c) == 1 for c in channels):
             for i in range(expected):
                 if i not in present:
