@@ -142,3 +142,19 @@ def test_download_checks_md5_before_keeping_the_file(data_root, tmp_path, monkey
         path = medmnist_path("breastmnist", 28, root=tmp_path, download=True)
         assert path == tmp_path / "breastmnist.npz" and len(open_medmnist("breastmnist", "val", root=tmp_path)) == 78
     assert urls == ["https://zenodo.org/records/10519652/files/breastmnist.npz?download=1"]
+
+
+def test_nan_and_inf_in_float_npz(tmp_path):
+    """A float .npz is checked once when it is opened: the error names the file, split, index and counts."""
+    images = np.random.default_rng(0).random((4, 28, 28)).astype(np.float32)
+    arrays = _mnist_arrays(images, np.array([[0], [1], [0], [1]], np.uint8))
+    arrays["val_images"] = images.copy()
+    arrays["val_images"][2, 0, :2] = np.nan
+    arrays["val_images"][2, 5, 5] = -np.inf
+    path = _write_npz(tmp_path / "floats.npz", **arrays)
+    train = MedMNISTSource(path, "train")
+    assert np.allclose(train.load(3)[0], images[3])
+    with pytest.raises(ValueError, match=r"floats.npz: val image at index 2 has 2 NaN and 1 Inf values"):
+        MedMNISTSource(path, "val")
+    with pytest.raises(ValueError, match=r"floats.npz: val image at index 2 has 2 NaN and 1 Inf values"):
+        MedMNISTSource(path, "all")

@@ -110,6 +110,14 @@ def format_number(value: float) -> str:
     return str(int(value)) if value.is_integer() else repr(value)
 
 
+def nonfinite_text(array: np.ndarray) -> str | None:
+    """``"3 NaN and 1 Inf values"`` when a float array holds any, else None."""
+    array = np.asarray(array)
+    if array.dtype.kind not in "fc" or np.all(np.isfinite(array)):
+        return None
+    return f"{int(np.count_nonzero(np.isnan(array)))} NaN and {int(np.count_nonzero(np.isinf(array)))} Inf values"
+
+
 def _itk_text(values) -> str:
     """A vector or (direction) a matrix in numpy order, written in ITK order: ``(2, 1, 1)``."""
     array = np.asarray(values, dtype=float)

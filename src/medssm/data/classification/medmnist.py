@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from ...files import atomic_path
+from ..io import nonfinite_text
 from .base import SPLITS, ClassificationSource
 
 __all__ = ["MEDMNIST", "SIZES_2D", "SIZES_3D", "MedMNISTSource", "open_medmnist", "medmnist_file", "medmnist_url",
@@ -260,6 +261,11 @@ class MedMNISTSource(ClassificationSource):
                              "with N > 0")
         if len(y) and np.asarray(y).min() < 0:
             raise ValueError(f"{where}_labels has a negative label ({int(np.asarray(y).min())})")
+        if x.dtype.kind == "f":
+            bad = np.flatnonzero(~np.isfinite(x.reshape(len(x), -1)).all(axis=1))
+            if len(bad):
+                raise ValueError(f"{where} image at index {bad[0]} has {nonfinite_text(x[bad[0]])}"
+                                 + (f" ({len(bad)} images of {split} hold NaN or Inf)" if len(bad) > 1 else ""))
 
     def load(self, i: int) -> np.ndarray:
         x = np.moveaxis(self.images[i], -1, 0)  # (C, *S)

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..io import SUPPORTED_ENDINGS, Geometry, ImageFileError, format_number, itk_axes, read_channels, read_image
+from ..io import SUPPORTED_ENDINGS, Geometry, ImageFileError, format_number, itk_axes, nonfinite_text, read_channels, read_image
 from ..io import file_ending as ending_of
 
 _CHANNEL_FILE = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")
@@ -245,9 +245,8 @@ def _geometry_problems(case, path, what, differences, whose, ndim) -> list:
 def _check_values(case, files, channels, label_path, label, allowed) -> list:
     problems = []
     for path, array in zip(files, channels):
-        if array.dtype.kind == "f" and not np.all(np.isfinite(array)):
-            problems.append((case, str(path), f"{int(np.sum(np.isnan(array)))} NaN and "
-                                              f"{int(np.sum(np.isinf(array)))} Inf values"))
+        if nonfinite := nonfinite_text(array):
+            problems.append((case, str(path), nonfinite))
     if label is not None:
         if label.dtype.kind == "f" and not np.all(np.isfinite(label)):
             problems.append((case, str(label_path), "label holds NaN or Inf"))
