@@ -93,6 +93,10 @@ def test_csv_label_out_of_range_and_missing_file(tmp_path, pneumonia):
     (tmp_path / "big.csv").write_text(f"path,label\n{files[0]},0\n{files[1]},2\n")
     with pytest.raises(ValueError, match=r"big.csv, line 3: label 2 is out of range for 2 classes"):
         CsvSource(tmp_path / "big.csv", classes=["normal", "pneumonia"])  # e.g. a trained model's classes
+    rows = [f"{f},{int(f.parent.name == 'pneumonia')}" for f in files]
+    (tmp_path / "gap.csv").write_text("path,label\n" + "\n".join(rows[:3] + [f"{files[3]},3"]) + "\n")
+    with pytest.raises(ValueError, match=r"gap.csv, line 5: label 3 makes 4 classes, but class 2 has no sample in any row"):
+        CsvSource(tmp_path / "gap.csv")  # a binary CSV with one mistyped label must not train 4 classes
     (tmp_path / "gone.csv").write_text(f"path,label\n{files[0]},0\nnowhere.png,1\n")
     with pytest.raises(FileNotFoundError, match=r"gone.csv, line 3: .*nowhere.png does not exist"):
         CsvSource(tmp_path / "gone.csv")

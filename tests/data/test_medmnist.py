@@ -80,8 +80,29 @@ def test_malformed_npz_errors(tmp_path):
 def test_label_out_of_range(tmp_path):
     labels = np.array([[0], [1], [5], [0]], np.uint8)
     path = _write_npz(tmp_path / "pneumoniamnist.npz", **_mnist_arrays(np.zeros((4, 28, 28), np.uint8), labels))
-    with pytest.raises(ValueError, match=r"pneumoniamnist.npz:train/2: label 5 is out of range.*2 classes"):
+    with pytest.raises(ValueError, match=r"pneumoniamnist.npz: train label 5 at index 2 is out of range for 2 "
+                                         r"classes \(0..1\)"):
         MedMNISTSource(path)
+
+
+def test_labels_of_every_split_are_checked_against_the_classes(data_root, tmp_path):
+    """A known dataset's table fixes the classes, and every split of the file is checked when any is
+    opened; a file of unknown name takes max + 1 classes, none of which may be empty."""
+    with np.load(data_root / "medmnist" / "breastmnist.npz") as z:
+        arrays = {k: z[k] for k in z.files}
+    arrays["test_labels"][12] = 7
+    named = _write_npz(tmp_path / "breastmnist.npz", **arrays)
+    with pytest.raises(ValueError, match=r"breastmnist.npz: test label 7 at index 12 is out of range for 2 classes "
+                                         r"\(0..1\)"):
+        MedMNISTSource(named, "train")
+    unnamed = _write_npz(tmp_path / "mine.npz", **arrays)
+    with pytest.raises(ValueError, match=r"mine.npz: test label 7 at index 12 makes 8 classes, but classes "
+                                         r"2, 3, 4, 5, 6 have no sample in train, val or test"):
+        MedMNISTSource(unnamed, "train")
+    arrays["test_labels"][12] = 1
+    arrays["train_labels"][arrays["train_labels"] == 1] = 2  # classes 0, 1, 2, class 1 only in val and test
+    train = MedMNISTSource(_write_npz(tmp_path / "three.npz", **arrays), "train")
+    assert train.classes == ["0", "1", "2"] and set(train.labels.tolist()) == {0, 2}
 
 
 def test_3d_volumes(tmp_path):

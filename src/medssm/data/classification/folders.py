@@ -27,7 +27,7 @@ from typing import Sequence
 import numpy as np
 
 from ..io import nonfinite_text
-from .base import SPLITS, ClassificationSource, split_indices
+from .base import SPLITS, ClassificationSource, empty_classes, empty_classes_message, split_indices
 
 __all__ = ["ImageFolderSource", "CsvSource", "UnlabelledImages", "read_image", "is_image_file", "IMAGE_SUFFIXES",
            "VOLUME_SUFFIXES"]
@@ -231,7 +231,12 @@ class CsvSource(_FileSource):
                     line = next(r[3] for r in rows if r[1] != "" and int(r[1]) < 0)
                     raise ValueError(f"{self.csv_path}, line {line}: label {min(values)} is out of range "
                                      "(class indices start at 0)")
-                classes = [str(i) for i in range(max(values) + 1)] if values else []
+                k, empty = empty_classes(np.asarray(values))
+                if empty:
+                    line, label = next((r[3], int(r[1])) for r in rows if r[1] != "" and int(r[1]) > empty[0])
+                    raise ValueError(empty_classes_message(f"{self.csv_path}, line {line}: label {label}", k, empty,
+                                                           "any row"))
+                classes = [str(i) for i in range(k)]
             else:
                 classes = sorted({v for v in raw if v != ""})
         self.classes = list(classes)
