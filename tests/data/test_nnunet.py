@@ -190,7 +190,8 @@ def test_geometry_and_value_messages_in_itk_order(hippo_copy):
     _rewrite(second, lambda a, g: (a, Geometry(g.spacing, g.origin[:2] + (g.origin[2] + 5,), g.direction, g.shape)))
     with pytest.raises(DatasetError) as err:
         read_case_images([first, second], ds.cases[3])
-    assert f"origin ({float(x) + 5:g}, {y}, {z}) differs from {first.name}'s ({x}, {y}, {z}) (x, y, z)" in str(err.value)
+    expected = f"origin ({float(x) + 5:g}, {y}, {z}) differs from {first.name}'s ({x}, {y}, {z}) (x, y, z)"
+    assert expected in str(err.value)
 
 
 def test_truncated_rgb_file_is_reported_alone(lung_copy):

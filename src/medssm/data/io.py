@@ -92,11 +92,12 @@ class Geometry:
         shows them: ``("spacing", "(2, 1, 1)", "(1, 1, 1)")``."""
         if len(self.shape) != len(other.shape):
             return [("shape", _itk_text(self.shape), _itk_text(other.shape))]
-        checks = [("shape", self.shape, other.shape, self.shape == other.shape),
-                  ("spacing", self.spacing, other.spacing, np.allclose(self.spacing, other.spacing, rtol=tol, atol=tol)),
-                  ("origin", self.origin, other.origin, np.allclose(self.origin, other.origin, rtol=tol, atol=tol)),
-                  ("direction", self.direction, other.direction, np.allclose(self.direction, other.direction, atol=tol))]
-        return [(what, _itk_text(mine), _itk_text(theirs)) for what, mine, theirs, same in checks if not same]
+        same = {"shape": self.shape == other.shape,
+                "spacing": np.allclose(self.spacing, other.spacing, rtol=tol, atol=tol),
+                "origin": np.allclose(self.origin, other.origin, rtol=tol, atol=tol),
+                "direction": np.allclose(self.direction, other.direction, atol=tol)}
+        return [(what, _itk_text(getattr(self, what)), _itk_text(getattr(other, what)))
+                for what, equal in same.items() if not equal]
 
 
 def itk_axes(ndim: int) -> str:

@@ -14,7 +14,8 @@ from typing import Sequence
 import numpy as np
 import torch
 
-__all__ = ["SPLITS", "ClassificationSource", "Subset", "split_indices", "class_weights", "empty_classes", "empty_classes_message"]
+__all__ = ["SPLITS", "ClassificationSource", "Subset", "split_indices", "class_weights", "empty_classes",
+           "empty_classes_message"]
 
 SPLITS = ("train", "val", "test")
 

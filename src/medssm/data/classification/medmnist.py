@@ -277,7 +277,8 @@ class MedMNISTSource(ClassificationSource):
         """A file of unknown name: classes ``0..max``, each of which must have a sample in some split."""
         k, empty = empty_classes(np.concatenate(list(labels.values())))
         if empty:
-            split, i = next((s, int(np.flatnonzero(y > empty[0])[0])) for s, y in labels.items() if (y > empty[0]).any())
+            split, i = next((s, int(np.flatnonzero(y > empty[0])[0])) for s, y in labels.items()
+                            if (y > empty[0]).any())
             splits = list(labels)
             searched = " or ".join([", ".join(splits[:-1]), splits[-1]] if len(splits) > 1 else splits)
             raise ValueError(empty_classes_message(f"{self.path}: {split} label {labels[split][i]} at index {i}", k,

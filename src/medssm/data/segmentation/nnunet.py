@@ -20,7 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..io import SUPPORTED_ENDINGS, Geometry, ImageFileError, format_number, itk_axes, nonfinite_text, read_channels, read_image
+from ..io import (SUPPORTED_ENDINGS, Geometry, ImageFileError, format_number, itk_axes, nonfinite_text, read_channels,
+                  read_image)
 from ..io import file_ending as ending_of
 
 _CHANNEL_FILE = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")
