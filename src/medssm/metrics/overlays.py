@@ -1,7 +1,8 @@
 """Overlay pictures of a segmentation: image | reference | prediction, side by side, as PNG.
 
-2D cases give one row (an RGB image in colour); 3D cases give three rows, the middle slices (through the centre of the
-reference's foreground, or of the volume when it has none) along each axis. Pure numpy + Pillow.
+2D cases give one row (an RGB image in colour); 3D cases give three rows, the middle slices
+(through the centre of the reference's foreground, or of the volume when it has none) along each
+axis. Pure numpy + Pillow.
 
 Example:
     >>> save_overlay("case_001.png", image, reference, prediction, title="case_001  Dice 0.97")

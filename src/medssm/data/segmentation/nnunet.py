@@ -249,8 +249,8 @@ def _check_values(case, files, channels, label_path, label, allowed) -> list:
         if nonfinite := nonfinite_text(array):
             problems.append((case, str(path), nonfinite))
     if label is not None:
-        if label.dtype.kind == "f" and not np.all(np.isfinite(label)):
-            problems.append((case, str(label_path), "label holds NaN or Inf"))
+        if nonfinite := nonfinite_text(label):
+            problems.append((case, str(label_path), f"label holds {nonfinite}"))
             return problems
         values = np.unique(label)
         bad = [format_number(v) for v in values if v not in allowed]
