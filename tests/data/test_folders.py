@@ -93,6 +93,10 @@ def test_csv_label_out_of_range_and_missing_file(tmp_path, pneumonia):
     (tmp_path / "big.csv").write_text(f"path,label\n{files[0]},0\n{files[1]},2\n")
     with pytest.raises(ValueError, match=r"big.csv, line 3: label 2 is out of range for 2 classes"):
         CsvSource(tmp_path / "big.csv", classes=["normal", "pneumonia"])  # e.g. a trained model's classes
+    rows = [f"{f},{int(f.parent.name == 'pneumonia')}" for f in files]
+    (tmp_path / "gap.csv").write_text("path,label\n" + "\n".join(rows[:3] + [f"{files[3]},3"]) + "\n")
+    with pytest.raises(ValueError, match=r"gap.csv, line 5: label 3 makes 4 classes, but class 2 has no sample in any row"):
+        CsvSource(tmp_path / "gap.csv")  # a binary CSV with one mistyped label must not train 4 classes
     (tmp_path / "gone.csv").write_text(f"path,label\n{files[0]},0\nnowhere.png,1\n")
     with pytest.raises(FileNotFoundError, match=r"gone.csv, line 3: .*nowhere.png does not exist"):
         CsvSource(tmp_path / "gone.csv")
@@ -107,3 +111,26 @@ def test_unlabelled_images_and_volumes(tmp_path, pneumonia):
     np.save(vol, np.stack([pneumonia["test_images"][0]] * 8))
     one = open_classification_data(vol, "test")
     assert one.spatial_dims == 3 and one.load(0).shape == (1, 8, 28, 28)
+
+
+def test_nan_and_inf_images_are_refused(tmp_path, pneumonia):
+    """Float volumes and float TIFFs with NaN/Inf raise, naming the file and the counts, when loaded."""
+    image = pneumonia["train_images"][0].astype(np.float32)
+    volume = np.stack([image] * 4)
+    broken = volume.copy()
+    broken[0, 0, :3] = np.nan
+    broken[1, 1, 1] = np.inf
+    (tmp_path / "vols").mkdir()
+    np.save(tmp_path / "vols" / "a_sound.npy", volume)
+    np.save(tmp_path / "vols" / "b_broken.npy", broken)
+    volumes = UnlabelledImages(tmp_path / "vols")
+    assert np.isfinite(volumes.load(0)).all()
+    with pytest.raises(ValueError, match=r"b_broken.npy: 3 NaN and 1 Inf values"):
+        volumes.load(1)
+    (tmp_path / "tifs").mkdir()
+    Image.fromarray(image).save(tmp_path / "tifs" / "a_sound.tif")
+    Image.fromarray(broken[0]).save(tmp_path / "tifs" / "b_broken.tif")  # a 32-bit float TIFF
+    images = UnlabelledImages(tmp_path / "tifs")
+    assert images.load(0).shape == (1, 28, 28) and np.isfinite(images.load(0)).all()
+    with pytest.raises(ValueError, match=r"b_broken.tif: 3 NaN and 0 Inf values"):
+        images.load(1)

@@ -80,8 +80,29 @@ def test_malformed_npz_errors(tmp_path):
 def test_label_out_of_range(tmp_path):
     labels = np.array([[0], [1], [5], [0]], np.uint8)
     path = _write_npz(tmp_path / "pneumoniamnist.npz", **_mnist_arrays(np.zeros((4, 28, 28), np.uint8), labels))
-    with pytest.raises(ValueError, match=r"pneumoniamnist.npz:train/2: label 5 is out of range.*2 classes"):
+    with pytest.raises(ValueError, match=r"pneumoniamnist.npz: train label 5 at index 2 is out of range for 2 "
+                                         r"classes \(0..1\)"):
         MedMNISTSource(path)
+
+
+def test_labels_of_every_split_are_checked_against_the_classes(data_root, tmp_path):
+    """A known dataset's table fixes the classes, and every split of the file is checked when any is
+    opened; a file of unknown name takes max + 1 classes, none of which may be empty."""
+    with np.load(data_root / "medmnist" / "breastmnist.npz") as z:
+        arrays = {k: z[k] for k in z.files}
+    arrays["test_labels"][12] = 7
+    named = _write_npz(tmp_path / "breastmnist.npz", **arrays)
+    with pytest.raises(ValueError, match=r"breastmnist.npz: test label 7 at index 12 is out of range for 2 classes "
+                                         r"\(0..1\)"):
+        MedMNISTSource(named, "train")
+    unnamed = _write_npz(tmp_path / "mine.npz", **arrays)
+    with pytest.raises(ValueError, match=r"mine.npz: test label 7 at index 12 makes 8 classes, but classes "
+                                         r"2, 3, 4, 5, 6 have no sample in train, val or test"):
+        MedMNISTSource(unnamed, "train")
+    arrays["test_labels"][12] = 1
+    arrays["train_labels"][arrays["train_labels"] == 1] = 2  # classes 0, 1, 2, class 1 only in val and test
+    train = MedMNISTSource(_write_npz(tmp_path / "three.npz", **arrays), "train")
+    assert train.classes == ["0", "1", "2"] and set(train.labels.tolist()) == {0, 2}
 
 
 def test_3d_volumes(tmp_path):
@@ -142,3 +163,19 @@ def test_download_checks_md5_before_keeping_the_file(data_root, tmp_path, monkey
         path = medmnist_path("breastmnist", 28, root=tmp_path, download=True)
         assert path == tmp_path / "breastmnist.npz" and len(open_medmnist("breastmnist", "val", root=tmp_path)) == 78
     assert urls == ["https://zenodo.org/records/10519652/files/breastmnist.npz?download=1"]
+
+
+def test_nan_and_inf_in_float_npz(tmp_path):
+    """A float .npz is checked once when it is opened: the error names the file, split, index and counts."""
+    images = np.random.default_rng(0).random((4, 28, 28)).astype(np.float32)
+    arrays = _mnist_arrays(images, np.array([[0], [1], [0], [1]], np.uint8))
+    arrays["val_images"] = images.copy()
+    arrays["val_images"][2, 0, :2] = np.nan
+    arrays["val_images"][2, 5, 5] = -np.inf
+    path = _write_npz(tmp_path / "floats.npz", **arrays)
+    train = MedMNISTSource(path, "train")
+    assert np.allclose(train.load(3)[0], images[3])
+    with pytest.raises(ValueError, match=r"floats.npz: val image at index 2 has 2 NaN and 1 Inf values"):
+        MedMNISTSource(path, "val")
+    with pytest.raises(ValueError, match=r"floats.npz: val image at index 2 has 2 NaN and 1 Inf values"):
+        MedMNISTSource(path, "all")

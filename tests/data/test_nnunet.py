@@ -61,7 +61,7 @@ def _break_shape(ds, case):
 
 def _break_geometry(ds, case):
     _rewrite(ds.label_file(case), lambda a, g: (a, Geometry((2.0, 1.0, 1.0), g.origin, g.direction, g.shape)))
-    return ds.label_file(case), "geometry"
+    return ds.label_file(case), "label spacing (1, 1, 2) differs from the image's (1, 1, 1)"
 
 
 def _break_label_values(ds, case):
@@ -158,3 +158,59 @@ def test_read_case_images_for_prediction(hippo_copy):
     other = found[list(found)[1]][0]
     with pytest.raises(DatasetError, match="shape .* differs"):
         read_case_images([files[0], other], case)
+
+
+def test_geometry_and_value_messages_in_itk_order(hippo_copy):
+    """Spacing and origin are printed in ITK/NIfTI (x, y, z) order, the message says which of them
+    differs, and label values read from a float file print as integers."""
+    import SimpleITK as sitk
+
+    ds = NnUNetDataset(hippo_copy)
+    spaced, moved, floating = ds.cases[:3]
+    # Geometry is in numpy (z, y, x) order: (1, 1, 2) is ITK spacing (2, 1, 1).
+    _rewrite(ds.label_file(spaced), lambda a, g: (a, Geometry((1.0, 1.0, 2.0), g.origin, g.direction, g.shape)))
+    assert sitk.ReadImage(str(ds.label_file(spaced))).GetSpacing() == (2.0, 1.0, 1.0)
+    image_origin = sitk.ReadImage(str(ds.image_files(moved)[0])).GetOrigin()
+    _rewrite(ds.label_file(moved), lambda a, g: (a, Geometry(g.spacing, g.origin[:2] + (g.origin[2] + 5,),
+                                                             g.direction, g.shape)))
+    _rewrite(ds.label_file(floating), lambda a, g: (np.where(a == 2, 7, a).astype(np.float32), g))
+    with pytest.raises(DatasetError) as err:
+        verify_dataset(hippo_copy)
+    problems = {case: problem for case, _, problem in err.value.problems}
+    assert "label spacing (2, 1, 1) differs from the image's (1, 1, 1) (x, y, z)" in problems[spaced]
+    assert "origin" not in problems[spaced] and "direction" not in problems[spaced]
+    x, y, z = (f"{v:g}" for v in image_origin)
+    assert f"label origin ({float(x) + 5:g}, {y}, {z}) differs from the image's ({x}, {y}, {z})" in problems[moved]
+    assert "spacing" not in problems[moved]
+    assert "label values [7] not declared" in problems[floating]
+    # Channel against channel (a prediction input): the second file's origin, named against the first's.
+    first = ds.image_files(ds.cases[3])[0]
+    second = first.with_name(first.name.replace("_0000", "_0001"))
+    second.write_bytes(first.read_bytes())
+    _rewrite(second, lambda a, g: (a, Geometry(g.spacing, g.origin[:2] + (g.origin[2] + 5,), g.direction, g.shape)))
+    with pytest.raises(DatasetError) as err:
+        read_case_images([first, second], ds.cases[3])
+    expected = f"origin ({float(x) + 5:g}, {y}, {z}) differs from {first.name}'s ({x}, {y}, {z}) (x, y, z)"
+    assert expected in str(err.value)
+
+
+def test_truncated_rgb_file_is_reported_alone(lung_copy):
+    """In a one-file RGB layout a truncated PNG is unreadable; its channels 1 and 2 were never files
+    of their own, so they are not reported missing."""
+    from PIL import Image
+
+    meta = json.loads((lung_copy / "dataset.json").read_text())
+    meta["channel_names"] = {"0": "R", "1": "G", "2": "B"}
+    (lung_copy / "dataset.json").write_text(json.dumps(meta))
+    ds = NnUNetDataset(lung_copy)
+    for case in ds.cases:
+        path = ds.image_files(case)[0]
+        grey = np.asarray(Image.open(path))
+        Image.fromarray(np.stack([grey, grey // 2, 255 - grey], axis=-1)).save(path)
+    assert NnUNetDataset(lung_copy).load_case(ds.cases[0]).image.shape == (3, 256, 256)
+    broken = ds.image_files(ds.cases[1])[0]
+    broken.write_bytes(broken.read_bytes()[: broken.stat().st_size // 2])
+    with pytest.raises(DatasetError) as err:
+        verify_dataset(lung_copy)
+    assert [(case, path) for case, path, _ in err.value.problems] == [(ds.cases[1], str(broken))]
+    assert "unreadable" in err.value.problems[0][2] and "missing channel" not in str(err.value)

@@ -106,3 +106,29 @@ def test_sampler_reads_the_cache_build_cache_returns(hippo, tmp_path):
     assert paths.load(ds.cases[0]) is paths.load(ds.cases[0])  # read once
     batch = next(PatchSampler(paths, list(paths), plan.patch_size, 3, seed=0))
     assert batch["image"].shape == (3, 1, *plan.patch_size) and (batch["label"][2] > 0).any()
+
+
+def test_corrupt_cache_entries_are_rebuilt_with_a_warning(hippo, tmp_path):
+    """A truncated entry and one with a flipped bit are rebuilt from the raw data by build_cache (one
+    warning each, naming the file); the sound entry is kept; load_cache names a corrupt file it is given."""
+    ds, plan = hippo
+    cases = ds.cases[:3]
+    paths = build_cache(ds, plan, tmp_path / "cache", progress=False, cases=cases)
+    sound = load_cache(paths)
+    truncated, flipped, kept = (paths[c] for c in cases)
+    truncated.write_bytes(truncated.read_bytes()[: truncated.stat().st_size // 2])
+    data = bytearray(flipped.read_bytes())
+    data[len(data) // 2] ^= 0x10  # inside the image array
+    flipped.write_bytes(bytes(data))
+    kept_time = kept.stat().st_mtime_ns
+    with pytest.warns(UserWarning) as record:
+        rebuilt = load_cache(build_cache(ds, plan, tmp_path / "cache", progress=False, cases=cases))
+    messages = [str(w.message) for w in record if "cache" in str(w.message)]
+    assert len(messages) == 2 and str(truncated) in messages[0] and str(flipped) in messages[1]
+    assert "rebuilding" in messages[0] and kept.stat().st_mtime_ns == kept_time
+    for case in cases:
+        assert np.array_equal(rebuilt[case]["image"], sound[case]["image"])
+        assert np.array_equal(rebuilt[case]["label"], sound[case]["label"])
+    flipped.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match=f"{flipped}: unreadable cache entry"):
+        load_cache({cases[1]: flipped})

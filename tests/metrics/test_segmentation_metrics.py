@@ -97,3 +97,47 @@ def test_losses_and_recipes():
         opt.step()
         sched.step()
     assert opt.param_groups[0]["lr"] == pytest.approx(poly_factor(5, 10)) == pytest.approx(0.5 ** 0.9)
+
+
+def test_evaluate_draws_a_test_set_with_its_own_images_in_colour(data_root, tmp_path, capsys):
+    """labelsTs is drawn over the images of imagesTs (imagesTr beside it holds other cases), an RGB
+    image in colour; with no images beside the labels, one printed line says so."""
+    from PIL import Image
+
+    from medssm.metrics.overlays import MIN_SIDE
+
+    lung = data_root / "Dataset001_LungXray"
+    cases = sorted(p.name[: -len(".png")] for p in (lung / "labelsTr").glob("*.png"))[:3]
+    dataset = tmp_path / "Dataset001_LungXray"
+    for folder in ("imagesTr", "imagesTs", "labelsTs", "pred"):
+        (dataset / folder).mkdir(parents=True)
+    grey = {case: np.asarray(Image.open(lung / "imagesTr" / f"{case}_0000.png")) for case in cases}
+    Image.fromarray(grey[cases[0]]).save(dataset / "imagesTr" / f"{cases[0]}_0000.png")  # a training case
+    Image.fromarray(grey[cases[1]]).save(dataset / "imagesTs" / f"{cases[1]}_0000.png")
+    rgb = np.stack([grey[cases[2]], grey[cases[2]] // 2, 255 - grey[cases[2]]], axis=-1)
+    Image.fromarray(rgb).save(dataset / "imagesTs" / f"{cases[2]}_0000.png")
+    for case in cases[1:]:
+        for folder in ("labelsTs", "pred"):
+            (dataset / folder / f"{case}.png").write_bytes((lung / "labelsTr" / f"{case}.png").read_bytes())
+
+    def image_panel(out, case):
+        picture = np.asarray(Image.open(out / "overlays" / f"{case}.png").convert("RGB")).astype(float)
+        side = 256 * max(1, -(-MIN_SIDE // 256))
+        return picture[18:18 + side, :side]
+
+    out = evaluate(EvaluateConfig(pred=str(dataset / "pred"), ref=str(dataset / "labelsTs"), out=str(tmp_path / "e"),
+                                  progress=False))
+    assert "no image" not in capsys.readouterr().out
+    panel = image_panel(out, cases[1])
+    assert np.corrcoef(panel[..., 0].ravel(), grey[cases[1]].ravel())[0, 1] > 0.95
+    panel = image_panel(out, cases[2])
+    for channel in range(3):  # each colour channel of the picture follows the file's
+        assert np.corrcoef(panel[..., channel].ravel(), rgb[..., channel].ravel().astype(float))[0, 1] > 0.95
+    for folder in ("imagesTs", "imagesTr"):
+        for f in (dataset / folder).iterdir():
+            f.unlink()
+        (dataset / folder).rmdir()
+    out = evaluate(EvaluateConfig(pred=str(dataset / "pred"), ref=str(dataset / "labelsTs"), out=str(tmp_path / "e2"),
+                                  progress=False))
+    printed = [line for line in capsys.readouterr().out.splitlines() if "no image" in line]
+    assert len(printed) == 1 and "imagesTs" in printed[0] and (out / "overlays" / f"{cases[2]}.png").is_file()

@@ -84,10 +84,51 @@ class Geometry:
 
     def matches(self, other: Geometry, tol: float = 1e-4) -> bool:
         """Same shape, and spacing, origin and direction equal within ``tol`` (relative for spacing)."""
-        return (self.shape == other.shape
-                and np.allclose(self.spacing, other.spacing, rtol=tol, atol=tol)
-                and np.allclose(self.origin, other.origin, rtol=tol, atol=tol)
-                and np.allclose(self.direction, other.direction, atol=tol))
+        return not self.differences(other, tol)
+
+    def differences(self, other: Geometry, tol: float = 1e-4) -> list[tuple[str, str, str]]:
+        """``(what, self's value, other's value)`` for each of shape, spacing, origin and direction
+        that differs (beyond ``tol``), the values written in ITK/NIfTI order (x, y, z), as a viewer
+        shows them: ``("spacing", "(2, 1, 1)", "(1, 1, 1)")``."""
+        if len(self.shape) != len(other.shape):
+            return [("shape", _itk_text(self.shape), _itk_text(other.shape))]
+        same = {"shape": self.shape == other.shape,
+                "spacing": np.allclose(self.spacing, other.spacing, rtol=tol, atol=tol),
+                "origin": np.allclose(self.origin, other.origin, rtol=tol, atol=tol),
+                "direction": np.allclose(self.direction, other.direction, atol=tol)}
+        return [(what, _itk_text(getattr(self, what)), _itk_text(getattr(other, what)))
+                for what, equal in same.items() if not equal]
+
+
+def itk_axes(ndim: int) -> str:
+    """The axis names of ITK/NIfTI order for ``ndim`` spatial axes: ``"x, y, z"``, ``"x, y"``."""
+    return ", ".join("xyzt"[:ndim])
+
+
+def format_number(value: float) -> str:
+    """A number as a person writes it: ``2`` for 2.0, ``-0.5``, ``0.703125`` (exact, no rounding)."""
+    value = float(value)
+    return str(int(value)) if value.is_integer() else repr(value)
+
+
+def nonfinite_text(array: np.ndarray) -> str | None:
+    """``"3 NaN and 1 Inf values"`` when a float array holds any, else None."""
+    array = np.asarray(array)
+    if array.dtype.kind not in "fc" or np.all(np.isfinite(array)):
+        return None
+    return f"{int(np.count_nonzero(np.isnan(array)))} NaN and {int(np.count_nonzero(np.isinf(array)))} Inf values"
+
+
+def _itk_text(values) -> str:
+    """A vector or (direction) a matrix in numpy order, written in ITK order: ``(2, 1, 1)``."""
+    array = np.asarray(values, dtype=float)
+    if array.ndim == 2:  # rows and columns both reversed
+        return "(" + ", ".join(_vector_text(row) for row in array[::-1, ::-1]) + ")"
+    return _vector_text(array[::-1])
+
+
+def _vector_text(values) -> str:
+    return "(" + ", ".join(format_number(v) for v in values) + ")"
 
 
 def read_image(path: str | os.PathLike) -> tuple[np.ndarray, Geometry]:

@@ -33,7 +33,8 @@ class EvaluateConfig:
         "help": "dataset.json or a training run naming the labels (default: REF/../dataset.json, "
                 "else the label values found)"})
     images: str | None = dataclasses.field(default=None, metadata={
-        "help": "folder of the images, for the overlays (default: REF/../imagesTr when it exists)"})
+        "help": "folder of the images, for the overlays (default: beside REF, imagesTs for labelsTs, imagesTr "
+                "for labelsTr)"})
     overlays: bool = dataclasses.field(default=True, metadata={"help": "write overlay PNGs"})
     max_overlays: int = dataclasses.field(default=0, metadata={"help": "at most this many overlays (0: all)"})
     overwrite: bool = dataclasses.field(default=False, metadata={"help": "replace an existing evaluation"})
@@ -77,12 +78,20 @@ def read_label_names(path: str | os.PathLike | None, ref: Path) -> dict[str, int
     return None
 
 
-def _image_for(images: Path | None, case: str) -> Path | None:
-    if images is None:
-        return None
-    for p in sorted(images.glob(f"{case}_0000.*")) + sorted(images.glob(f"{case}.*")):
-        return p
-    return None
+def images_beside(ref: Path) -> Path | None:
+    """The image folder of a label folder: ``imagesTs`` beside ``labelsTs``, ``imagesTr`` beside
+    ``labelsTr`` (any ``labelsXx``); None for another name."""
+    return ref.parent / ("images" + ref.name[len("labels"):]) if ref.name.startswith("labels") else None
+
+
+def first_channel_files(folder: Path | None) -> dict[str, Path]:
+    """``{case: image}`` of an image folder: ``{case}_0000{ending}`` (an nnU-Net channel file) or
+    ``{case}{ending}``; empty when there is no folder."""
+    if folder is None or not folder.is_dir():
+        return {}
+    files = label_files(folder)
+    plain = {name: path for name, path in files.items() if not name.endswith("_0000")}
+    return {**plain, **{name[: -len("_0000")]: path for name, path in files.items() if name.endswith("_0000")}}
 
 
 def evaluate(cfg: EvaluateConfig) -> Path:
@@ -105,10 +114,13 @@ def evaluate(cfg: EvaluateConfig) -> Path:
     if (out / "summary.json").exists() and not cfg.overwrite:
         raise FileExistsError(f"{out / 'summary.json'} exists; pass --overwrite to replace it")
     labels = read_label_names(cfg.labels, ref_dir)
-    images = Path(cfg.images) if cfg.images else (ref_dir.parent / "imagesTr")
-    images = images if images.is_dir() else None
+    if cfg.images and not Path(cfg.images).is_dir():
+        raise FileNotFoundError(f"{cfg.images}: not a folder (--images)")
+    images = Path(cfg.images) if cfg.images else images_beside(ref_dir)
+    image_files = first_channel_files(images) if cfg.overlays else {}
+    without_image, drawn = [], 0
 
-    rows, loaded = [], {}
+    rows = []
     for case in tqdm(preds, desc="evaluate", unit="case", disable=not cfg.progress):
         pred, pred_geometry = read_image(preds[case])
         ref, ref_geometry = read_image(refs[case])
@@ -117,19 +129,24 @@ def evaluate(cfg: EvaluateConfig) -> Path:
         case_labels = labels or {f"label_{int(v)}": int(v) for v in np.unique(ref) if v > 0}
         for name, m in case_metrics(pred, ref, case_labels, ref_geometry.spacing).items():
             rows.append({"case": case, "class": name, **{k: m[k] for k in ("dice", "iou", "hd95", "n_pred", "n_ref")}})
-        loaded[case] = (pred, ref)
-        if cfg.overlays and (cfg.max_overlays <= 0 or len(loaded) <= cfg.max_overlays):
+        if cfg.overlays and (cfg.max_overlays <= 0 or drawn < cfg.max_overlays):
             from .overlays import save_overlay
 
-            image_path = _image_for(images, case)
-            image = read_image(image_path)[0].astype(np.float32) if image_path else None
+            image = read_image(image_files[case])[0].astype(np.float32) if case in image_files else None
             if image is not None and image.shape[-pred.ndim:] != pred.shape:
                 image = None
+            if image is None:
+                without_image.append(case)
+            drawn += 1
             dice = [r["dice"] for r in rows if r["case"] == case]
             save_overlay(out / "overlays" / f"{case}.png", image, ref, pred,
                          title=f"{case}  Dice {np.mean(dice):.3f}" if dice else case)
-        loaded[case] = None  # keep memory flat
 
+    if without_image:
+        where = (f"in {images}" + ("" if images.is_dir() else " (no such folder)") if images
+                 else f"(no images folder: {ref_dir.name} is not a labels* folder)")
+        print(f"overlays: no image of the same shape for {len(without_image)} of {drawn} cases {where}; drawn "
+              "without it (pass --images FOLDER)")
     summary = {**summarize(rows), "pred": str(pred_dir), "ref": str(ref_dir), "labels": labels,
                "metrics": {"dice": "MONAI compute_dice", "iou": "MONAI compute_iou",
                            "hd95": "MONAI compute_hausdorff_distance(percentile=95), in the images' spacing units",

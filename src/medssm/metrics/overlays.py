@@ -1,7 +1,8 @@
 """Overlay pictures of a segmentation: image | reference | prediction, side by side, as PNG.
 
-2D cases give one row; 3D cases give three rows, the middle slices (through the centre of the
-reference's foreground, or of the volume when it has none) along each axis. Pure numpy + Pillow.
+2D cases give one row (an RGB image in colour); 3D cases give three rows, the middle slices
+(through the centre of the reference's foreground, or of the volume when it has none) along each
+axis. Pure numpy + Pillow.
 
 Example:
     >>> save_overlay("case_001.png", image, reference, prediction, title="case_001  Dice 0.97")
@@ -22,11 +23,15 @@ COLOURS = np.array([[255, 127, 14], [31, 119, 180], [44, 160, 44], [214, 39, 40]
 MIN_SIDE = 256  # small panels are enlarged (nearest neighbour) to at least this many pixels
 
 
-def _grey(image: np.ndarray | None, shape: tuple[int, ...]) -> np.ndarray:
+def _background(image: np.ndarray | None, shape: tuple[int, ...]) -> np.ndarray:
+    """The image panel, RGB ``(*shape, 3)`` in 0..255: a grey ``(*shape)`` image repeated, an RGB
+    ``(*shape, 3)`` one as it is; stretched to its 0.5..99.5 percentiles (all channels together);
+    black without an image."""
     if image is None:
-        return np.zeros(shape, np.float32)
+        return np.zeros((*shape, 3), np.float32)
     lo, hi = np.percentile(image, [0.5, 99.5]) if image.size else (0.0, 1.0)
-    return np.clip((image.astype(np.float32) - lo) / max(hi - lo, 1e-6), 0, 1) * 255
+    picture = np.clip((image.astype(np.float32) - lo) / max(hi - lo, 1e-6), 0, 1) * 255
+    return picture if picture.ndim == len(shape) + 1 else np.repeat(picture[..., None], 3, axis=-1)
 
 
 def _boundary(mask: np.ndarray) -> np.ndarray:
@@ -35,9 +40,10 @@ def _boundary(mask: np.ndarray) -> np.ndarray:
     return mask & ~binary_erosion(mask, border_value=0)
 
 
-def colour_labels(grey: np.ndarray, labels: np.ndarray, alpha: float = 0.4) -> np.ndarray:
-    """RGB uint8 picture of a 2D ``grey`` image (0..255) with ``labels`` filled at ``alpha`` and outlined."""
-    rgb = np.repeat(grey[..., None], 3, axis=-1).astype(np.float32)
+def colour_labels(image: np.ndarray, labels: np.ndarray, alpha: float = 0.4) -> np.ndarray:
+    """RGB uint8 picture of a 2D image (0..255; grey ``(H, W)`` or RGB ``(H, W, 3)``) with ``labels``
+    filled at ``alpha`` and outlined."""
+    rgb = (image if image.ndim == 3 else np.repeat(image[..., None], 3, axis=-1)).astype(np.float32)
     for k in np.unique(labels):
         if k <= 0:
             continue
@@ -55,10 +61,12 @@ def _middle_slices(volume_shape, reference: np.ndarray) -> list[tuple]:
 
 
 def overlay_panels(image: np.ndarray | None, reference: np.ndarray, prediction: np.ndarray) -> np.ndarray:
-    """The overlay as one RGB array: rows of [image | reference | prediction]."""
+    """The overlay as one RGB array: rows of [image | reference | prediction]. ``image``: ``(*S)``,
+    or ``(C, *S)`` of which a 2D RGB(A) image is drawn in colour, any other the first channel."""
     reference, prediction = np.asarray(reference), np.asarray(prediction)
     if image is not None and image.ndim == reference.ndim + 1:
-        image = image[0]  # first channel
+        colour = reference.ndim == 2 and image.shape[0] in (3, 4)
+        image = np.moveaxis(image[:3], 0, -1) if colour else image[0]  # (H, W, 3) or (*S)
     if reference.ndim == 2:
         views = [(slice(None), slice(None))]
     elif reference.ndim == 3:
@@ -67,9 +75,9 @@ def overlay_panels(image: np.ndarray | None, reference: np.ndarray, prediction: 
         raise ValueError(f"overlays need 2D or 3D label maps, got shape {reference.shape}")
     rows = []
     for view in views:
-        grey = _grey(None if image is None else image[view], reference[view].shape)
-        row = [np.repeat(grey[..., None], 3, axis=-1).astype(np.uint8),
-               colour_labels(grey, reference[view]), colour_labels(grey, prediction[view])]
+        background = _background(None if image is None else image[view], reference[view].shape)
+        row = [background.astype(np.uint8), colour_labels(background, reference[view]),
+               colour_labels(background, prediction[view])]
         scale = max(1, int(np.ceil(MIN_SIDE / max(min(row[0].shape[:2]), 1))))
         row = [np.kron(p, np.ones((scale, scale, 1), np.uint8)) for p in row]
         gap = np.full((row[0].shape[0], 4, 3), 255, np.uint8)

@@ -14,7 +14,8 @@ from typing import Sequence
 import numpy as np
 import torch
 
-__all__ = ["SPLITS", "ClassificationSource", "Subset", "split_indices", "class_weights"]
+__all__ = ["SPLITS", "ClassificationSource", "Subset", "split_indices", "class_weights", "empty_classes",
+           "empty_classes_message"]
 
 SPLITS = ("train", "val", "test")
 
@@ -79,6 +80,23 @@ class Subset(ClassificationSource):
 
     def inputs(self) -> list[Path]:
         return self.source.inputs()
+
+
+def empty_classes(labels: np.ndarray) -> tuple[int, list[int]]:
+    """For class indices used as labels (no class list declared): ``K`` = the largest + 1, and the
+    classes of ``0..K-1`` that no label uses (each one would be a class the model cannot learn)."""
+    labels = np.asarray(labels, dtype=np.int64)
+    k = int(labels.max()) + 1 if labels.size else 0
+    return k, np.flatnonzero(np.bincount(labels, minlength=k) == 0).tolist()
+
+
+def empty_classes_message(where: str, k: int, empty: list[int], searched: str) -> str:
+    """``"{where} makes 4 classes, but class 2 has no sample in {searched}; ..."``, ``where`` naming
+    the label that first goes past an empty class."""
+    head = ", ".join(map(str, empty[:10])) + (f" and {len(empty) - 10} more" if len(empty) > 10 else "")
+    classes = f"class {head} has" if len(empty) == 1 else f"classes {head} have"
+    return (f"{where} makes {k} classes, but {classes} no sample in {searched}; numeric labels are class "
+            "indices 0..K-1, each with samples")
 
 
 def split_indices(n: int, fraction: float, seed: int, labels: np.ndarray | None = None) -> tuple[list[int], list[int]]:

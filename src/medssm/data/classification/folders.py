@@ -26,7 +26,8 @@ from typing import Sequence
 
 import numpy as np
 
-from .base import SPLITS, ClassificationSource, split_indices
+from ..io import nonfinite_text
+from .base import SPLITS, ClassificationSource, empty_classes, empty_classes_message, split_indices
 
 __all__ = ["ImageFolderSource", "CsvSource", "UnlabelledImages", "read_image", "is_image_file", "IMAGE_SUFFIXES",
            "VOLUME_SUFFIXES"]
@@ -69,45 +70,56 @@ def _scale(x: np.ndarray) -> np.ndarray:
         hi = 65535.0 if x.max(initial=0) > 255 else 255.0
         return np.clip(x.astype(np.float32) / hi, 0, 1)
     x = x.astype(np.float32)
-    lo, hi = float(np.nanmin(x)), float(np.nanmax(x))
+    lo, hi = float(x.min()), float(x.max())
     if lo >= 0 and hi <= 1:
         return x
     return (x - lo) / (hi - lo) if hi > lo else np.zeros_like(x)
 
 
 def read_image(path: str | os.PathLike, in_chans: int = 1) -> np.ndarray:
-    """An image as float32 ``(in_chans, H, W)`` or a volume as ``(1, D, H, W)``, in [0, 1]."""
+    """An image as float32 ``(in_chans, H, W)`` or a volume as ``(1, D, H, W)``, in [0, 1]. A file
+    that cannot be read, or that holds NaN or Inf, raises ValueError naming it."""
     path = Path(path)
-    suffix = _suffix(path)
     try:
-        if suffix == ".npy":
-            x = np.load(path, allow_pickle=False)
-            if x.ndim == 2:
-                x = x[None]
-            if x.ndim != 3:
-                raise ValueError(f"expected a (D, H, W) volume, got shape {x.shape}")
-            return _scale(x)[None]
-        if suffix in (".nii", ".nii.gz"):
-            import nibabel as nib
-
-            x = np.asarray(nib.load(str(path)).dataobj)
-            if x.ndim == 4 and x.shape[-1] == 1:
-                x = x[..., 0]
-            if x.ndim != 3:
-                raise ValueError(f"expected a 3D volume, got shape {x.shape}")
-            return _scale(np.ascontiguousarray(np.transpose(x, (2, 1, 0))))[None]  # (x, y, z) -> (D, H, W)
-        from PIL import Image
-
-        with Image.open(path) as im:
-            if in_chans == 3:
-                return np.moveaxis(np.asarray(im.convert("RGB")), -1, 0).astype(np.float32) / 255.0
-            if im.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
-                return _scale(np.asarray(im))[None]
-            return np.asarray(im.convert("L")).astype(np.float32)[None] / 255.0
+        x = _read_pixels(path, in_chans)
+        if x.size == 0:
+            raise ValueError(f"no pixels (shape {x.shape})")
     except FileNotFoundError:
         raise
     except Exception as e:  # noqa: BLE001 - give the file name with any reader's error
         raise ValueError(f"{path}: cannot read this image ({type(e).__name__}: {e})") from e
+    if nonfinite := nonfinite_text(x):
+        raise ValueError(f"{path}: {nonfinite}")
+    return _scale(x)
+
+
+def _read_pixels(path: Path, in_chans: int) -> np.ndarray:
+    """The file's values as they are stored, ``(C, *S)``."""
+    suffix = _suffix(path)
+    if suffix == ".npy":
+        x = np.load(path, allow_pickle=False)
+        if x.ndim == 2:
+            x = x[None]
+        if x.ndim != 3:
+            raise ValueError(f"expected a (D, H, W) volume, got shape {x.shape}")
+        return x[None]
+    if suffix in (".nii", ".nii.gz"):
+        import nibabel as nib
+
+        x = np.asarray(nib.load(str(path)).dataobj)
+        if x.ndim == 4 and x.shape[-1] == 1:
+            x = x[..., 0]
+        if x.ndim != 3:
+            raise ValueError(f"expected a 3D volume, got shape {x.shape}")
+        return np.ascontiguousarray(np.transpose(x, (2, 1, 0)))[None]  # (x, y, z) -> (D, H, W)
+    from PIL import Image
+
+    with Image.open(path) as im:
+        if in_chans == 3:
+            return np.moveaxis(np.asarray(im.convert("RGB")), -1, 0)
+        if im.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
+            return np.asarray(im)[None]
+        return np.asarray(im.convert("L"))[None]
 
 
 def _image_size(path: Path) -> tuple[int, ...]:
@@ -219,7 +231,12 @@ class CsvSource(_FileSource):
                     line = next(r[3] for r in rows if r[1] != "" and int(r[1]) < 0)
                     raise ValueError(f"{self.csv_path}, line {line}: label {min(values)} is out of range "
                                      "(class indices start at 0)")
-                classes = [str(i) for i in range(max(values) + 1)] if values else []
+                k, empty = empty_classes(np.asarray(values))
+                if empty:
+                    line, label = next((r[3], int(r[1])) for r in rows if r[1] != "" and int(r[1]) > empty[0])
+                    raise ValueError(empty_classes_message(f"{self.csv_path}, line {line}: label {label}", k, empty,
+                                                           "any row"))
+                classes = [str(i) for i in range(k)]
             else:
                 classes = sorted({v for v in raw if v != ""})
         self.classes = list(classes)

@@ -24,7 +24,8 @@ from pathlib import Path
 import numpy as np
 
 from ...files import atomic_path
-from .base import SPLITS, ClassificationSource
+from ..io import nonfinite_text
+from .base import SPLITS, ClassificationSource, empty_classes, empty_classes_message
 
 __all__ = ["MEDMNIST", "SIZES_2D", "SIZES_3D", "MedMNISTSource", "open_medmnist", "medmnist_file", "medmnist_url",
            "download_medmnist", "verify_md5", "parse_name", "default_root"]
@@ -171,14 +172,15 @@ def download_medmnist(name: str, size: int = 28, root: str | os.PathLike | None 
     return target
 
 
-def _read_npz(path: Path, keys: list[str]) -> dict[str, np.ndarray]:
-    """The arrays ``keys`` of ``path`` (only those are read: the 224 files are large)."""
+def _read_npz(path: Path, keys: list[str], optional: list[str] = ()) -> dict[str, np.ndarray]:
+    """The arrays ``keys`` of ``path``, and those of ``optional`` that it has (only these are read:
+    the 224 files are large)."""
     try:
         with np.load(path, allow_pickle=False) as z:
             missing = [k for k in keys if k not in z.files]
             if missing:
                 raise KeyError(missing[0], sorted(z.files))
-            return {k: z[k] for k in keys}
+            return {k: z[k] for k in [*keys, *optional] if k in z.files}
     except KeyError as e:
         raise ValueError(f"{path}: missing array {e.args[0]!r}; a MedMNIST file holds "
                          f"{{train,val,test}}_{{images,labels}}, this one has {e.args[1]}") from None
@@ -211,19 +213,18 @@ class MedMNISTSource(ClassificationSource):
             raise ValueError(f"{self.path}: {self.dataset} is multi-label ({info[0]}); medssm trains single-label "
                              "classifiers (binary, multi-class, ordinal as multi-class) only")
         splits = SPLITS if split == "all" else (split,)
-        arrays = _read_npz(self.path, [f"{s}_{k}" for s in splits for k in ("images", "labels")])
+        arrays = _read_npz(self.path, [f"{s}_{k}" for s in splits for k in ("images", "labels")],
+                           optional=[f"{s}_labels" for s in SPLITS if s not in splits])
+        labels = {s: self._check_labels_array(s, arrays[f"{s}_labels"]) for s in SPLITS if f"{s}_labels" in arrays}
         images = [arrays[f"{s}_images"] for s in splits]
-        labels = [arrays[f"{s}_labels"] for s in splits]
         self._offsets = np.cumsum([0] + [len(x) for x in images])
         self._splits = splits
-        for s, x, y in zip(splits, images, labels):
-            self._check(s, x, y)
+        for s, x in zip(splits, images):
+            self._check_images(s, x, labels[s])
+        self.classes = list(info[2]) if info else self._classes_from_labels(labels)
+        self._check_label_range(labels)
         x = np.concatenate(images) if len(images) > 1 else images[0]
-        y = np.concatenate([np.asarray(v).reshape(len(v), -1) for v in labels])
-        if y.shape[1] != 1:
-            raise ValueError(f"{self.path}: labels have {y.shape[1]} columns (multi-label); medssm trains "
-                             "single-label classifiers only")
-        self.labels = y[:, 0].astype(np.int64)
+        self.labels = np.concatenate([labels[s] for s in splits])
         if spatial_dims is None:
             is3d = (self.dataset or "").endswith("3d") or (x.ndim == 4 and x.shape[-1] not in (1, 3))
             spatial_dims = 3 if is3d else 2
@@ -238,28 +239,59 @@ class MedMNISTSource(ClassificationSource):
         self.spatial_dims = spatial_dims
         self.in_chans = int(x.shape[-1])
         self.native_size = tuple(int(s) for s in x.shape[1:-1])
-        if info:
-            self.classes = list(info[2])
-        else:
-            k = int(self.labels.max()) + 1 if len(self.labels) else 0
-            self.classes = [str(i) for i in range(k)]
         self.description = f"{self.path.name} [{split}]"
-        self.check_labels(len(self.classes), f"{self.dataset or self.path.name}")
 
     def inputs(self) -> list[Path]:
         return [self.path]
 
-    def _check(self, split: str, x: np.ndarray, y: np.ndarray) -> None:
+    def _check_labels_array(self, split: str, y: np.ndarray) -> np.ndarray:
+        """A split's labels as int64 ``(N,)``: integers, one column, none negative."""
+        where = f"{self.path}: {split}_labels"
+        if y.dtype.kind not in "ui" and not (y.dtype.kind == "f" and np.all(y == np.round(y))):
+            raise ValueError(f"{where} must hold integers, got {y.dtype}")
+        y = np.atleast_1d(y)
+        y = y.reshape(len(y), -1)
+        if y.shape[1] != 1:
+            raise ValueError(f"{where} has {y.shape[1]} columns (multi-label); medssm trains single-label "
+                             "classifiers only")
+        if len(y) and y.min() < 0:
+            raise ValueError(f"{where} has a negative label ({int(y.min())})")
+        return y[:, 0].astype(np.int64)
+
+    def _check_images(self, split: str, x: np.ndarray, y: np.ndarray) -> None:
         where = f"{self.path}: {split}"
-        if x.dtype.kind not in "uif" or y.dtype.kind not in "ui" and not (y.dtype.kind == "f" and np.all(y == np.round(y))):
-            raise ValueError(f"{where}: images must be numbers and labels integers, got {x.dtype} and {y.dtype}")
+        if x.dtype.kind not in "uif":
+            raise ValueError(f"{where}_images must hold numbers, got {x.dtype}")
         if len(x) != len(y):
             raise ValueError(f"{where}_images has {len(x)} samples but {split}_labels has {len(y)}")
         if x.ndim not in (3, 4, 5) or len(x) == 0:
             raise ValueError(f"{where}_images has shape {x.shape}; expected (N, H, W), (N, H, W, C) or (N, D, H, W) "
                              "with N > 0")
-        if len(y) and np.asarray(y).min() < 0:
-            raise ValueError(f"{where}_labels has a negative label ({int(np.asarray(y).min())})")
+        if x.dtype.kind == "f":
+            bad = np.flatnonzero(~np.isfinite(x.reshape(len(x), -1)).all(axis=1))
+            if len(bad):
+                raise ValueError(f"{where} image at index {bad[0]} has {nonfinite_text(x[bad[0]])}"
+                                 + (f" ({len(bad)} images of {split} hold NaN or Inf)" if len(bad) > 1 else ""))
+
+    def _classes_from_labels(self, labels: dict[str, np.ndarray]) -> list[str]:
+        """A file of unknown name: classes ``0..max``, each of which must have a sample in some split."""
+        k, empty = empty_classes(np.concatenate(list(labels.values())))
+        if empty:
+            split, i = next((s, int(np.flatnonzero(y > empty[0])[0])) for s, y in labels.items()
+                            if (y > empty[0]).any())
+            splits = list(labels)
+            searched = " or ".join([", ".join(splits[:-1]), splits[-1]] if len(splits) > 1 else splits)
+            raise ValueError(empty_classes_message(f"{self.path}: {split} label {labels[split][i]} at index {i}", k,
+                                                   empty, searched))
+        return [str(i) for i in range(k)]
+
+    def _check_label_range(self, labels: dict[str, np.ndarray]) -> None:
+        k = len(self.classes)
+        for split, y in labels.items():
+            bad = np.flatnonzero(y >= k)
+            if len(bad):
+                raise ValueError(f"{self.path}: {split} label {y[bad[0]]} at index {bad[0]} is out of range for "
+                                 f"{k} classes (0..{k - 1})")
 
     def load(self, i: int) -> np.ndarray:
         x = np.moveaxis(self.images[i], -1, 0)  # (C, *S)

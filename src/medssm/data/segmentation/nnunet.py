@@ -20,7 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..io import SUPPORTED_ENDINGS, Geometry, ImageFileError, read_channels, read_image
+from ..io import (SUPPORTED_ENDINGS, Geometry, ImageFileError, format_number, itk_axes, nonfinite_text, read_channels,
+                  read_image)
 from ..io import file_ending as ending_of
 
 _CHANNEL_FILE = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")
@@ -93,6 +94,7 @@ class NnUNetDataset:
         self.file_ending: str = self.meta["file_ending"]
         self._images, self._misnamed = _group_channel_files(self.root / "imagesTr", self.file_ending)
         self.cases: list[str] = list(self._images)
+        self._one_file_per_case = all(len(group) == 1 for group in self._images.values())
 
     def _check_meta(self, meta_path: Path) -> list[tuple[str, str, str]]:
         m, where, problems = self.meta, str(meta_path), []
@@ -195,6 +197,8 @@ class NnUNetDataset:
         present = self._images[case]
         expected = self.num_channels
         problems = []
+        if len(channels) < len(files) and self._one_file_per_case:
+            return problems  # an unreadable file (reported already) whose channels are unknown (an RGB file?)
         if all(len(c) == 1 for c in channels):
             for i in range(expected):
                 if i not in present:
@@ -218,41 +222,41 @@ class NnUNetDataset:
 
 
 def _check_geometry(case, geometries, label_path, label_geometry) -> list:
+    """Every channel file against the first one, and the label against the image: shape, spacing,
+    origin and direction, each named when it differs, in ITK/NIfTI (x, y, z) order."""
     problems = []
     if not geometries:
         return problems
     ref_path, ref = geometries[0]
     for path, g in geometries[1:]:
-        if g.shape != ref.shape:
-            problems.append((case, str(path), f"shape {g.shape} differs from {ref_path.name}'s {ref.shape}"))
-        elif not g.matches(ref):
-            problems.append((case, str(path), f"geometry differs from {ref_path.name}'s (spacing/origin/direction)"))
+        problems += _geometry_problems(case, path, "", g.differences(ref), f"{ref_path.name}'s", len(ref.shape))
     if label_geometry is not None:
-        if label_geometry.shape != ref.shape:
-            problems.append((case, str(label_path), f"label shape {label_geometry.shape} differs from image shape "
-                                                    f"{ref.shape}"))
-        elif not label_geometry.matches(ref):
-            problems.append((case, str(label_path), f"label geometry (spacing {label_geometry.spacing}, origin "
-                                                    f"{label_geometry.origin}) differs from image's (spacing "
-                                                    f"{ref.spacing}, origin {ref.origin}) or direction differs"))
+        problems += _geometry_problems(case, label_path, "label ", label_geometry.differences(ref), "the image's",
+                                       len(ref.shape))
     return problems
+
+
+def _geometry_problems(case, path, what, differences, whose, ndim) -> list:
+    if not differences:
+        return []
+    text = "; ".join(f"{what}{name} {mine} differs from {whose} {theirs}" for name, mine, theirs in differences)
+    return [(case, str(path), f"{text} ({itk_axes(ndim)})")]
 
 
 def _check_values(case, files, channels, label_path, label, allowed) -> list:
     problems = []
     for path, array in zip(files, channels):
-        if array.dtype.kind == "f" and not np.all(np.isfinite(array)):
-            problems.append((case, str(path), f"{int(np.sum(np.isnan(array)))} NaN and "
-                                              f"{int(np.sum(np.isinf(array)))} Inf values"))
+        if nonfinite := nonfinite_text(array):
+            problems.append((case, str(path), nonfinite))
     if label is not None:
-        if label.dtype.kind == "f" and not np.all(np.isfinite(label)):
-            problems.append((case, str(label_path), "label holds NaN or Inf"))
+        if nonfinite := nonfinite_text(label):
+            problems.append((case, str(label_path), f"label holds {nonfinite}"))
             return problems
         values = np.unique(label)
-        bad = [v.item() for v in values if v not in allowed]
+        bad = [format_number(v) for v in values if v not in allowed]
         if bad:
-            problems.append((case, str(label_path), f"label values {bad[:10]} not declared in dataset.json "
-                                                    f"(declared: {allowed})"))
+            problems.append((case, str(label_path), f"label values [{', '.join(bad[:10])}] not declared in "
+                                                    f"dataset.json (declared: {allowed})"))
     return problems
 
 

@@ -4,15 +4,19 @@ predictions, and the on-disk cache of preprocessed training cases.
 The cache is a folder with, per case, ``{case}.npz`` (``image`` float32 ``(C, *S)``, ``label``
 int16 ``(*S)``, ``locations_{k}`` int32 ``(N, ndim)``: up to 10,000 voxels of each foreground class
 ``k``, for foreground oversampling) and ``{case}.json`` (the properties that :func:`revert_to_original`
-needs, the plan's preprocessing key and the source files' sizes and times). A case is redone
-when any of these changed.
+needs, the plan's preprocessing key, the source files' sizes and times, and the SHA-256 of the
+``.npz``). A case is redone when any of these changed, and, with a warning, when its ``.npz`` no
+longer matches its SHA-256 (truncated, altered) or its ``.json`` is unreadable.
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
+import warnings
+import zipfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -153,14 +157,25 @@ def _source_stamp(paths: list[Path]) -> list[list]:
     return [[p.name, s.st_size, s.st_mtime_ns] if s else [p.name, None, None] for p, s in stats]
 
 
-def _cached_ok(npz: Path, meta: Path, key: str, stamp: list) -> bool:
+def _entry_state(npz: Path, meta: Path, key: str, stamp: list) -> tuple[bool, str | None]:
+    """``(usable, what is wrong)`` for a cached case: a missing, half-written or stale entry (other
+    plan, changed source files) is not usable and nothing is wrong with it; a corrupt one says why."""
+    if not npz.is_file() or not meta.is_file():
+        return False, None
     try:
         props = json.loads(meta.read_text())
-        with np.load(npz) as f:
-            has_arrays = {"image", "label"} <= set(f.files)
-    except (OSError, ValueError):
-        return False
-    return has_arrays and props.get("cache_key") == key and props.get("source") == stamp
+    except (OSError, ValueError) as e:
+        return False, f"its {meta.name} is unreadable ({type(e).__name__})"
+    if not isinstance(props, dict) or props.get("cache_key") != key or props.get("source") != stamp \
+            or "sha256" not in props:
+        return False, None
+    try:
+        digest = hashlib.sha256(npz.read_bytes()).hexdigest()
+    except OSError as e:
+        return False, f"unreadable ({type(e).__name__}: {e})"
+    if digest != props["sha256"]:
+        return False, "its SHA-256 does not match the one recorded when it was written (truncated or altered)"
+    return True, None
 
 
 class Cache(dict):
@@ -180,8 +195,9 @@ class Cache(dict):
 def build_cache(dataset: NnUNetDataset, plan: Plan, cache_dir: str | os.PathLike, progress: bool = True,
                 cases: list[str] | None = None) -> Cache:
     """Preprocess ``cases`` (default: all) of ``dataset`` into ``cache_dir``; cases already cached
-    with the same plan and source files are skipped. Each case must pass the integrity check.
-    Returns ``{case: npz path}`` (a :class:`Cache`)."""
+    with the same plan and source files are skipped when their ``.npz`` still matches its recorded
+    SHA-256, and rebuilt with a warning when it does not. Each case must pass the integrity check.
+    Returns ``{case: npz path}`` (a :class:`Cache`), every entry checked."""
     from tqdm import tqdm
 
     if plan.num_channels != dataset.num_channels or plan.labels != dataset.labels:
@@ -196,24 +212,37 @@ def build_cache(dataset: NnUNetDataset, plan: Plan, cache_dir: str | os.PathLike
                      disable=not progress, leave=False):
         npz, meta = cache_dir / f"{case}.npz", cache_dir / f"{case}.json"
         stamp = _source_stamp([*dataset.image_files(case), dataset.label_file(case)])
-        if not _cached_ok(npz, meta, key, stamp):
+        usable, corrupt = _entry_state(npz, meta, key, stamp)
+        if corrupt:
+            warnings.warn(f"{npz}: cached case is corrupt: {corrupt}; rebuilding it from {dataset.root}",
+                          stacklevel=2)
+        if not usable:
             c = dataset.load_case(case)
             image, label, props = preprocess_case(c.image, c.geometry, plan, c.label)
             arrays = {"image": image, "label": label}
             arrays.update({f"locations_{k}": v for k, v in class_locations(label, foreground).items()})
-            with atomic_path(npz) as tmp, open(tmp, "wb") as f:
-                np.savez(f, **arrays)
+            buffer = io.BytesIO()
+            np.savez(buffer, **arrays)
+            with atomic_path(npz) as tmp:
+                tmp.write_bytes(buffer.getvalue())
+            props = {**props, "case": case, "cache_key": key, "source": stamp,
+                     "sha256": hashlib.sha256(buffer.getvalue()).hexdigest()}
             with atomic_path(meta) as tmp:
-                tmp.write_text(json.dumps({**props, "case": case, "cache_key": key, "source": stamp}, indent=1))
+                tmp.write_text(json.dumps(props, indent=1))
         out[case] = npz
     return out
 
 
 def _load_entry(npz: str | os.PathLike) -> dict:
-    with np.load(npz) as f:
-        return {"image": f["image"], "label": f["label"],
-                "class_locations": {int(n.split("_", 1)[1]): f[n] for n in f.files if n.startswith("locations_")},
-                "props": json.loads(Path(npz).with_suffix(".json").read_text())}
+    """A cached case's arrays and props; a corrupt entry raises ValueError naming the file (build_cache
+    checks every entry it returns and rebuilds the corrupt ones)."""
+    try:
+        with np.load(npz, allow_pickle=False) as f:
+            return {"image": f["image"], "label": f["label"],
+                    "class_locations": {int(n.split("_", 1)[1]): f[n] for n in f.files if n.startswith("locations_")},
+                    "props": json.loads(Path(npz).with_suffix(".json").read_text())}
+    except (zipfile.BadZipFile, OSError, ValueError, KeyError, EOFError) as e:
+        raise ValueError(f"{npz}: unreadable cache entry ({type(e).__name__}: {e}); build_cache rebuilds it") from None
 
 
 def load_cache(paths: dict[str, Path]) -> dict[str, dict]:
