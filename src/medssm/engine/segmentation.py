@@ -96,17 +96,16 @@ def resolve_data(data: str) -> Path:
     return p
 
 
-def fit_budget(cfg: TrainConfig, dataset, card, recipe, model_kwargs: dict, val_count: int, device):
+def fit_budget(cfg: TrainConfig, dataset, fingerprint, card, recipe, model_kwargs: dict, val_count: int, device):
     """The plan and the :class:`~medssm.engine.budget.BudgetPlan` that fit ``cfg.budget``: candidates
     at the dataset's resolution and (when the median image stays at least 4 patches of the size
     divisor wide) at half of it, each timed on this machine."""
-    from ..data.segmentation.plan import make_plan, plan_dataset
+    from ..data.segmentation.plan import make_plan
     from ..data.segmentation.preprocess import preprocess_case
     from .budget import Candidate, Timing, call_seconds, parse_duration, plan_budget, step_seconds
     from .losses import make_loss
 
     budget_s = parse_duration(cfg.budget)
-    fingerprint = plan_dataset(dataset)
     base = dict(divisor=card.size_divisor, oversample_foreground=cfg.oversample_foreground, fingerprint=fingerprint)
     plans = {1.0: make_plan(dataset, **base, **overrides_of(cfg))}
     full = plans[1.0]
@@ -183,7 +182,7 @@ def _train(cfg: TrainConfig) -> Path:
 def _train_claimed(cfg, env, device, dataset, card, model_kwargs, run: Path) -> Path:
     from tqdm import tqdm
 
-    from ..data.segmentation.plan import Plan, make_plan
+    from ..data.segmentation.plan import Plan, make_plan, plan_dataset
     from ..data.segmentation.preprocess import build_cache, load_cache
     from ..data.segmentation.sampling import PatchSampler
     from ..data.segmentation.splits import load_or_create_splits, make_splits
@@ -212,15 +211,16 @@ def _train_claimed(cfg, env, device, dataset, card, model_kwargs, run: Path) -> 
         plan = Plan.load(run / "plan.json")
         budget = read_json(run / "budget.json") if (run / "budget.json").is_file() else None  # the same fit
     else:
+        fingerprint = plan_dataset(dataset, progress=progress)
         if cfg.budget:  # measured on rank 0 only, so that every rank trains the same plan
-            fitted = fit_budget(cfg, dataset, card, recipe, model_kwargs, val_count, device) if main else None
+            fitted = fit_budget(cfg, dataset, fingerprint, card, recipe, model_kwargs, val_count, device) if main else None
             if main:
                 print(fitted[1], flush=True)
             plan_dict, budget = distributed.broadcast((fitted[0].to_dict(), fitted[1].as_dict()) if main else None)
             plan = Plan.from_dict(plan_dict)
         else:
             plan = make_plan(dataset, divisor=card.size_divisor, oversample_foreground=cfg.oversample_foreground,
-                             **overrides_of(cfg))
+                             fingerprint=fingerprint, **overrides_of(cfg))
     if budget:
         epochs, iterations, val_every = budget["epochs"], budget["iterations_per_epoch"], budget["val_every"]
         val_count = budget["val_cases"] or held_out

@@ -48,15 +48,17 @@ class Fingerprint:
 
 
 def plan_dataset(dataset: NnUNetDataset, cases: list[str] | None = None, samples_per_case: int = 10000,
-                 seed: int = 1234) -> Fingerprint:
+                 seed: int = 1234, progress: bool = False) -> Fingerprint:
     """Fingerprint ``cases`` (default: all) of ``dataset``; foreground is every label > 0."""
+    from tqdm import tqdm
+
     rng = np.random.default_rng(seed)
     cases = sorted(dataset.cases if cases is None else cases)
     if not cases:
         raise ValueError(f"{dataset.root}: no cases to fingerprint")
     spacings, before, after = [], [], []
     samples: list[list[np.ndarray]] = [[] for _ in range(dataset.num_channels)]
-    for case in cases:
+    for case in tqdm(cases, desc="fingerprint", unit="case", leave=False, disable=not progress):
         c = dataset.load_case(case)
         box = nonzero_box(c.image)
         spacings.append(list(c.geometry.spacing))
