@@ -30,6 +30,7 @@ HANDLERS: dict[tuple[str, str | None], str] = {
     ("info", None): "medssm.nets.info:InfoConfig:print_info",
     ("export", None): "medssm.export.onnx:ExportConfig:export_cli",
     ("quickstart", None): "medssm.engine.quickstart:QuickstartConfig:quickstart",
+    ("compare", None): "medssm.engine.compare:CompareConfig:compare",
     ("demo", None): "medssm.cli:DemoConfig:demo",
 }
 HELP = {
@@ -39,6 +40,7 @@ HELP = {
     "info": "true parameter count, MACs, scan FLOPs and memory of a model",
     "export": "export a model or run to ONNX and check parity with onnxruntime",
     "quickstart": "train, predict and evaluate on the bundled lung X-ray set, with a report",
+    "compare": "train several models with the same time budget, evaluate them alike, report",
     "demo": "build a model and run one forward pass",
 }
 

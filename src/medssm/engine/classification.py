@@ -112,7 +112,8 @@ def fit_budget(cfg: ClassifierTrainConfig, new_model, train_src, val_src, input_
         model = new_model()
         dataset = ClassificationDataset(train_src, input_size, train=True, crop_scale=cfg.crop_scale,
                                         hflip=cfg.hflip, vflip=cfg.vflip)
-        loader = iter(torch.utils.data.DataLoader(dataset, batch_size=candidate.batch_size, shuffle=True))
+        draws = torch.utils.data.RandomSampler(dataset, replacement=True, num_samples=3 * candidate.batch_size)
+        loader = iter(torch.utils.data.DataLoader(dataset, batch_size=candidate.batch_size, sampler=draws))
         optimizer = torch.optim.Adam(model.parameters(), 1e-4)
         times = []
         for _ in range(3):  # the first step compiles the scan kernels: not counted
@@ -150,7 +151,7 @@ def _train(cfg: ClassifierTrainConfig) -> Path:
     card = get_model_card(model_name)
     if card.task != "classification":
         raise ValueError(f"{model_name} is a {card.task} model; {cfg.data} is a classification dataset")
-    recipe = cfg.recipe(card)
+    recipe = cfg.resolve_recipe(card)
     if recipe.optimizer not in ("adam", "adamw", "sgd") or recipe.epochs < 1 or (recipe.batch_size or 1) < 1:
         raise ValueError(f"--optimizer must be adam, adamw or sgd and --epochs, --batch-size at least 1 (got "
                          f"{recipe.optimizer}, {recipe.epochs}, {recipe.batch_size})")

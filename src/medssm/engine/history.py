@@ -8,6 +8,7 @@ import json
 import os
 from pathlib import Path
 
+from ..figures import pyplot, save_figure
 from ..files import atomic_path
 
 
@@ -41,11 +42,7 @@ class History:
 
     def plot(self, path: str | os.PathLike | None = None, x: str = "epoch") -> Path:
         """Draw every numeric column against ``x``: losses on one panel, other metrics on another."""
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
+        plt = pyplot()
         path = Path(path or self.run_dir / "curves.png")
         columns = [k for k in dict.fromkeys(k for r in self.rows for k in r)
                    if k != x and all(isinstance(r.get(k), (int, float)) for r in self.rows if k in r)]
@@ -63,7 +60,4 @@ class History:
             ax.grid(alpha=0.3)
             ax.legend()
         fig.tight_layout()
-        with atomic_path(path) as tmp:
-            fig.savefig(tmp, format="png", dpi=100)
-        plt.close(fig)
-        return path
+        return save_figure(fig, path)

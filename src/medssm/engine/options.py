@@ -6,7 +6,8 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
-from ..nets.cards import ModelCard, Recipe
+from ..nets.cards import RECIPES, ModelCard, Recipe
+from ..nets.registry import get_model_card
 
 __all__ = ["TrainOptions", "RECIPE_OPTIONS"]
 
@@ -31,6 +32,9 @@ class TrainOptions:
     epochs: int | None = field(default=None, metadata={"help": "training epochs (default: the model's recipe)"})
     batch_size: int | None = field(default=None, metadata={"help": (
         "global batch size (default: the plan's for segmentation, the recipe's for classification)")})
+    recipe: str | None = field(default=None, metadata={"help": (
+        "start from another recipe than the model's own: short (for runs of minutes: AdamW 1e-3, cosine, "
+        "mirroring) or a registered model's name")})
     optimizer: str | None = field(default=None, metadata={"help": "adam, adamw or sgd (default: the recipe's)"})
     lr: float | None = field(default=None, metadata={"help": "learning rate (default: the recipe's)"})
     weight_decay: float | None = field(default=None, metadata={"help": "weight decay (default: the recipe's)"})
@@ -63,9 +67,21 @@ class TrainOptions:
             raise ValueError("--budget fits the training length and the validation to the time: leave out "
                              + ", ".join("--" + n.replace("_", "-") for n in given))
 
-    def recipe(self, card: ModelCard) -> Recipe:
-        """The card's recipe with the options that were given."""
-        return card.recipe.with_overrides(**{k: getattr(self, k) for k in RECIPE_OPTIONS})
+    def resolve_recipe(self, card: ModelCard) -> Recipe:
+        """The recipe to train with: ``--recipe``'s or the card's, with the options that were given."""
+        base = card.recipe if self.recipe is None else named_recipe(self.recipe)
+        return base.with_overrides(**{k: getattr(self, k) for k in RECIPE_OPTIONS})
+
+
+def named_recipe(name: str) -> Recipe:
+    """A recipe by name: one of :data:`~medssm.nets.cards.RECIPES`, or a registered model's."""
+    if name in RECIPES:
+        return RECIPES[name]
+    try:
+        return get_model_card(name).recipe
+    except ValueError:
+        raise ValueError(f"--recipe: {name!r} is neither a named recipe ({', '.join(RECIPES)}) nor a registered "
+                         "model") from None
 
 
 def option_names(config_cls) -> list[str]:

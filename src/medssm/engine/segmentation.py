@@ -56,7 +56,8 @@ class TrainConfig(TrainOptions):
     target_spacing: tuple[float, ...] | None = field(default=None, metadata={
         "help": "override the plan's (e.g. 2 2 halves a 1-spacing 2D set: faster on a CPU)"})
     loss: str | None = field(default=None, metadata={"help": "dice_ce, ce or dice (default: the recipe's)"})
-    augment: bool = field(default=True, metadata={"help": "MONAI training augmentation"})
+    augmentation: str | None = field(default=None, metadata={"help": (
+        "nnunet (nnU-Net's set, MONAI transforms), mirror (flips only) or none (default: the recipe's)")})
     oversample_foreground: float = field(default=1 / 3, metadata={"help": "share of patches centred on foreground"})
     cache: str | None = field(default=None, metadata={"help": "preprocessing cache folder (default RUN/preprocessed)"})
 
@@ -146,6 +147,8 @@ def _check_config(cfg: TrainConfig) -> None:
         if getattr(cfg, name) is not None and getattr(cfg, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(cfg, name)}")
     cfg.check_budget("iterations_per_epoch", "val_cases")
+    if cfg.augmentation not in (None, "nnunet", "mirror", "none"):
+        raise ValueError(f"--augmentation must be nnunet, mirror or none, got {cfg.augmentation!r}")
 
 
 def train(cfg: TrainConfig) -> Path:
@@ -197,7 +200,7 @@ def _train_claimed(cfg, env, device, dataset, card, model_kwargs, run: Path) -> 
         print(f"{run}: no complete checkpoint yet; starting from the beginning")
     if not cfg.resume and has_checkpoint(run):
         raise FileExistsError(f"{run} already holds a training run; pass --resume to continue it or choose another --out")
-    recipe = dataclasses.replace(cfg.recipe(card), **({"loss": cfg.loss} if cfg.loss else {}))
+    recipe = cfg.resolve_recipe(card).with_overrides(loss=cfg.loss, augmentation=cfg.augmentation)
     epochs = recipe.epochs
     iterations = cfg.iterations_per_epoch or recipe.iterations_per_epoch or 250
     val_every = cfg.val_every or 5
@@ -251,7 +254,8 @@ def _train_claimed(cfg, env, device, dataset, card, model_kwargs, run: Path) -> 
                                        progress=progress, cases=sorted({*train_cases, *val_cases})))
     sampler = PatchSampler(cache, train_cases, plan.patch_size, plan.batch_size,
                            oversample_foreground=plan.oversample_foreground, seed=cfg.seed)
-    augment = training_transforms(plan.spatial_dims, plan.patch_size, seed=cfg.seed) if cfg.augment else None
+    augment = (training_transforms(plan.spatial_dims, plan.patch_size, recipe.augmentation, seed=cfg.seed)
+               if recipe.augmentation != "none" else None)
     loss_fn = make_loss(recipe.loss)
     optimizer = make_optimizer(model.parameters(), recipe)
     scheduler = make_scheduler(optimizer, recipe.schedule, total_steps=epochs * iterations,

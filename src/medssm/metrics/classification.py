@@ -24,6 +24,8 @@ from typing import Sequence
 
 import numpy as np
 
+from ..figures import pyplot, save_figure
+
 __all__ = ["roc_auc", "roc_curve", "predict_labels", "confusion_matrix", "classification_metrics",
            "plot_confusion_matrix", "plot_roc", "format_metrics"]
 
@@ -168,29 +170,9 @@ def format_metrics(m: dict) -> str:
     return "\n".join(lines)
 
 
-def _figure():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def _save(fig, path: str | os.PathLike) -> Path:
-    from ..files import atomic_path
-
-    plt = _figure()
-    path = Path(path)
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=100)
-    plt.close(fig)
-    return path
-
-
 def plot_confusion_matrix(cm, class_names: Sequence[str], path: str | os.PathLike, title: str = "") -> Path:
     """Counts and row-normalised shading of a confusion matrix, as a PNG."""
-    plt = _figure()
+    plt = pyplot()
     cm = np.asarray(cm)
     k = len(cm)
     rates = _div(cm, cm.sum(axis=1, keepdims=True))
@@ -208,12 +190,12 @@ def plot_confusion_matrix(cm, class_names: Sequence[str], path: str | os.PathLik
     ax.set_ylabel("true")
     ax.set_title(title or "confusion matrix")
     fig.tight_layout()
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_roc(y_true, probs, class_names: Sequence[str], path: str | os.PathLike, title: str = "") -> Path:
     """ROC curves as a PNG: the positive class for two classes, one-vs-rest per class otherwise."""
-    plt = _figure()
+    plt = pyplot()
     y, p = _check(y_true, probs)
     k = p.shape[1]
     fig, ax = plt.subplots(figsize=(5, 5))
@@ -231,4 +213,4 @@ def plot_roc(y_true, probs, class_names: Sequence[str], path: str | os.PathLike,
     ax.legend(loc="lower right", fontsize=8)
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    return _save(fig, path)
+    return save_figure(fig, path)

@@ -71,7 +71,7 @@ class TrainingTransforms:
         self.seed, self.calls = state["seed"], int(state["calls"])
 
 
-def training_transforms(spatial_dims: int, patch_size=None, rotation_deg: float | None = None,
+def training_transforms(spatial_dims: int, patch_size=None, level: str = "nnunet", rotation_deg: float | None = None,
                         scale_range: tuple[float, float] = (0.7, 1.4), mirror_axes=None,
                         seed: int | None = 0) -> TrainingTransforms:
     """nnU-Net-like augmentation for ``spatial_dims`` 2 or 3 (see the module docstring).
@@ -79,16 +79,22 @@ def training_transforms(spatial_dims: int, patch_size=None, rotation_deg: float 
     Args:
         patch_size: the plan's patch size; batches of another spatial shape are refused (None:
             any shape). The transforms keep the input size.
+        level: ``"nnunet"`` (every transform above) or ``"mirror"`` (the mirroring alone).
         rotation_deg: maximum rotation; default 180 in 2D, 30 in 3D.
         mirror_axes: spatial axes to mirror (default all).
         seed: seeds every transform (None leaves them unseeded).
     """
     if spatial_dims not in (2, 3):
         raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims}")
+    if level not in ("nnunet", "mirror"):
+        raise ValueError(f"augmentation must be nnunet, mirror or none, got {level!r}")
     keys = ("image", "label")
     angle = math.radians(rotation_deg if rotation_deg is not None else (180 if spatial_dims == 2 else 30))
     rotate = {"range_x": angle} if spatial_dims == 2 else {"range_x": angle, "range_y": angle, "range_z": angle}
     mirror_axes = list(range(spatial_dims)) if mirror_axes is None else list(mirror_axes)
+    mirror = [RandFlipd(keys, prob=0.5, spatial_axis=axis) for axis in mirror_axes]
+    if level == "mirror":
+        return TrainingTransforms(Compose(mirror), seed, patch_size)
     transforms = [
         RandRotated(keys, prob=0.2, mode=("bilinear", "nearest"), padding_mode="zeros", keep_size=True, **rotate),
         RandZoomd(keys, prob=0.2, min_zoom=scale_range[0], max_zoom=scale_range[1], mode=("bilinear", "nearest"),
@@ -101,7 +107,7 @@ def training_transforms(spatial_dims: int, patch_size=None, rotation_deg: float 
                                    upsample_mode="bicubic" if spatial_dims == 2 else "trilinear"),
         RandAdjustContrastd("image", prob=0.1, gamma=(0.7, 1.5), invert_image=True, retain_stats=True),
         RandAdjustContrastd("image", prob=0.3, gamma=(0.7, 1.5), retain_stats=True),
-        *[RandFlipd(keys, prob=0.5, spatial_axis=axis) for axis in mirror_axes],
+        *mirror,
     ]
     return TrainingTransforms(Compose(transforms), seed, patch_size)
 

@@ -1,0 +1,290 @@
+"""``medssm compare``: is a Mamba model worth it on my data, for the compute I have?
+
+Every model is trained on the same split with the same time budget and the same data pipeline
+(each with its own official recipe, or one shared recipe with ``--recipe``), its best checkpoint
+predicts the held-out fold (and a test set when there is one) through the same prediction and
+evaluation commands a user runs, and its cost is measured. Then one report:
+
+    OUT/report.md       the table (Dice / HD95 or ACC / AUC, parameters, MACs with the scan's
+                        FLOPs, step time, peak memory, wall time) and the figures
+    OUT/compare.json    every number of the table, and each model's validation curve
+    OUT/curves.png      validation score against wall-clock time, every model on one plot
+    OUT/scores.png      the held-out (and test) scores side by side
+    OUT/models/NAME/    each model's run, predictions and evaluation; result.json when complete
+
+A model whose ``result.json`` exists is not run again: an interrupted comparison is finished by
+running the same command again.
+
+Example:
+    medssm compare -d $MEDSSM_DATA/Dataset001_LungXray --models lightm_unet_2d,lightm_unet_2d_nomamba,monai:SegResNet \\
+        --budget 10m -o runs/compare_lung
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..figures import pyplot, save_figure
+from ..files import read_json, write_json
+from ..nets.registry import get_model_card
+
+__all__ = ["CompareConfig", "compare", "DEFAULT_MODELS"]
+
+# The comparison a user most likely wants, by task and dimensionality: the Mamba model, its No-Mamba
+# ablation and the CNNs it is measured against.
+DEFAULT_MODELS = {
+    ("segmentation", 2): ("lightm_unet_2d", "lightm_unet_2d_nomamba", "monai:SegResNet", "monai:UNet", "monai:DynUNet"),
+    ("segmentation", 3): ("lightm_unet_3d", "lightm_unet_3d_nomamba", "monai:SegResNet", "monai:DynUNet"),
+    ("classification", 2): ("medmamba_t", "medmamba_t_nomamba", "monai:resnet18"),
+    ("classification", 3): ("medmamba_t", "medmamba_t_nomamba", "monai:resnet18"),
+}
+
+
+@dataclass
+class CompareConfig:
+    """Train several models on the same data with the same time budget, evaluate them alike, report."""
+
+    data: str = field(metadata={"flags": ("-d", "--data"), "help": (
+        "an nnU-Net raw dataset (segmentation) or a classification dataset (.npz, folders, CSV)")})
+    out: str = field(metadata={"flags": ("-o", "--out"), "help": "output folder (the report, and a run per model)"})
+    models: str | None = field(default=None, metadata={"help": (
+        "comma-separated model names (default: the Mamba model, its No-Mamba ablation and CNN baselines for "
+        "the task)")})
+    budget: str = field(default="10m", metadata={"help": "training time per model, e.g. 90s, 10m, 1h"})
+    recipe: str | None = field(default=None, metadata={"help": (
+        "one recipe for every model: short, or a registered model's name (default: each model's own)")})
+    fold: int = field(default=0, metadata={"help": "held-out fold of the sorted 5-fold split (segmentation)"})
+    test: tuple[str, ...] | None = field(default=None, metadata={"help": (
+        "segmentation: a test set's IMAGES LABELS folders, predicted and scored too (classification: the "
+        "data's own test split is used when it has one)")})
+    over_budget: bool = field(default=False, metadata={"help": (
+        "train a model's minimum even when it does not fit the budget (else that model is reported as not run)")})
+    seed: int = 0
+    device: str = "auto"
+    scan_backend: str = "auto"
+    progress: bool = True
+
+
+def compare(cfg: CompareConfig) -> Path:
+    """Run every model not yet complete, then write the report; returns the output folder."""
+    from ..data.classification import classification_format
+    from ..data.segmentation.nnunet import NnUNetDataset
+    from .segmentation import resolve_data
+
+    task = "classification" if classification_format(cfg.data) else "segmentation"
+    dims = NnUNetDataset(resolve_data(cfg.data)).spatial_dims if task == "segmentation" else 2
+    names = [m.strip() for m in cfg.models.split(",") if m.strip()] if cfg.models else list(DEFAULT_MODELS[task, dims])
+    for name in names:
+        card = get_model_card(name)  # an unknown name fails here, before anything runs
+        if card.task != task:
+            raise ValueError(f"{name} is a {card.task} model; {cfg.data} is a {task} dataset")
+    if cfg.test is not None and (task != "segmentation" or len(cfg.test) != 2):
+        raise ValueError("--test takes the IMAGES and LABELS folders of a segmentation test set")
+    out = Path(cfg.out)
+    results = []
+    for i, name in enumerate(names, start=1):
+        folder = out / "models" / name.replace(":", "_")
+        done = folder / "result.json"
+        if done.is_file():
+            print(f"[{i}/{len(names)}] {name}: complete, not run again ({done})")
+        else:
+            print(f"[{i}/{len(names)}] {name}: training for {cfg.budget} ...", flush=True)
+            write_json(done, run_one(cfg, task, name, folder), default=str)
+        results.append(read_json(done, "comparison result"))
+    write_report(out, cfg, task, results)
+    print(f"report: {out / 'report.md'}")
+    return out
+
+
+def run_one(cfg: CompareConfig, task: str, name: str, folder: Path) -> dict:
+    """Train ``name`` to the budget, evaluate its best checkpoint, measure its cost: its result row."""
+    from ..runs import has_checkpoint, load_run
+    from .budget import BudgetTooShort
+
+    start = time.perf_counter()
+    common = dict(data=cfg.data, out=str(folder / "run"), model=name, budget=cfg.budget, recipe=cfg.recipe,
+                  over_budget=cfg.over_budget, seed=cfg.seed, device=cfg.device, scan_backend=cfg.scan_backend,
+                  progress=cfg.progress, resume=has_checkpoint(folder / "run"))
+    try:
+        if task == "segmentation":
+            from .segmentation import TrainConfig, train
+
+            run_dir = train(TrainConfig(fold=cfg.fold, **common))
+        else:
+            from .classification import ClassifierTrainConfig, train_classifier
+
+            run_dir = train_classifier(ClassifierTrainConfig(**common))
+    except BudgetTooShort as e:
+        return {"model": name, "status": "not run", "reason": str(e)}
+    train_s = time.perf_counter() - start
+    run = load_run(run_dir)
+    scores = (evaluate_segmentation_run(cfg, run, folder) if task == "segmentation"
+              else evaluate_classification_run(cfg, run, folder))
+    budget = read_json(run_dir / "budget.json", "budget plan")
+    card = get_model_card(name)
+    return {"model": name, "status": "complete", "ablation_of": card.ablation_of, "recipe": run.description["recipe"],
+            "scores": scores, "cost": measure_cost(run, budget), "train_s": round(train_s, 1),
+            "budget": {k: budget[k] for k in ("budget_s", "epochs", "iterations_per_epoch", "samples", "expected_s",
+                                               "over_budget", "reasons")},
+            "curve": validation_curve(json.loads((run_dir / "log.json").read_text()), task)}
+
+
+def validation_curve(log: list[dict], task: str) -> list[tuple[float, float]]:
+    """(minutes of training so far, validation score) at every validated epoch."""
+    key = "val_dice" if task == "segmentation" else "val_auc"
+    curve, minutes = [], 0.0
+    for row in log:
+        minutes += row.get("time_s", 0.0) / 60
+        if isinstance(row.get(key), float) and math.isfinite(row[key]):
+            curve.append((round(minutes, 3), row[key]))
+    return curve
+
+
+def evaluate_segmentation_run(cfg: CompareConfig, run, folder: Path) -> dict:
+    """Dice, IoU, HD95 of the best checkpoint on the held-out fold (and the test set), at the images'
+    own resolution, through ``medssm predict`` and ``medssm evaluate``."""
+    from ..inference.segmentation import PredictConfig, predict
+    from ..metrics.evaluate_segmentation import EvaluateConfig, evaluate
+    from .segmentation import resolve_data
+
+    data = resolve_data(cfg.data)
+    held_out = json.loads((run.path / "splits.json").read_text())[cfg.fold]["val"]
+    sets = {"held_out": (data / "imagesTr", data / "labelsTr", tuple(held_out))}
+    if cfg.test:
+        sets["test"] = (Path(cfg.test[0]), Path(cfg.test[1]), None)
+    scores = {}
+    for which, (images, labels, cases) in sets.items():
+        pred = folder / f"predictions_{which}"
+        predict(PredictConfig(input=str(images), output=str(pred), model=str(run.path), cases=cases,
+                              skip_existing=True, device=cfg.device, scan_backend=cfg.scan_backend,
+                              progress=cfg.progress))
+        evaluation = folder / f"evaluation_{which}"
+        evaluate(EvaluateConfig(pred=str(pred), ref=str(labels), out=str(evaluation), images=str(images),
+                                overwrite=True, max_overlays=8, progress=cfg.progress))
+        summary = read_json(evaluation / "summary.json", "evaluation summary")
+        scores[which] = {**{k: summary["mean"][k] for k in ("dice", "iou", "hd95")}, "cases": summary["n_cases"]}
+    return scores
+
+
+def evaluate_classification_run(cfg: CompareConfig, run, folder: Path) -> dict:
+    """ACC and AUC of the best checkpoint on the validation split (and the test split when there is one)."""
+    from ..inference.classification import ClassifierPredictConfig, predict_classifier
+    from ..metrics.evaluate_classification import ClassifierEvaluateConfig, evaluate_classifier
+
+    scores = {}
+    for which, split in (("held_out", "val"), ("test", "test")):
+        csv = folder / f"predictions_{which}.csv"
+        try:
+            predict_classifier(ClassifierPredictConfig(model=str(run.path), input=cfg.data, split=split, output=str(csv),
+                                                       skip_existing=True, device=cfg.device,
+                                                       scan_backend=cfg.scan_backend, progress=cfg.progress))
+        except ValueError:
+            if which == "test":  # no test split in this dataset
+                continue
+            raise
+        m = evaluate_classifier(ClassifierEvaluateConfig(predictions=str(csv), out=str(folder / f"evaluation_{which}"),
+                                                         overwrite=True, progress=cfg.progress))
+        scores[which] = {"acc": m["acc"], "auc": m["auc"], "f1": m["f1"], "cases": m["n"]}
+    return scores
+
+
+def measure_cost(run, budget: dict) -> dict:
+    """Parameters, MACs and scan FLOPs of one forward at the training input (batch 1), the peak
+    activation memory of that forward, and the measured training step time."""
+    from ..nets.info import model_info
+
+    model = run.load_model("best")
+    patch = budget["candidate"]["patch_size"] or ()
+    size = tuple(patch) if patch else (run.description["input_size"],) * run.description.get("spatial_dims", 2)
+    info = model_info(model, size)
+    return {"parameters": info.parameters, "gmacs": info.macs / 1e9, "scan_gflops": info.scan_flops / 1e9,
+            "gflops": info.flops / 1e9, "peak_forward_mib": info.peak_activation_bytes / 2**20,
+            "input": list(info.input_size), "step_s": budget["timing"]["step"],
+            "batch_size": budget["candidate"]["batch_size"]}
+
+
+# ----------------------------------------------------------------------------------------------
+# The report.
+
+
+def write_report(out: Path, cfg: CompareConfig, task: str, results: list[dict]) -> None:
+    """compare.json, report.md and the two figures, from every model's result."""
+    write_json(out / "compare.json", {"config": dataclasses.asdict(cfg), "task": task, "results": results},
+               default=str)
+    done = [r for r in results if r["status"] == "complete"]
+    metric = ("dice", "hd95") if task == "segmentation" else ("acc", "auc")
+    sets = [s for s in ("held_out", "test") if any(s in r["scores"] for r in done)]
+    if done:
+        plot_curves(out / "curves.png", done, task)
+        plot_scores(out / "scores.png", done, metric[0] if task == "segmentation" else "auc", sets)
+
+    def cell(r, s, m):
+        v = r["scores"].get(s, {}).get(m)
+        return "n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.4f}"
+
+    header = ["model"] + [f"{s.replace('_', '-')} {m.upper()}" for s in sets for m in metric] + [
+        "parameters", "GMACs", "scan GFLOPs", "step (s)", "batch", "peak fwd (MiB)", "train (min)", "samples"]
+    lines = [f"# medssm compare: {cfg.data}", "",
+             f"Task {task}; budget {cfg.budget} per model; recipe: {cfg.recipe or 'each model its own'}"
+             + (f"; fold {cfg.fold}" if task == "segmentation" else "") + ".", "",
+             "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for r in done:
+        c = r["cost"]
+        lines.append("| " + " | ".join(
+            [r["model"] + (f" (ablation of {r['ablation_of']})" if r.get("ablation_of") else "")]
+            + [cell(r, s, m) for s in sets for m in metric]
+            + [f"{c['parameters']:,}", f"{c['gmacs']:.2f}", f"{c['scan_gflops']:.2f}", f"{c['step_s']:.3f}",
+               str(c["batch_size"]), f"{c['peak_forward_mib']:.0f}", f"{r['train_s'] / 60:.1f}",
+               str(r["budget"]["samples"])]) + " |")
+    for r in results:
+        if r["status"] != "complete":
+            lines.append(f"| {r['model']} | not run: {r['reason']} |")
+    lines += ["", "![validation against time](curves.png)", "", "![scores](scores.png)", "",
+              "How to read it: every model had the same data, split, pipeline and wall-clock budget on this "
+              "machine; `samples` is how many training samples that bought it. MACs count convolutions and "
+              "matrix products of one forward at the training input (batch 1), scan GFLOPs the selective scans "
+              "(analytic); peak fwd is the activation memory of that forward. Held-out scores are at the images' "
+              "own resolution, through `medssm predict` and `medssm evaluate`. Each model's run, predictions "
+              "and evaluation (with overlays) are under `models/`.", ""]
+    for r in done:
+        lines += [f"- **{r['model']}**: {r['budget']['epochs']} epochs x {r['budget']['iterations_per_epoch']} "
+                  f"steps; {r['recipe'].get('source', '')}"]
+    (out / "report.md").write_text("\n".join(lines) + "\n")
+
+
+def plot_curves(path: Path, results: list[dict], task: str) -> None:
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for r in results:
+        if r["curve"]:
+            ax.plot(*zip(*r["curve"]), marker="o", label=r["model"])
+    ax.set_xlabel("training time (min, this machine)")
+    ax.set_ylabel("validation Dice" if task == "segmentation" else "validation AUC")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    save_figure(fig, path)
+
+
+def plot_scores(path: Path, results: list[dict], metric: str, sets: list[str]) -> None:
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(max(6, 1.3 * len(results)), 4))
+    width = 0.8 / max(len(sets), 1)
+    for j, s in enumerate(sets):
+        values = [r["scores"].get(s, {}).get(metric, float("nan")) for r in results]
+        ax.bar([i + j * width for i in range(len(results))], values, width, label=s.replace("_", "-"))
+    ax.set_xticks([i + width * (len(sets) - 1) / 2 for i in range(len(results))])
+    ax.set_xticklabels([r["model"] for r in results], rotation=20, ha="right")
+    ax.set_ylabel(metric.upper())
+    finite = [v for r in results for s in sets for v in [r["scores"].get(s, {}).get(metric)] if v is not None]
+    if finite:
+        ax.set_ylim(max(0.0, min(finite) - 0.05), min(1.0, max(finite) + 0.02) if metric != "hd95" else None)
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    save_figure(fig, path)

@@ -1,0 +1,51 @@
+"""medssm compare end to end on a few real cases: two tiny models, a tiny budget, the report, and resume."""
+
+import json
+
+import numpy as np
+
+from medssm.cli import main
+
+from .seg_data import lung_subset
+
+
+def test_segmentation_comparison_and_resume(data_root, tmp_path, capsys):
+    lung = lung_subset(data_root, tmp_path / "Dataset001_LungXray", n=6, size=64)
+    out = tmp_path / "cmp"
+    args = ["compare", "-d", str(lung), "--models", "lightm_unet_2d_tiny,monai:UNet", "--budget", "10s",
+            "--over-budget", "--recipe", "short", "-o", str(out), "--no-progress"]
+    assert main(args) == 0
+    result = json.loads((out / "compare.json").read_text())
+    rows = {r["model"]: r for r in result["results"]}
+    assert set(rows) == {"lightm_unet_2d_tiny", "monai:UNet"} and all(r["status"] == "complete" for r in rows.values())
+    for r in rows.values():
+        held_out = r["scores"]["held_out"]
+        assert held_out["cases"] == 2 and 0 <= held_out["dice"] <= 1  # fold 0 of 6 cases: 2 held out
+        assert r["cost"]["parameters"] > 0 and r["cost"]["step_s"] > 0 and r["curve"]
+        assert r["recipe"]["optimizer"] == "adamw"  # --recipe short, shared
+    summary = json.loads((out / "models" / "monai_UNet" / "evaluation_held_out" / "summary.json").read_text())
+    assert summary["mean"]["dice"] == rows["monai:UNet"]["scores"]["held_out"]["dice"]
+    for png in ("curves.png", "scores.png"):
+        assert (out / png).read_bytes()[:4] == b"\x89PNG"
+    report = (out / "report.md").read_text()
+    assert "lightm_unet_2d_tiny" in report and "monai:UNet" in report
+    # Run again: both models are complete and not trained again; the report is rewritten.
+    stamp = (out / "models" / "monai_UNet" / "result.json").stat().st_mtime_ns
+    capsys.readouterr()
+    assert main(args) == 0
+    assert capsys.readouterr().out.count("complete, not run again") == 2
+    assert (out / "models" / "monai_UNet" / "result.json").stat().st_mtime_ns == stamp
+
+
+def test_classification_comparison(data_root, tmp_path):
+    with np.load(data_root / "medmnist" / "pneumoniamnist.npz") as z:
+        arrays = {f"{s}_{k}": z[f"{s}_{k}"][:n] for s, n in (("train", 48), ("val", 16), ("test", 16))
+                  for k in ("images", "labels")}
+    np.savez(tmp_path / "pneumoniamnist.npz", **arrays)
+    out = tmp_path / "cmp"
+    assert main(["compare", "-d", str(tmp_path / "pneumoniamnist.npz"), "--models", "medmamba_tiny,monai:resnet18",
+                 "--budget", "5s", "--over-budget", "-o", str(out), "--no-progress"]) == 0
+    rows = json.loads((out / "compare.json").read_text())["results"]
+    assert [r["status"] for r in rows] == ["complete", "complete"]
+    assert all({"held_out", "test"} <= set(r["scores"]) for r in rows)
+    assert all(r["scores"]["test"]["cases"] == 16 for r in rows)
