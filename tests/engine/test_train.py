@@ -179,6 +179,25 @@ def test_quickstart_report_on_a_small_copy(lung, tmp_path):
         quickstart(QuickstartConfig(data=str(lung), out=str(tmp_path / "qs"), model="lightm_unet_2d_tiny"))
 
 
+def test_quickstart_does_its_fixed_work_on_a_slow_machine(lung, tmp_path, capsys, monkeypatch):
+    """A slow clock makes the job take longer, and say so; it trains and evaluates as much."""
+    from medssm.engine import budget
+    from medssm.engine.quickstart import QuickstartConfig, quickstart
+
+    monkeypatch.setattr(budget, "step_seconds", lambda *a, **k: 600.0)  # a very slow (or busy) machine
+    report = quickstart(QuickstartConfig(data=str(lung), out=str(tmp_path / "qs"), model="lightm_unet_2d_tiny",
+                                         epochs=2, iterations_per_epoch=3, target_spacing=1.0, patch_size=64,
+                                         batch_size=2, val_cases=1, val_every=1, progress=False))
+    out = capsys.readouterr().out
+    assert "slower or busier: the job takes longer, it does not do less" in out
+    log = json.loads((tmp_path / "qs" / "run" / "log.json").read_text())
+    assert [r["epoch"] for r in log] == [1, 2]
+    timings = json.loads((report / "timings.json").read_text())
+    assert timings["iterations_per_epoch"] == 3 and timings["expected_min"] > 5
+    held_out = json.loads((tmp_path / "qs" / "run" / "splits.json").read_text())[0]["val"]
+    assert json.loads((report / "summary.json").read_text())["n_cases"] == len(held_out)
+
+
 def test_too_few_cases_for_five_folds_writes_nothing(data_root, tmp_path):
     ds = lung_subset(data_root, tmp_path / "three", n=3, size=32)
     with pytest.raises(ValueError, match="cannot make 5 folds of 3 cases"):
