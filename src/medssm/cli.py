@@ -143,21 +143,29 @@ def _with_default(f: dataclasses.Field, is_bool: bool) -> str:
     return f"{text} (default: {value})".strip()
 
 
-def task_help(command: str) -> argparse.ArgumentParser:
-    """The help of a command with a form per task: every option, grouped by task, with defaults."""
+def task_help(command: str) -> str:
+    """The help of a command with a form per task: the options both forms share (same flags, default
+    and help), then each task's own, with defaults."""
     forms = {task: _resolve(spec)[0] for (c, task), spec in HANDLERS.items() if c == command and task}
-    fields = {task: [f.name for f in dataclasses.fields(cls)] for task, cls in forms.items()}
-    shared = [n for n in next(iter(fields.values())) if all(n in names for names in fields.values())]
-    parser = argparse.ArgumentParser(prog=f"medssm {command}", conflict_handler="resolve", description=(
+
+    def described(cls):
+        return {f.name: (f.metadata.get("flags"), f.default, f.metadata.get("help")) for f in dataclasses.fields(cls)}
+
+    fields = {task: described(cls) for task, cls in forms.items()}
+    first = next(iter(fields.values()))
+    shared = [n for n, d in first.items() if all(f.get(n) == d for f in fields.values())]
+    head = argparse.ArgumentParser(prog=f"medssm {command}", description=(
         f"{HELP[command]}. The task is taken from the data, the model or the run (--task to say it); the "
-        "options of both tasks are listed, then those of each task."))
-    parser.add_argument("--task", choices=sorted(forms), help="segmentation or classification")
-    first = next(iter(forms.values()))
-    add_config_arguments(parser.add_argument_group("both tasks"), first,
-                         exclude=tuple(n for n in fields[next(iter(fields))] if n not in shared))
+        "options both tasks share are listed first, then each task's own."))
+    head.add_argument("--task", choices=sorted(forms), help="segmentation or classification")
+    add_config_arguments(head.add_argument_group("both tasks"), next(iter(forms.values())),
+                         exclude=tuple(n for n in first if n not in shared))
+    parts = [head.format_help()]
     for task, cls in forms.items():
-        add_config_arguments(parser.add_argument_group(f"{task} only"), cls, exclude=tuple(shared))
-    return parser
+        own = argparse.ArgumentParser(prog=f"medssm {command} --task {task}", add_help=False)
+        add_config_arguments(own.add_argument_group(f"{task} only"), cls, exclude=tuple(shared))
+        parts.append(own.format_help())
+    return "\n".join(parts)
 
 
 def config_from_args(config_cls, args: argparse.Namespace):
@@ -190,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
     command, rest = argv[0], argv[1:]
     two_forms = (command, None) not in HANDLERS
     if two_forms and {"-h", "--help"} & set(rest) and "--task" not in rest:
-        task_help(command).print_help()
+        print(task_help(command))
         return 0
     try:
         task = detect_task(command, rest) if two_forms else None

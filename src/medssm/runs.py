@@ -45,7 +45,7 @@ from .nets.cards import ModelCard
 from .nets.registry import create_model, get_model_card, save_model
 
 __all__ = ["Run", "load_run", "claim_run", "RunBusyError", "save_checkpoint", "load_training_state",
-           "has_checkpoint", "write_description", "CHECKPOINTS", "STATE_FILE"]
+           "has_checkpoint", "checkpoint_folder", "write_description", "CHECKPOINTS", "STATE_FILE"]
 
 CHECKPOINTS = ("best", "last")
 STATE_FILE = "training_state.pt"
@@ -117,12 +117,17 @@ class Run:
 
 
 def _checkpoint_folders(run: Path) -> dict[str, Path]:
+    """``{"best": folder, "last": folder}`` of the complete checkpoints in ``run`` (either may be absent)."""
     found = {}
     for which in CHECKPOINTS:
+        # .old: a crash between the two renames of save_checkpoint
         for folder in (run / "checkpoints" / which, run / "checkpoints" / f"{which}.old"):
-            if (folder / WEIGHTS).is_file():  # .old: a crash between the two renames of save_checkpoint
+            if (folder / WEIGHTS).is_file():
                 found[which] = folder
                 break
+    if not found:  # a checkpoint or saved model folder; or a classification run from before 0.2, which kept
+        legacy = {"best": run, "last": run / "last"}  # its best model at RUN/ and its last checkpoint at RUN/last
+        found = {w: f for w, f in legacy.items() if (f / WEIGHTS).is_file()}
     return found
 
 
@@ -132,24 +137,23 @@ def load_run(path: str | os.PathLike) -> Run:
     path = Path(path)
     if not path.is_dir():
         raise FileNotFoundError(f"{path}: no such run folder")
-    if (path / WEIGHTS).is_file():  # a checkpoint or saved model; or a classification run before 0.2
-        description = read_json(path / DESCRIPTION, "model description")
-        checkpoints = {"best": path}
-        if (path / "last" / WEIGHTS).is_file():
-            checkpoints["last"] = path / "last"
-    else:
-        checkpoints = _checkpoint_folders(path)
-        # The run's description, or a checkpoint's own copy of it (each checkpoint carries one).
-        source = next((p for p in (path, *checkpoints.values()) if (p / DESCRIPTION).is_file()), None)
-        if source is None:
-            raise FileNotFoundError(f"{path}: not a medssm run (no {DESCRIPTION}) nor a saved model "
-                                    f"({DESCRIPTION} + {WEIGHTS})")
-        description = read_json(source / DESCRIPTION, "run description")
+    checkpoints = _checkpoint_folders(path)
+    # The run's description, or a checkpoint's own copy of it (each checkpoint carries one).
+    source = next((p for p in (path, *checkpoints.values()) if (p / DESCRIPTION).is_file()), None)
+    if source is None:
+        raise FileNotFoundError(f"{path}: not a medssm run (no {DESCRIPTION}) nor a saved model "
+                                f"({DESCRIPTION} + {WEIGHTS})")
+    description = read_json(source / DESCRIPTION, "run description")
     if not isinstance(description.get("name"), str):
-        raise ValueError(f"{path / DESCRIPTION}: names no model (expected a \"name\" key)")
+        raise ValueError(f"{source / DESCRIPTION}: names no model (expected a \"name\" key)")
     run = Run(path, description, checkpoints)
     run.card  # an unknown model is an error here, not at first use
     return run
+
+
+def checkpoint_folder(run: str | os.PathLike, which: str) -> Path:
+    """Where a training run keeps its ``which`` checkpoint (``best`` or ``last``)."""
+    return Path(run) / "checkpoints" / which
 
 
 # ----------------------------------------------------------------------------------------------

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from ..devices import autocast
-from ..runs import save_checkpoint
+from ..runs import checkpoint_folder, save_checkpoint
 from . import distributed
 from .history import History
 
@@ -95,11 +95,10 @@ class EpochRecorder:
             return
         epoch = row["epoch"]
         meta = {**self.metadata, **{k: v for k, v in row.items() if k.startswith("val_")}}
-        checkpoints = self.run / "checkpoints"
-        save_checkpoint(checkpoints / "last", model, epoch=epoch, optimizer=optimizer, scheduler=scheduler,
-                        scaler=scaler, metadata=meta, extra_state=extra_state)
+        save_checkpoint(checkpoint_folder(self.run, "last"), model, epoch=epoch, optimizer=optimizer,
+                        scheduler=scheduler, scaler=scaler, metadata=meta, extra_state=extra_state)
         if improved:
-            save_checkpoint(checkpoints / "best", evaluated, epoch=epoch, metadata=meta)
+            save_checkpoint(checkpoint_folder(self.run, "best"), evaluated, epoch=epoch, metadata=meta)
         self.history.log(**row)
         self.history.plot()
         print(self.line(row, epochs, improved), file=sys.stdout, flush=True)
@@ -107,7 +106,7 @@ class EpochRecorder:
     def finish(self, evaluated: torch.nn.Module, epoch: int) -> Path:
         """Make sure ``checkpoints/best`` exists (a run without validation keeps its last model) and
         print where the run is, with its best validation score."""
-        best = self.run / "checkpoints" / "best"
+        best = checkpoint_folder(self.run, "best")
         if self.main:
             if not best.is_dir():
                 save_checkpoint(best, evaluated, epoch=epoch, metadata=self.metadata)

@@ -24,7 +24,7 @@ class TrainOptions:
         "the dataset: an nnU-Net raw dataset folder or its name under $MEDSSM_DATA (segmentation); a MedMNIST "
         ".npz or name, a folder of train/val/test class folders, or a CSV of path,label (classification)")})
     out: str | None = field(default=None, metadata={"flags": ("-o", "--out"), "help": (
-        "run folder (default: runs/DATASET_MODEL)")})
+        "run folder (default: runs/DATASET_MODEL, with _foldF for segmentation)")})
     model: str | None = field(default=None, metadata={"help": (
         "registered model (medssm.list_models()) or monai:CLASS (default: LightM-UNet for segmentation, MedMamba-T "
         "for classification)")})

@@ -88,7 +88,7 @@ def _predict(cfg: ClassifierPredictConfig) -> Path:
     out = Path(cfg.output)
     if out.is_dir() or not out.suffix:
         out = out / "predictions.csv"
-    if guard_outputs([out], [*source.inputs(), Path(cfg.model)], overwrite=cfg.overwrite,
+    if guard_outputs([out], source.inputs(), overwrite=cfg.overwrite,
                      skip_existing=cfg.skip_existing):
         print(f"{out} exists and is complete: nothing to predict (--skip-existing)")
         return out

@@ -37,7 +37,9 @@ class PredictConfig:
     model: str = dataclasses.field(metadata={"flags": ("-m", "--model", "--run"), "help": (
         "run folder of medssm train (or one of its checkpoint folders)")})
     checkpoint: str = dataclasses.field(default="best", metadata={"help": "best or last"})
-    mirror: bool = dataclasses.field(default=False, metadata={"help": "mirror test-time augmentation (2^d flips)"})
+    mirror: bool | None = dataclasses.field(default=None, metadata={"help": (
+        "mirror test-time augmentation (2^d flips) (default: as the run's recipe says: off for LightM-UNet, on for "
+        "SegMamba and nnU-Net-style baselines)")})
     save_probabilities: bool = dataclasses.field(default=False, metadata={
         "help": "also write {case}.npz with the class probabilities on the image's grid"})
     overwrite: bool = dataclasses.field(default=False, metadata={"help": "replace existing outputs"})
@@ -107,6 +109,7 @@ def _predict(cfg: PredictConfig) -> Path:
     jobs = plan_outputs(cfg)
     device = resolve_device(cfg.device, prefer=run.description.get("device"))
     model = run.load_model(cfg.checkpoint, device=device)
+    mirror = cfg.mirror if cfg.mirror is not None else bool(run.description.get("recipe", {}).get("mirror_tta"))
     out = Path(cfg.output)
     out.mkdir(parents=True, exist_ok=True)
     dtype = np.uint8 if plan.num_classes <= 256 else np.uint16
@@ -114,13 +117,14 @@ def _predict(cfg: PredictConfig) -> Path:
         image, geometry = read_case_images(files, case)
         if image.shape[0] != plan.num_channels:
             raise ValueError(f"{files[0]}: {image.shape[0]} channel(s), the model was trained on {plan.num_channels}")
-        probs = predict_case(model, plan, image, geometry, mirror=cfg.mirror, overlap=cfg.overlap,
+        probs = predict_case(model, plan, image, geometry, mirror=mirror, overlap=cfg.overlap,
                              batch_size=cfg.batch_size, device=device)
         write_image(probs.argmax(0).astype(dtype), geometry, targets[0])
         if cfg.save_probabilities:
             with atomic_path(targets[1]) as tmp, open(tmp, "wb") as f:
                 np.savez_compressed(f, probabilities=probs.astype(np.float32), labels=np.array(list(plan.labels)))
-    print(f"{len(jobs)} case(s) predicted with {run.checkpoint(cfg.checkpoint)} on {device} -> {out}")
+    print(f"{len(jobs)} case(s) predicted with {run.checkpoint(cfg.checkpoint)} on {device}"
+          f"{' with mirroring' if mirror else ''} -> {out}")
     return out
 
 

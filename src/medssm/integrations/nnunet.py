@@ -7,7 +7,7 @@ model's recipe (its card: :func:`medssm.get_model_card`).
 
 Use (see docs/how-to/nnunet.md)::
 
-    pip install "medssm[nnunet]"
+    .venv/bin/pip install -c constraints.txt -e ".[nnunet]"
     export nnUNet_extTrainer=$(python -c "import medssm.integrations.nnunet as m; print(m.TRAINER_DIR)")
     nnUNetv2_train Dataset001_LungXray 2d 0 -tr nnUNetTrainerLightMUNet
     nnUNetv2_predict -i imagesTs -o pred -d 1 -c 2d -f 0 -tr nnUNetTrainerLightMUNet

@@ -1,8 +1,8 @@
 """MONAI networks as baselines, registered as ``monai:NAME`` with cards and sensible defaults.
 
 ``monai:SegResNet`` (init_filters 16), ``monai:UNet`` (32..256, strides 2, two residual units a
-level), ``monai:DynUNet`` (shaped by the patch as nnU-Net plans it), ``monai:SwinUNETR``,
-``monai:UNETR`` and ``monai:resnet18`` (classification) have cards here; any other class of
+level), ``monai:DynUNet`` (shaped by the patch as nnU-Net plans it), ``monai:SwinUNETR`` (feature
+size 48) and ``monai:resnet18`` (classification) have cards here; any other class of
 ``monai.networks.nets`` builds as ``monai:CLASS`` with a generic segmentation card. Arguments
 given to :func:`medssm.create_model` override the defaults.
 
@@ -86,7 +86,7 @@ def monai_swinunetr(spatial_dims: int = 2, in_channels: int = 1, out_channels: i
 
 
 @register_model(name="monai:resnet18", task="classification", spatial_dims=(2, 3), size_divisor=1,
-                input_size=(224, 224), reference=MONAI + "; ResNet: He et al. 2016",
+                input_size=(224, 224), in_channels=3, reference=MONAI + "; ResNet: He et al. 2016",
                 recipe=Recipe("adam", 1e-3, schedule="cosine", loss="ce", grad_clip=0.0, batch_size=128,
                               iterations_per_epoch=None,
                               source="MedMNIST v2's ResNet-18 baseline: Adam 1e-3, batch 128, 100 epochs "

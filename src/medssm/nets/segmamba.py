@@ -281,10 +281,10 @@ class SegMamba(nn.Module):
 
 
 # Clipping is not part of SegMamba's description; 12 is the nnU-Net value its trainer inherits.
-RECIPE = Recipe("sgd", 1e-2, 3e-5, momentum=0.99, nesterov=True, loss="ce", mirror_tta=True, batch_size=2,
+RECIPE = Recipe("sgd", 1e-2, 3e-5, momentum=0.99, nesterov=True, loss="ce", mirror_tta=True,
                 source="SegMamba: SGD 1e-2, momentum 0.99 Nesterov, wd 3e-5, poly per iteration, CE, "
                        "batch 2 at 128^3, 8-way mirror TTA")
-CARD = dict(task="segmentation", size_divisor=16, recipe=RECIPE,
+CARD = dict(task="segmentation", size_divisor=16, in_channels=4, recipe=RECIPE,
             reference="Xing et al. 2024, SegMamba, arXiv 2401.13560; code: github.com/ge-xing/SegMamba")
 
 
