@@ -68,7 +68,7 @@ def monai_unet(spatial_dims: int = 2, in_channels: int = 1, out_channels: int = 
                                  **{**defaults, **kwargs})
 
 
-@register_model(name="monai:DynUNet", size_divisor=1, adapts_to_patch=True, **SEGMENTATION)
+@register_model(name="monai:DynUNet", size_divisor=8, adapts_to_patch=True, **SEGMENTATION)
 def monai_dynunet(spatial_dims: int = 2, in_channels: int = 1, out_channels: int = 2,
                   patch_size: Sequence[int] | None = None, **kwargs) -> nn.Module:
     """MONAI DynUNet laid out for the patch as nnU-Net plans it (halve each axis while it stays >= 4)."""

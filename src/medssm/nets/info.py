@@ -235,6 +235,32 @@ def print_info(cfg: InfoConfig) -> ModelInfo:
     return info
 
 
+@dataclass
+class ModelsConfig:
+    """List the registered models with their cards, as a Markdown table."""
+
+    task: str | None = field(default=None, metadata={"help": "segmentation or classification (default: both)"})
+    spatial_dims: int | None = field(default=None, metadata={"help": "2 or 3 (default: both)"})
+    pattern: str = field(default="*", metadata={"help": "shell-style name pattern, e.g. 'lightm*'"})
+
+
+def models_table(cfg: ModelsConfig) -> str:
+    """``medssm models``: one row per registered model matching ``cfg``: its card and recipe."""
+    from .registry import list_models
+
+    rows = ["| name | task | dims | size divisor | default input | recipe | ablation of |", "|" + "---|" * 7]
+    for name in list_models(cfg.pattern, task=cfg.task, spatial_dims=cfg.spatial_dims):
+        c, r = get_model_card(name), get_model_card(name).recipe
+        optimiser = f"{r.optimizer} {r.lr:g}" + (f", wd {r.weight_decay:g}" if r.weight_decay else "") + (
+            f", momentum {r.momentum:g}" + (" Nesterov" if r.nesterov else "") if r.momentum else "")
+        steps = f"{r.epochs} x {r.iterations_per_epoch}" if r.iterations_per_epoch else f"{r.epochs} epochs"
+        rows.append(f"| `{name}` | {c.task} | {', '.join(f'{d}D' for d in c.spatial_dims)} | {c.size_divisor} | "
+                    f"{c.in_channels} x {' x '.join(map(str, c.input_size))} | {optimiser}, {r.schedule}, {r.loss}, "
+                    f"{steps}{', mirror TTA' if r.mirror_tta else ''} | {c.ablation_of or ''} |")
+    print("\n".join(rows))
+    return "\n".join(rows)
+
+
 __all__ = ["ModelInfo", "model_info", "count_parameters", "count_macs", "peak_activation_bytes",
            "peak_tensor_bytes", "LiveTensorBytes", "default_input_size", "resolve_input_size", "build_for_input",
-           "InfoConfig", "print_info"]
+           "InfoConfig", "print_info", "ModelsConfig", "models_table"]
