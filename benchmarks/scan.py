@@ -59,11 +59,6 @@ def reset_peak_memory() -> None:
 MEMORY_ENV = {"MALLOC_MMAP_THRESHOLD_": str(1 << 16)}  # large tensors mmap'd, unmapped on free
 
 
-def set_threads(threads: int) -> None:
-    torch.set_num_threads(threads)
-    numba.set_num_threads(threads)
-
-
 def floors_ms(elements: int, rates: dict[str, float]) -> dict[str, float]:
     """The arithmetic floor ("fwd", "fwd_bwd") and the torch.exp one ("exp_fwd", "exp_fwd_bwd"), ms."""
     floors = {}
@@ -121,10 +116,18 @@ def pscan_call():
 
 
 def make_step(call, inputs, backward: bool):
+    """One timed call. The backward starts from a fixed output gradient made once (not from
+    ``.sum()``: a torch reduction right before it would leave torch's OpenMP threads spinning,
+    holding the core the scan's second thread needs, for longer than the scan takes)."""
+    grad = []
+
     def step():
         if backward:
             leaves = {k: v.detach().requires_grad_(True) for k, v in inputs.items()}
-            call(leaves).sum().backward()
+            out = call(leaves)
+            if not grad:
+                grad.append(torch.ones_like(out))
+            out.backward(grad[0])
         else:
             with torch.no_grad():
                 call(inputs)
@@ -172,7 +175,7 @@ def main() -> None:
     parser.add_argument("--peaks-only", action="store_true", help=argparse.SUPPRESS)  # the memory child
     args = parser.parse_args()
     implementations = [name for name in IMPLEMENTATIONS if name in args.only]
-    set_threads(THREADS)
+    torch.set_num_threads(THREADS)
     if args.peaks_only:
         print(json.dumps(measure_peaks(implementations)))
         return
@@ -195,9 +198,9 @@ def main() -> None:
             row[f"{mode}_peak_mib"] = peaks[f"{shape}|{name}|{mode}"]
             row[f"{mode}_x_floor"] = row[f"{mode}_ms"] / floor_ms[mode]
             if name in SCALED:
-                set_threads(1)
+                torch.set_num_threads(1)
                 row[f"{mode}_1_thread_ms"] = min(call_seconds(step, args.repeats)) * 1e3
-                set_threads(THREADS)
+                torch.set_num_threads(THREADS)
                 row[f"{mode}_threads_speedup"] = row[f"{mode}_1_thread_ms"] / row[f"{mode}_ms"]
         if name == "pscan":
             for r in rows:

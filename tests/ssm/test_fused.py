@@ -12,7 +12,6 @@ from medssm.ssm import fused, selective_scan
 from .scan_cases import make_inputs
 from .test_scan_backends import check_against_reference
 
-TWO_THREADS = numba.config.NUMBA_NUM_THREADS >= 2
 CASES = [  # batch, dim, L, N, groups (float64: 8 channels per block, CHUNK = 32 steps)
     (2, 128, 70, 16, None),  # 16 blocks per batch element; L not a multiple of the chunk
     (1, 48, 130, 5, None),  # 6 blocks: on 2 workers the second starts inside the group (its B, C
@@ -36,25 +35,26 @@ def torch_threads():
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "b{}d{}L{}N{}g{}".format(*c))
 def test_blocks_match_reference_float64(case, threads, torch_threads):
     batch, dim, length, n, groups = case
-    if threads == 2 and not TWO_THREADS:
-        pytest.skip("numba has a single thread here")
     torch_threads(threads)
     kw = make_inputs(batch, dim, length, n, groups, requires_grad=True,
                      generator=torch.Generator().manual_seed(dim + length))
     check_against_reference("fused", kw, softplus=True, last_state=True, seed=length)
 
 
-@pytest.mark.skipif(not TWO_THREADS, reason="numba has a single thread here")
-def test_numba_threads_follow_torch(torch_threads):
-    """Every call runs on as many numba threads as torch uses at that moment, forward and backward."""
-    kw = make_inputs(1, 32, 40, 4, dtype=torch.float32, requires_grad=True, generator=torch.Generator().manual_seed(3))
-    for threads in (1, 2, 1):
+def test_threads_follow_torch(torch_threads, monkeypatch):
+    """Every call, forward and backward, runs on as many threads as torch uses at that moment (at
+    most one per block), and on torch's own OpenMP threads where torch has them."""
+    if "OpenMP" in torch.__config__.parallel_info():
+        assert fused._GOMP_PARALLEL is not None
+    calls = []
+    run = fused._run
+    monkeypatch.setattr(fused, "_run", lambda kernel, arguments, threads: (calls.append((kernel, threads)),
+                                                                             run(kernel, arguments, threads)))
+    kw = make_inputs(1, 64, 40, 4, dtype=torch.float32, requires_grad=True, generator=torch.Generator().manual_seed(3))
+    for threads in (1, 3, 8):  # 64 float32 channels: 4 blocks
         torch_threads(threads)
-        out = selective_scan(**kw, delta_softplus=True, backend="fused")
-        assert numba.get_num_threads() == threads
-        numba.set_num_threads(3 - threads)
-        out.sum().backward()
-        assert numba.get_num_threads() == threads
+        selective_scan(**kw, delta_softplus=True, backend="fused").sum().backward()
+        assert calls[-2:] == [("forward", min(threads, 4)), ("backward", min(threads, 4))]
 
 
 def test_float32_deterministic_across_threads_and_calls(torch_threads):
@@ -68,7 +68,7 @@ def test_float32_deterministic_across_threads_and_calls(torch_threads):
         out = selective_scan(**kw, delta_softplus=True, backend="fused")
         return [out.detach()] + list(torch.autograd.grad(out.square().sum(), inputs))
 
-    for threads in (1, 2) if TWO_THREADS else (1,):
+    for threads in (1, 2):
         torch_threads(threads)
         first, second = run(), run()
         for a, b in zip(first, second):
@@ -76,7 +76,7 @@ def test_float32_deterministic_across_threads_and_calls(torch_threads):
 
 
 def test_concurrent_calls_from_python_threads():
-    """numba's workqueue threading layer aborts on concurrent parallel calls: the kernels take turns."""
+    """Calls from several Python threads at once (each on its own OpenMP team) give the same results."""
     kw = make_inputs(2, 64, 300, 16, dtype=torch.float32, requires_grad=True,
                      generator=torch.Generator().manual_seed(5))
     inputs = [v for v in kw.values() if v is not None]

@@ -10,10 +10,13 @@ read where they lie and no (batch, dim, L, N) tensor is ever built.
 The forward keeps the state entering every chunk. The backward walks the chunks last to first:
 it recomputes the chunk's decays and states from that checkpoint (one exp per element, as the
 forward), runs the adjoint back through them, and sums the B and C gradients over each block's
-channels by transposing reductions (16 steps' sums in one vector). Workers take balanced,
-contiguous ranges of blocks; a worker whose first group began on the worker before adds that
-group's B, C gradients into a buffer of its own, added in order afterwards, so results do not
-depend on thread timing. numba runs as many threads as torch (``torch.get_num_threads()``).
+channels by transposing reductions (16 steps' sums in one vector). The backward's work is cut
+into fixed, balanced shares of contiguous blocks; a share whose first group began in the share
+before adds that group's B, C gradients into a buffer of its own, added in order afterwards, so
+results do not depend on thread timing.
+
+The kernels run on torch's own OpenMP threads, as many as ``torch.get_num_threads()`` (see
+"Threads" below); where torch has no OpenMP runtime, on the calling thread.
 
 float32 exponentials are a polynomial (relative error ~2.4e-7, below float32 rounding of the
 scan), float64 ones libm's, so float64 results match ``reference`` to rounding.
@@ -22,27 +25,22 @@ See docs/explanation/selective-scan.md for what was measured and what was tried 
 
 from __future__ import annotations
 
+import ctypes
+import glob
 import math
 import operator
 import os
-import threading
 
-import numba
 import numpy as np
 import torch
 from llvmlite import ir
-from numba import njit, prange, types
+from numba import carray, cfunc, njit, types
 from numba.core import cgutils
 from numba.extending import intrinsic, models, overload, register_model
 
 from .scan import register_backend
 
-# Numba's default OpenMP layer leaves its threads spinning after each call, starving torch's own
-# threads (a whole LightM-UNet step ran 5-10x slower on 2 cores); workqueue threads sleep.
-if "NUMBA_THREADING_LAYER" not in os.environ:
-    numba.config.THREADING_LAYER = "workqueue"
-
-CHUNK = 32  # steps per checkpoint and per input tile: a multiple of the lanes (16 float32, 8 float64)
+CHUNK = 128  # steps per checkpoint and per input tile: a multiple of the lanes (16 float32, 8 float64)
 # Reassociation and contraction for the scalar float64 loops; no "nnan"/"ninf": inf and NaN propagate.
 _FASTMATH = {"reassoc", "contract", "nsz", "arcp"}
 _LOG2E = 1.4426950408889634
@@ -315,24 +313,6 @@ def vtranspose(typingctx, source, source_start, source_stride, target, target_st
 
 
 @intrinsic
-def prefetch(typingctx, array, index):
-    """Ask for the cache line of ``array``'s flat element ``index`` to be brought to L2 (no fault if
-    it lies outside the array)."""
-    if not isinstance(array, types.Array) or not isinstance(index, types.Integer):
-        return None
-
-    def codegen(context, builder, signature, args):
-        data = context.make_array(signature.args[0])(context, builder, args[0]).data
-        address = builder.bitcast(builder.gep(data, [args[1]]), ir.IntType(8).as_pointer())
-        i32 = ir.IntType(32)
-        fn = _declare(builder, "llvm.prefetch.p0", ir.VoidType(), [address.type, i32, i32, i32])
-        builder.call(fn, [address, ir.Constant(i32, 0), ir.Constant(i32, 2), ir.Constant(i32, 1)])
-        return context.get_dummy_value()
-
-    return types.none(array, index), codegen
-
-
-@intrinsic
 def vrow_dots(typingctx, a, a_start, a_stride, b, b_start, b_stride):
     """Lane i = sum over lanes of (a row i * b row i), rows at ``start + i * stride``: ``lanes``
     dot products in one vector, by a tree of shuffles and adds (2 shuffles and 1 add per row)."""
@@ -374,6 +354,19 @@ def vrow_dots(typingctx, a, a_start, a_stride, b, b_start, b_stride):
         return builder.shuffle_vector(sums, sums, ir.Constant(mask_type, order))
 
     return vector(a, a_start, a_stride, b, b_start, b_stride), codegen
+
+
+@intrinsic
+def _claim(typingctx, counter):
+    """Atomically add 1 to ``counter[0]`` (an int64 array) and return its previous value."""
+    if not isinstance(counter, types.Array) or counter.dtype != types.int64:
+        return None
+
+    def codegen(context, builder, signature, args):
+        data = context.make_array(signature.args[0])(context, builder, args[0]).data
+        return builder.atomic_rmw("add", data, ir.Constant(ir.IntType(64), 1), "seq_cst")
+
+    return types.int64(counter), codegen
 
 
 # ---------------------------------------------------------------------------------------------
@@ -503,17 +496,17 @@ def _gate_backward_overload(dout_tile, z_tile):
 @njit(inline="always")
 def _load_tile(source, b, first, width, start, steps, tile):
     """tile[j, c] = source[b, first + c, start + j] for the chunk's steps; padding channels 0.
-    A full tile is transposed in registers straight from the (batch, dim, L) rows."""
+    Whole lanes x lanes squares of a full block are transposed in registers straight from the
+    (batch, dim, L) rows; the rest goes element by element."""
     lanes = _lanes_of(tile)
     dim, length = source.shape[1], source.shape[2]
-    if width == lanes and steps == CHUNK:
-        base = (b * dim + first) * length + start
-        for k in range(0, CHUNK, lanes):
-            vtranspose(source, base + k, length, tile, k * lanes, lanes)
-    else:
-        for j in range(steps):
-            for c in range(lanes):
-                tile[j * lanes + c] = source[b, first + c, start + j] if c < width else 0
+    whole = steps - steps % lanes if width == lanes else 0
+    base = (b * dim + first) * length + start
+    for k in range(0, whole, lanes):
+        vtranspose(source, base + k, length, tile, k * lanes, lanes)
+    for j in range(whole, steps):
+        for c in range(lanes):
+            tile[j * lanes + c] = source[b, first + c, start + j] if c < width else 0
 
 
 @njit(inline="always")
@@ -521,26 +514,13 @@ def _store_tile(tile, b, first, width, start, steps, target):
     """target[b, first + c, start + j] = tile[j, c] for the block's channels and the chunk's steps."""
     lanes = _lanes_of(tile)
     dim, length = target.shape[1], target.shape[2]
-    if width == lanes and steps == CHUNK:
-        base = (b * dim + first) * length + start
-        for k in range(0, CHUNK, lanes):
-            vtranspose(tile, k * lanes, lanes, target, base + k, length)
-    else:
-        for c in range(width):
-            for j in range(steps):
-                target[b, first + c, start + j] = tile[j * lanes + c]
-
-
-@njit(inline="always")
-def _prefetch_chunk(source, first, rows, start):
-    """Prefetch ``rows`` rows of a chunk of ``source`` (flattened to rows of L), from row ``first``."""
-    lanes = _lanes_of(source)
-    length = source.shape[-1]
-    for r in range(first, first + rows):
-        base = r * length + start
-        for k in range(0, CHUNK, lanes):
-            prefetch(source, base + k)
-        prefetch(source, base + CHUNK - 1)
+    whole = steps - steps % lanes if width == lanes else 0
+    base = (b * dim + first) * length + start
+    for k in range(0, whole, lanes):
+        vtranspose(tile, k * lanes, lanes, target, base + k, length)
+    for c in range(width):
+        for j in range(whole, steps):
+            target[b, first + c, start + j] = tile[j * lanes + c]
 
 
 @njit(inline="always")
@@ -590,11 +570,12 @@ def _block_parameters(A, D, bias, first, width, lanes, rate, A_lanes, D_lanes, b
 # The kernels
 
 
-@njit(parallel=True, cache=True, fastmath=_FASTMATH, error_model="numpy")
-def _forward_kernel(u, delta, bias, softplus, A, B, C, D, z, gate, out, checkpoints, last):
+@njit(nogil=True, cache=True, fastmath=_FASTMATH, error_model="numpy")
+def _forward_kernel(u, delta, bias, softplus, A, B, C, D, z, gate, out, checkpoints, last, next_block):
     """u, delta, z, out: (batch, dim, L); A: (dim, N); B, C: (batch, G, N, L); bias, D: (dim,);
     checkpoints: (blocks, chunks, N, lanes); last: (batch, dim, N). out = (C.h + D u) * silu(z)
-    (no gate unless ``gate``)."""
+    (no gate unless ``gate``). Runs the blocks it claims from ``next_block`` (each thread of a call
+    runs this, so a thread that starts late takes fewer blocks)."""
     batch, dim, length = u.shape
     n_state = A.shape[1]
     groups = B.shape[1]
@@ -603,29 +584,27 @@ def _forward_kernel(u, delta, bias, softplus, A, B, C, D, z, gate, out, checkpoi
     per_block = -(-per_group // lanes)
     chunks = -(-length // CHUNK)
     row = n_state * lanes  # one step's states: (N, lanes)
-    for blk in prange(batch * groups * per_block):
+    n_blocks = batch * groups * per_block
+    rate, A_lanes = np.empty(row, u.dtype), np.empty(row, u.dtype)
+    D_lanes, bias_lanes = np.empty(lanes, u.dtype), np.empty(lanes, u.dtype)
+    state = np.empty(row, u.dtype)
+    dt = np.zeros(CHUNK * lanes, u.dtype)  # tiles: (step, channel)
+    ub = np.zeros(CHUNK * lanes, u.dtype)
+    yb = np.zeros(CHUNK * lanes, u.dtype)
+    zb = np.zeros(CHUNK * lanes, u.dtype)
+    B_chunk, C_chunk = np.zeros(n_state * CHUNK, u.dtype), np.zeros(n_state * CHUNK, u.dtype)  # (N, step)
+    while True:
+        blk = _claim(next_block)
+        if blk >= n_blocks:
+            break
         b, g, first, width = _block_of(blk, groups, per_block, per_group, lanes)
-        rate, A_lanes = np.empty(row, u.dtype), np.empty(row, u.dtype)
-        D_lanes, bias_lanes = np.empty(lanes, u.dtype), np.empty(lanes, u.dtype)
         _block_parameters(A, D, bias, first, width, lanes, rate, A_lanes, D_lanes, bias_lanes)
         skip = vload(D_lanes, 0)
-        state = np.zeros(row, u.dtype)
-        dt = np.zeros(CHUNK * lanes, u.dtype)  # tiles: (step, channel)
-        ub = np.zeros(CHUNK * lanes, u.dtype)
-        yb = np.zeros(CHUNK * lanes, u.dtype)
-        zb = np.zeros(CHUNK * lanes, u.dtype)
-        B_chunk, C_chunk = np.zeros(n_state * CHUNK, u.dtype), np.zeros(n_state * CHUNK, u.dtype)  # (N, step)
+        state[:] = 0
         group_rows = (b * groups + g) * n_state  # B, C as rows of L
         for chunk in range(chunks):
             start = chunk * CHUNK
             steps = min(CHUNK, length - start)
-            if chunk + 1 < chunks:
-                _prefetch_chunk(delta, b * dim + first, width, start + CHUNK)
-                _prefetch_chunk(u, b * dim + first, width, start + CHUNK)
-                if gate:
-                    _prefetch_chunk(z, b * dim + first, width, start + CHUNK)
-                _prefetch_chunk(B, group_rows, n_state, start + CHUNK)
-                _prefetch_chunk(C, group_rows, n_state, start + CHUNK)
             _load_chunk(B, group_rows, n_state, start, steps, B_chunk)
             _load_chunk(C, group_rows, n_state, start, steps, C_chunk)
             saved = (blk * chunks + chunk) * row
@@ -665,13 +644,14 @@ def _add_sums(target, index, sums, count, overwrite, spare):
             target.flat[index + i] = spare[i] if overwrite else target.flat[index + i] + spare[i]
 
 
-@njit(parallel=True, cache=True, fastmath=_FASTMATH, error_model="numpy")
-def _backward_kernel(u, delta, bias, softplus, A, B, C, D, z, gate, checkpoints, dout, dlast,
-                     du, ddelta, dz, dB, dC, dB_spill, dC_spill, dA_parts, dD_parts, dbias_parts):
-    """Gradients w.r.t. u, delta, z (full), B, C (dB, dC: (batch, G, N, L)) and A, D, bias (one
-    partial sum per worker: a channel's batch elements may fall to several workers). Worker w takes
-    blocks lo ... hi - 1; if its first group began on an earlier worker, that group's B, C gradients
-    go to dB_spill[w], dC_spill[w] (added to dB, dC afterwards, in order)."""
+@njit(nogil=True, cache=True, fastmath=_FASTMATH, error_model="numpy")
+def _backward_share(u, delta, bias, softplus, A, B, C, D, z, gate, checkpoints, dout, dlast,
+                    du, ddelta, dz, dB, dC, dB_spill, dC_spill, dA_parts, dD_parts, dbias_parts, w):
+    """Worker w's share of the gradients w.r.t. u, delta, z (full), B, C (dB, dC: (batch, G, N, L))
+    and A, D, bias (one partial sum per worker: a channel's batch elements may fall to several
+    workers). Worker w takes blocks lo ... hi - 1, a fixed share, so every sum is taken in the same
+    order whatever the timing; if its first group began on an earlier worker, that group's B, C
+    gradients go to dB_spill[w], dC_spill[w] (added to dB, dC afterwards, in order)."""
     batch, dim, length = u.shape
     n_state = A.shape[1]
     groups = B.shape[1]
@@ -682,135 +662,270 @@ def _backward_kernel(u, delta, bias, softplus, A, B, C, D, z, gate, checkpoints,
     chunks = -(-length // CHUNK)
     workers = dA_parts.shape[0]
     row = n_state * lanes
-    for w in prange(workers):
-        lo, hi = w * n_blocks // workers, (w + 1) * n_blocks // workers
-        rate, A_lanes = np.empty(row, u.dtype), np.empty(row, u.dtype)
-        D_lanes, bias_lanes = np.empty(lanes, u.dtype), np.empty(lanes, u.dtype)
-        dt, dt_grad = np.zeros(CHUNK * lanes, u.dtype), np.zeros(CHUNK * lanes, u.dtype)  # (step, channel)
-        ub, xb = np.zeros(CHUNK * lanes, u.dtype), np.zeros(CHUNK * lanes, u.dtype)
-        dy, yb = np.zeros(CHUNK * lanes, u.dtype), np.zeros(CHUNK * lanes, u.dtype)
-        gate_factor = np.zeros(CHUNK * lanes, u.dtype)  # z, then dout * silu'(z)
-        d_dt, d_u = np.zeros(CHUNK * lanes, u.dtype), np.zeros(CHUNK * lanes, u.dtype)
-        states = np.zeros((CHUNK + 1) * row, u.dtype)  # row 0: the entering state; row j + 1: h_j
-        decays = np.zeros((CHUNK + 1) * row, u.dtype)  # row j: decay of step j, then dLoss/dh_{j-1}
-        grad = np.zeros(row, u.dtype)  # dLoss/dh, carried back through the chunks
-        dA_lanes = np.zeros(row, u.dtype)
-        spare = np.zeros(lanes, u.dtype)
-        B_chunk, C_chunk = np.zeros(n_state * CHUNK, u.dtype), np.zeros(n_state * CHUNK, u.dtype)  # (N, step)
-        for blk in range(lo, hi):
-            b, g, first, width = _block_of(blk, groups, per_block, per_group, lanes)
-            _block_parameters(A, D, bias, first, width, lanes, rate, A_lanes, D_lanes, bias_lanes)
-            skip = vload(D_lanes, 0)
-            grad[:] = 0
-            dA_lanes[:] = 0
-            for c in range(width):
+    lo, hi = w * n_blocks // workers, (w + 1) * n_blocks // workers
+    rate, A_lanes = np.empty(row, u.dtype), np.empty(row, u.dtype)
+    D_lanes, bias_lanes = np.empty(lanes, u.dtype), np.empty(lanes, u.dtype)
+    dt, dt_grad = np.zeros(CHUNK * lanes, u.dtype), np.zeros(CHUNK * lanes, u.dtype)  # (step, channel)
+    ub, xb = np.zeros(CHUNK * lanes, u.dtype), np.zeros(CHUNK * lanes, u.dtype)
+    dy, yb = np.zeros(CHUNK * lanes, u.dtype), np.zeros(CHUNK * lanes, u.dtype)
+    gate_factor = np.zeros(CHUNK * lanes, u.dtype)  # z, then dout * silu'(z)
+    d_dt, d_u = np.zeros(CHUNK * lanes, u.dtype), np.zeros(CHUNK * lanes, u.dtype)
+    states = np.zeros((CHUNK + 1) * row, u.dtype)  # row 0: the entering state; row j + 1: h_j
+    decays = np.zeros((CHUNK + 1) * row, u.dtype)  # row j: decay of step j, then dLoss/dh_{j-1}
+    grad = np.zeros(row, u.dtype)  # dLoss/dh, carried back through the chunks
+    dA_lanes = np.zeros(row, u.dtype)
+    spare = np.zeros(lanes, u.dtype)
+    B_chunk, C_chunk = np.zeros(n_state * CHUNK, u.dtype), np.zeros(n_state * CHUNK, u.dtype)  # (N, step)
+    for blk in range(lo, hi):
+        b, g, first, width = _block_of(blk, groups, per_block, per_group, lanes)
+        _block_parameters(A, D, bias, first, width, lanes, rate, A_lanes, D_lanes, bias_lanes)
+        skip = vload(D_lanes, 0)
+        grad[:] = 0
+        dA_lanes[:] = 0
+        for c in range(width):
+            for n in range(n_state):
+                grad[n * lanes + c] = dlast[b, first + c, n]
+        spilled = blk - blk % per_block < lo
+        overwrite = blk == lo or blk % per_block == 0  # this worker's first block of the group
+        target_B = dB_spill[w] if spilled else dB[b, g]  # (N, L)
+        target_C = dC_spill[w] if spilled else dC[b, g]
+        dD_sum, dbias_sum = vfill(skip, 0.0), vfill(skip, 0.0)
+        group_rows = (b * groups + g) * n_state  # B, C as rows of L
+        for chunk in range(chunks - 1, -1, -1):
+            start = chunk * CHUNK
+            steps = min(CHUNK, length - start)
+            _load_chunk(B, group_rows, n_state, start, steps, B_chunk)
+            _load_chunk(C, group_rows, n_state, start, steps, C_chunk)
+            _load_tile(delta, b, first, width, start, steps, dt)
+            _step_sizes(dt, dt_grad, bias_lanes, softplus, True)
+            _load_tile(u, b, first, width, start, steps, ub)
+            _load_tile(dout, b, first, width, start, steps, dy)
+            if gate:
+                _load_tile(z, b, first, width, start, steps, gate_factor)
+                _gate_backward(dy, gate_factor)
+            saved = (blk * chunks + chunk) * row
+            for i in range(0, row, lanes):
+                vstore(states, i, vload(checkpoints, saved + i))
+            for j in range(steps):  # the chunk's decays, states and y again
+                dt_j, u_j = vload(dt, j * lanes), vload(ub, j * lanes)
+                x_j = dt_j * u_j
+                vstore(xb, j * lanes, x_j)
+                y_j, y_other = skip * u_j, vfill(skip, 0.0)
                 for n in range(n_state):
-                    grad[n * lanes + c] = dlast[b, first + c, n]
-            spilled = blk - blk % per_block < lo
-            overwrite = blk == lo or blk % per_block == 0  # this worker's first block of the group
-            target_B = dB_spill[w] if spilled else dB[b, g]  # (N, L)
-            target_C = dC_spill[w] if spilled else dC[b, g]
-            dD_sum, dbias_sum = vfill(skip, 0.0), vfill(skip, 0.0)
-            group_rows = (b * groups + g) * n_state  # B, C as rows of L
-            for chunk in range(chunks - 1, -1, -1):
-                start = chunk * CHUNK
-                steps = min(CHUNK, length - start)
-                if chunk > 0:
-                    _prefetch_chunk(delta, b * dim + first, width, start - CHUNK)
-                    _prefetch_chunk(u, b * dim + first, width, start - CHUNK)
-                    _prefetch_chunk(dout, b * dim + first, width, start - CHUNK)
-                    if gate:
-                        _prefetch_chunk(z, b * dim + first, width, start - CHUNK)
-                    _prefetch_chunk(B, group_rows, n_state, start - CHUNK)
-                    _prefetch_chunk(C, group_rows, n_state, start - CHUNK)
-                _load_chunk(B, group_rows, n_state, start, steps, B_chunk)
-                _load_chunk(C, group_rows, n_state, start, steps, C_chunk)
-                _load_tile(delta, b, first, width, start, steps, dt)
-                _step_sizes(dt, dt_grad, bias_lanes, softplus, True)
-                _load_tile(u, b, first, width, start, steps, ub)
-                _load_tile(dout, b, first, width, start, steps, dy)
-                if gate:
-                    _load_tile(z, b, first, width, start, steps, gate_factor)
-                    _gate_backward(dy, gate_factor)
-                saved = (blk * chunks + chunk) * row
-                for i in range(0, row, lanes):
-                    vstore(states, i, vload(checkpoints, saved + i))
-                for j in range(steps):  # the chunk's decays, states and y again
-                    dt_j, u_j = vload(dt, j * lanes), vload(ub, j * lanes)
-                    x_j = dt_j * u_j
-                    vstore(xb, j * lanes, x_j)
-                    y_j, y_other = skip * u_j, vfill(skip, 0.0)
-                    for n in range(n_state):
-                        i = n * lanes
-                        decay = vexp2(dt_j * vload(rate, i))
-                        h = vfma(decay, vload(states, j * row + i), x_j * B_chunk[n * CHUNK + j])
-                        vstore(decays, j * row + i, decay)
-                        vstore(states, (j + 1) * row + i, h)
-                        y_j, y_other = y_other, vfma(h, vfill(h, C_chunk[n * CHUNK + j]), y_j)
-                    vstore(yb, j * lanes, y_j + y_other)
-                for i in range(0, row, lanes):
-                    vstore(decays, steps * row + i, vfill(skip, 1.0))
-                for j in range(steps - 1, -1, -1):  # the adjoint, back through the chunk
-                    dt_j, u_j, dy_j = vload(dt, j * lanes), vload(ub, j * lanes), vload(dy, j * lanes)
-                    # sum_n dLoss/d(dt A_n) A_n and sum_n dLoss/dh_n B_n, each in two sums taking turns
-                    sum_a, sum_b = vfill(skip, 0.0), vfill(skip, 0.0)
-                    other_a, other_b = vfill(skip, 0.0), vfill(skip, 0.0)
-                    for n in range(n_state):
-                        i = n * lanes
-                        g_n = vfma(vload(grad, i), vload(decays, (j + 1) * row + i), dy_j * C_chunk[n * CHUNK + j])
-                        vstore(grad, i, g_n)
-                        vstore(decays, (j + 1) * row + i, g_n)  # that decay is spent: keep dLoss/dh_j for dB
-                        g_log = g_n * (vload(decays, j * row + i) * vload(states, j * row + i))  # dLoss/d(dt A_n)
-                        vstore(dA_lanes, i, vfma(g_log, dt_j, vload(dA_lanes, i)))
-                        sum_a, other_a = other_a, vfma(g_log, vload(A_lanes, i), sum_a)
-                        sum_b, other_b = other_b, vfma(g_n, vfill(g_n, B_chunk[n * CHUNK + j]), sum_b)
-                    sum_a, sum_b = sum_a + other_a, sum_b + other_b
-                    d_dt_j = (sum_a + sum_b * u_j) * vload(dt_grad, j * lanes)
-                    vstore(d_dt, j * lanes, d_dt_j)
-                    vstore(d_u, j * lanes, vfma(sum_b, dt_j, dy_j * skip))
-                    dD_sum = vfma(dy_j, u_j, dD_sum)
-                    dbias_sum = dbias_sum + d_dt_j
-                for i in range(0, row, lanes):  # carried into the chunk before
-                    vstore(grad, i, vload(grad, i) * vload(decays, i))
-                for k in range(0, steps, lanes):  # dB = sum_c dLoss/dh x, dC = sum_c dy h, per step
-                    count = min(lanes, steps - k)
-                    for n in range(n_state):
-                        i = n * lanes
-                        index = n * length + start + k
-                        _add_sums(target_B, index, vrow_dots(decays, (k + 1) * row + i, row, xb, k * lanes, lanes),
-                                  count, overwrite, spare)
-                        _add_sums(target_C, index, vrow_dots(states, (k + 1) * row + i, row, dy, k * lanes, lanes),
-                                  count, overwrite, spare)
-                _store_tile(d_dt, b, first, width, start, steps, ddelta)
-                _store_tile(d_u, b, first, width, start, steps, du)
-                if gate:
-                    for i in range(0, CHUNK * lanes, lanes):
-                        vstore(yb, i, vload(yb, i) * vload(gate_factor, i))
-                    _store_tile(yb, b, first, width, start, steps, dz)
-            vstore(spare, 0, dD_sum)
-            for c in range(width):
-                dD_parts[w, first + c] += spare[c]
-            vstore(spare, 0, dbias_sum)
-            for c in range(width):
-                dbias_parts[w, first + c] += spare[c]
+                    i = n * lanes
+                    decay = vexp2(dt_j * vload(rate, i))
+                    h = vfma(decay, vload(states, j * row + i), x_j * B_chunk[n * CHUNK + j])
+                    vstore(decays, j * row + i, decay)
+                    vstore(states, (j + 1) * row + i, h)
+                    y_j, y_other = y_other, vfma(h, vfill(h, C_chunk[n * CHUNK + j]), y_j)
+                vstore(yb, j * lanes, y_j + y_other)
+            for i in range(0, row, lanes):
+                vstore(decays, steps * row + i, vfill(skip, 1.0))
+            for j in range(steps - 1, -1, -1):  # the adjoint, back through the chunk
+                dt_j, u_j, dy_j = vload(dt, j * lanes), vload(ub, j * lanes), vload(dy, j * lanes)
+                # sum_n dLoss/d(dt A_n) A_n and sum_n dLoss/dh_n B_n, each in two sums taking turns
+                sum_a, sum_b = vfill(skip, 0.0), vfill(skip, 0.0)
+                other_a, other_b = vfill(skip, 0.0), vfill(skip, 0.0)
                 for n in range(n_state):
-                    dA_parts[w, first + c, n] += dA_lanes[n * lanes + c]
+                    i = n * lanes
+                    g_n = vfma(vload(grad, i), vload(decays, (j + 1) * row + i), dy_j * C_chunk[n * CHUNK + j])
+                    vstore(grad, i, g_n)
+                    vstore(decays, (j + 1) * row + i, g_n)  # that decay is spent: keep dLoss/dh_j for dB
+                    g_log = g_n * (vload(decays, j * row + i) * vload(states, j * row + i))  # dLoss/d(dt A_n)
+                    vstore(dA_lanes, i, vfma(g_log, dt_j, vload(dA_lanes, i)))
+                    sum_a, other_a = other_a, vfma(g_log, vload(A_lanes, i), sum_a)
+                    sum_b, other_b = other_b, vfma(g_n, vfill(g_n, B_chunk[n * CHUNK + j]), sum_b)
+                sum_a, sum_b = sum_a + other_a, sum_b + other_b
+                d_dt_j = (sum_a + sum_b * u_j) * vload(dt_grad, j * lanes)
+                vstore(d_dt, j * lanes, d_dt_j)
+                vstore(d_u, j * lanes, vfma(sum_b, dt_j, dy_j * skip))
+                dD_sum = vfma(dy_j, u_j, dD_sum)
+                dbias_sum = dbias_sum + d_dt_j
+            for i in range(0, row, lanes):  # carried into the chunk before
+                vstore(grad, i, vload(grad, i) * vload(decays, i))
+            for k in range(0, steps, lanes):  # dB = sum_c dLoss/dh x, dC = sum_c dy h, per step
+                count = min(lanes, steps - k)
+                for n in range(n_state):
+                    i = n * lanes
+                    index = n * length + start + k
+                    _add_sums(target_B, index, vrow_dots(decays, (k + 1) * row + i, row, xb, k * lanes, lanes),
+                              count, overwrite, spare)
+                    _add_sums(target_C, index, vrow_dots(states, (k + 1) * row + i, row, dy, k * lanes, lanes),
+                              count, overwrite, spare)
+            _store_tile(d_dt, b, first, width, start, steps, ddelta)
+            _store_tile(d_u, b, first, width, start, steps, du)
+            if gate:
+                for i in range(0, CHUNK * lanes, lanes):
+                    vstore(yb, i, vload(yb, i) * vload(gate_factor, i))
+                _store_tile(yb, b, first, width, start, steps, dz)
+        vstore(spare, 0, dD_sum)
+        for c in range(width):
+            dD_parts[w, first + c] += spare[c]
+        vstore(spare, 0, dbias_sum)
+        for c in range(width):
+            dbias_parts[w, first + c] += spare[c]
+            for n in range(n_state):
+                dA_parts[w, first + c, n] += dA_lanes[n * lanes + c]
 
 
-# numba's workqueue layer aborts the process when two Python threads run parallel kernels at once:
-# calls take turns.
-_KERNEL_LOCK = threading.Lock()
+@njit(nogil=True, cache=True)
+def _backward_kernel(u, delta, bias, softplus, A, B, C, D, z, gate, checkpoints, dout, dlast,
+                     du, ddelta, dz, dB, dC, dB_spill, dC_spill, dA_parts, dD_parts, dbias_parts, next_share):
+    """Runs the backward shares it claims from ``next_share`` (each thread of a call runs this)."""
+    while True:
+        w = _claim(next_share)
+        if w >= dA_parts.shape[0]:
+            break
+        _backward_share(u, delta, bias, softplus, A, B, C, D, z, gate, checkpoints, dout, dlast, du, ddelta, dz,
+                        dB, dC, dB_spill, dC_spill, dA_parts, dD_parts, dbias_parts, w)
 
 
-def _use_torch_threads() -> int:
-    """Make numba run as many threads as torch does now (on this Python thread); returns it."""
-    threads = max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
-    numba.set_num_threads(threads)
-    return threads
+# ---------------------------------------------------------------------------------------------
+# Threads: the kernels run on torch's own OpenMP team. A C entry point (numba cfunc) reads the
+# call's arguments from a block of int64 slots (address and shape of each array, flags) and runs
+# the kernel; ``GOMP_parallel`` of torch's OpenMP runtime runs it on torch.get_num_threads()
+# threads. The threads claim blocks (forward) or fixed shares (backward) from counters, so a team
+# of any size does all the work. numba's own thread pools did worse: the workqueue layer wakes its
+# threads twice a call (~0.1 ms on a 2-vCPU VM), and a second thread waited, often for the whole
+# call, while torch's OpenMP thread spun on the other core after torch's last parallel op; the
+# OpenMP layer (another runtime) spins between calls and starves torch's threads.
+
+_SLOT = 5  # an argument's slots: its address (or a flag's value) and up to 4 dimensions
+_FLOAT32, _FLOAT64, _INT64 = np.zeros(0, np.float32), np.zeros(0, np.float64), np.zeros(0, np.int64)
+
+
+@intrinsic
+def _pointer(typingctx, address, like):
+    """``address`` (an int or void*) as a pointer to elements of ``like``'s dtype."""
+    pointer = types.CPointer(like.dtype)
+
+    def codegen(context, builder, signature, args):
+        target = context.get_value_type(pointer)
+        if isinstance(signature.args[0], types.Integer):
+            return builder.inttoptr(args[0], target)
+        return builder.bitcast(args[0], target)
+
+    return pointer(address, like), codegen
+
+
+@njit(inline="always")
+def _slots(data):
+    return carray(_pointer(data, _INT64), 32 * _SLOT)
+
+
+@njit(inline="always")
+def _view1(slots, k, like):
+    return carray(_pointer(slots[k * _SLOT], like), (slots[k * _SLOT + 1],))
+
+
+@njit(inline="always")
+def _view2(slots, k, like):
+    i = k * _SLOT
+    return carray(_pointer(slots[i], like), (slots[i + 1], slots[i + 2]))
+
+
+@njit(inline="always")
+def _view3(slots, k, like):
+    i = k * _SLOT
+    return carray(_pointer(slots[i], like), (slots[i + 1], slots[i + 2], slots[i + 3]))
+
+
+@njit(inline="always")
+def _view4(slots, k, like):
+    i = k * _SLOT
+    return carray(_pointer(slots[i], like), (slots[i + 1], slots[i + 2], slots[i + 3], slots[i + 4]))
+
+
+@njit(inline="always")
+def _forward_from_slots(data, like):
+    a = _slots(data)
+    _forward_kernel(_view3(a, 0, like), _view3(a, 1, like), _view1(a, 2, like), a[3 * _SLOT] != 0,
+                    _view2(a, 4, like), _view4(a, 5, like), _view4(a, 6, like), _view1(a, 7, like),
+                    _view3(a, 8, like), a[9 * _SLOT] != 0, _view3(a, 10, like), _view4(a, 11, like),
+                    _view3(a, 12, like), _view1(a, 13, _INT64))
+
+
+@njit(inline="always")
+def _backward_from_slots(data, like):
+    a = _slots(data)
+    _backward_kernel(_view3(a, 0, like), _view3(a, 1, like), _view1(a, 2, like), a[3 * _SLOT] != 0,
+                     _view2(a, 4, like), _view4(a, 5, like), _view4(a, 6, like), _view1(a, 7, like),
+                     _view3(a, 8, like), a[9 * _SLOT] != 0, _view4(a, 10, like), _view3(a, 11, like),
+                     _view3(a, 12, like), _view3(a, 13, like), _view3(a, 14, like), _view3(a, 15, like),
+                     _view4(a, 16, like), _view4(a, 17, like), _view3(a, 18, like), _view3(a, 19, like),
+                     _view3(a, 20, like), _view2(a, 21, like), _view2(a, 22, like), _view1(a, 23, _INT64))
+
+
+def _forward_entry32(data):
+    _forward_from_slots(data, _FLOAT32)
+
+
+def _forward_entry64(data):
+    _forward_from_slots(data, _FLOAT64)
+
+
+def _backward_entry32(data):
+    _backward_from_slots(data, _FLOAT32)
+
+
+def _backward_entry64(data):
+    _backward_from_slots(data, _FLOAT64)
+
+
+_ENTRIES = {("forward", np.float32): _forward_entry32, ("forward", np.float64): _forward_entry64,
+            ("backward", np.float32): _backward_entry32, ("backward", np.float64): _backward_entry64}
+_compiled_entries: dict = {}
+
+
+def _entry_address(kernel: str, dtype) -> int:
+    """Address of the C entry point of ``kernel`` for ``dtype`` (compiled, or loaded from the cache,
+    on first use)."""
+    key = (kernel, np.dtype(dtype).type)
+    if key not in _compiled_entries:
+        _compiled_entries[key] = cfunc(types.void(types.voidptr), cache=True)(_ENTRIES[key])
+    return _compiled_entries[key].address
+
+
+def _openmp_parallel():
+    """``GOMP_parallel`` of the OpenMP runtime torch runs its threads on, or None."""
+    if "OpenMP" not in torch.__config__.parallel_info():
+        return None
+    for path in sorted(glob.glob(os.path.join(os.path.dirname(torch.__file__), "lib", "lib*omp*"))):
+        try:
+            parallel = ctypes.CDLL(path).GOMP_parallel  # the library torch has loaded: same handle
+        except (OSError, AttributeError):
+            continue
+        parallel.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_uint, ctypes.c_uint]
+        parallel.restype = None
+        return parallel
+    return None
+
+
+_GOMP_PARALLEL = _openmp_parallel()
+_CALL_ENTRY = ctypes.CFUNCTYPE(None, ctypes.c_void_p)
+
+
+def _run(kernel: str, arguments: tuple, threads: int) -> None:
+    """Run ``kernel`` on ``threads`` of torch's OpenMP threads (the calling thread alone where torch
+    has no OpenMP runtime). ``arguments``: arrays, flags; the last one its int64 work counter."""
+    slots = np.zeros(32 * _SLOT, np.int64)
+    for k, value in enumerate(arguments):
+        if isinstance(value, np.ndarray):
+            slots[k * _SLOT] = value.ctypes.data
+            slots[k * _SLOT + 1:k * _SLOT + 1 + value.ndim] = value.shape
+        else:
+            slots[k * _SLOT] = int(value)
+    entry = _entry_address(kernel, arguments[0].dtype)
+    if _GOMP_PARALLEL is None or threads == 1:
+        _CALL_ENTRY(entry)(slots.ctypes.data)
+    else:
+        _GOMP_PARALLEL(entry, slots.ctypes.data, threads, 0)
 
 
 def _np(t: torch.Tensor) -> np.ndarray:
-    return t.detach().contiguous().numpy()
+    """``t`` as a C-contiguous array; a copy, if needed, by numpy: a torch copy would leave torch's
+    OpenMP threads spinning for milliseconds, holding the cores numba's threads are about to need."""
+    return np.ascontiguousarray(t.detach().numpy())
 
 
 def _lanes(dtype: torch.dtype) -> int:
@@ -833,11 +948,9 @@ class FusedScan(torch.autograd.Function):
         checkpoints = u.new_empty(blocks, -(-length // CHUNK), n_state, lanes)
         out = u.new_empty(batch, dim, length)
         last = u.new_empty(batch, dim, n_state)
-        B, C = B.contiguous(), C.contiguous()
-        with _KERNEL_LOCK:
-            _use_torch_threads()
-            _forward_kernel(_np(u), _np(delta), _np(bias), bool(softplus), _np(A), _np(B), _np(C), _np(D_),
-                            _np(z_), z is not None, out.numpy(), checkpoints.numpy(), last.numpy())
+        arrays = (_np(u), _np(delta), _np(bias), bool(softplus), _np(A), _np(B), _np(C), _np(D_), _np(z_),
+                  z is not None, out.numpy(), checkpoints.numpy(), last.numpy(), np.zeros(1, np.int64))
+        _run("forward", arrays, min(torch.get_num_threads(), blocks))
         ctx.save_for_backward(u, delta, A, B, C, D_, z_, bias, checkpoints)
         ctx.flags = (bool(softplus), D is not None, z is not None, delta_bias is not None)
         return out, last
@@ -850,26 +963,26 @@ class FusedScan(torch.autograd.Function):
         n_state, groups = A.shape[1], B.shape[1]
         per_block = -(-(dim // groups) // _lanes(u.dtype))
         blocks = batch * groups * per_block
-        du, ddelta = torch.empty_like(u), torch.empty_like(u)
-        dz = torch.empty_like(u) if gate else u.new_empty(1, 1, 1)
-        dB, dC = torch.empty_like(B), torch.empty_like(C)
-        with _KERNEL_LOCK:
-            workers = min(_use_torch_threads(), blocks)
-            firsts = [w * blocks // workers for w in range(workers)]
-            spilled = [w for w, lo in enumerate(firsts) if lo % per_block]  # first group began on w - 1
-            spill_shape = (workers, n_state, length) if spilled else (workers, 0, 0)
-            dB_spill, dC_spill = u.new_empty(spill_shape), u.new_empty(spill_shape)
-            dA_parts, dD_parts, dbias_parts = A.new_zeros(workers, *A.shape), u.new_zeros(workers, dim), u.new_zeros(
-                workers, dim)
-            _backward_kernel(_np(u), _np(delta), _np(bias), softplus, _np(A), _np(B), _np(C), _np(D_), _np(z_), gate,
-                             _np(checkpoints), _np(dout), _np(dlast), du.numpy(), ddelta.numpy(), dz.numpy(),
-                             dB.numpy(), dC.numpy(), dB_spill.numpy(), dC_spill.numpy(), dA_parts.numpy(),
-                             dD_parts.numpy(), dbias_parts.numpy())
-        for w in spilled:  # in worker order: the same sums whatever the timing
-            group = firsts[w] // per_block
-            dB[group // groups, group % groups] += dB_spill[w]
-            dC[group // groups, group % groups] += dC_spill[w]
-        total = lambda parts: parts[0] if workers == 1 else parts.sum(0)  # noqa: E731
+        du, ddelta = u.new_empty(u.shape), u.new_empty(u.shape)  # C-contiguous, whatever u's strides
+        dz = u.new_empty(u.shape) if gate else u.new_empty(1, 1, 1)
+        dB, dC = B.new_empty(B.shape), C.new_empty(C.shape)
+        workers = min(torch.get_num_threads(), blocks)
+        firsts = [w * blocks // workers for w in range(workers)]
+        spilled = [w for w, lo in enumerate(firsts) if lo % per_block]  # first group began on w - 1
+        spill_shape = (workers, n_state, length) if spilled else (workers, 0, 0)
+        dtype = du.numpy().dtype
+        arrays = (_np(u), _np(delta), _np(bias), softplus, _np(A), _np(B), _np(C), _np(D_), _np(z_), gate,
+                  _np(checkpoints), _np(dout), _np(dlast), du.numpy(), ddelta.numpy(), dz.numpy(), dB.numpy(),
+                  dC.numpy(), np.empty(spill_shape, dtype), np.empty(spill_shape, dtype),
+                  np.zeros((workers, *A.shape), dtype), np.zeros((workers, dim), dtype), np.zeros((workers, dim), dtype),
+                  np.zeros(1, np.int64))
+        _run("backward", arrays, workers)
+        dB_np, dC_np, dB_spill, dC_spill, dA_parts, dD_parts, dbias_parts = arrays[16:23]
+        for w in spilled:  # in worker order: the same sums whatever the timing (numpy: torch's adds
+            b, g = divmod(firsts[w] // per_block, groups)  # would wake its OpenMP threads)
+            dB_np[b, g] += dB_spill[w]
+            dC_np[b, g] += dC_spill[w]
+        total = lambda parts: torch.from_numpy(parts[0] if workers == 1 else parts.sum(0))  # noqa: E731
         return (du, ddelta, total(dA_parts), dB, dC, total(dD_parts) if has_D else None,
                 dz if gate else None, total(dbias_parts) if has_bias else None, None)
 
