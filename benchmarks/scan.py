@@ -116,9 +116,8 @@ def pscan_call():
 
 
 def make_step(call, inputs, backward: bool):
-    """One timed call. The backward starts from a fixed output gradient made once (not from
-    ``.sum()``: a torch reduction right before it would leave torch's OpenMP threads spinning,
-    holding the core the scan's second thread needs, for longer than the scan takes)."""
+    """One timed call. The backward starts from a fixed output gradient made once, so that only the
+    scan's own work is timed (not a ``.sum()`` and the copy of its expanded gradient)."""
     grad = []
 
     def step():

@@ -25,6 +25,7 @@ See docs/explanation/selective-scan.md for what was measured and what was tried 
 
 from __future__ import annotations
 
+import array
 import ctypes
 import glob
 import math
@@ -872,15 +873,15 @@ def _backward_entry64(data):
     _backward_from_slots(data, _FLOAT64)
 
 
-_ENTRIES = {("forward", np.float32): _forward_entry32, ("forward", np.float64): _forward_entry64,
-            ("backward", np.float32): _backward_entry32, ("backward", np.float64): _backward_entry64}
+_ENTRIES = {("forward", torch.float32): _forward_entry32, ("forward", torch.float64): _forward_entry64,
+            ("backward", torch.float32): _backward_entry32, ("backward", torch.float64): _backward_entry64}
 _compiled_entries: dict = {}
 
 
-def _entry_address(kernel: str, dtype) -> int:
-    """Address of the C entry point of ``kernel`` for ``dtype`` (compiled, or loaded from the cache,
-    on first use)."""
-    key = (kernel, np.dtype(dtype).type)
+def _entry_address(kernel: str, dtype: torch.dtype) -> int:
+    """Address of the C entry point of ``kernel`` for ``dtype`` (compiled, or loaded from numba's
+    cache, on first use)."""
+    key = (kernel, dtype)
     if key not in _compiled_entries:
         _compiled_entries[key] = cfunc(types.void(types.voidptr), cache=True)(_ENTRIES[key])
     return _compiled_entries[key].address
@@ -907,25 +908,21 @@ _CALL_ENTRY = ctypes.CFUNCTYPE(None, ctypes.c_void_p)
 
 def _run(kernel: str, arguments: tuple, threads: int) -> None:
     """Run ``kernel`` on ``threads`` of torch's OpenMP threads (the calling thread alone where torch
-    has no OpenMP runtime). ``arguments``: arrays, flags; the last one its int64 work counter."""
-    slots = np.zeros(32 * _SLOT, np.int64)
+    has no OpenMP runtime). ``arguments``: C-contiguous tensors and flags, in the kernel's order."""
+    slots = [0] * (32 * _SLOT)
     for k, value in enumerate(arguments):
-        if isinstance(value, np.ndarray):
-            slots[k * _SLOT] = value.ctypes.data
-            slots[k * _SLOT + 1:k * _SLOT + 1 + value.ndim] = value.shape
+        if isinstance(value, torch.Tensor):
+            slots[k * _SLOT] = value.data_ptr()
+            slots[k * _SLOT + 1:k * _SLOT + 1 + value.dim()] = value.shape
         else:
             slots[k * _SLOT] = int(value)
+    block = array.array("q", slots)
+    address = block.buffer_info()[0]
     entry = _entry_address(kernel, arguments[0].dtype)
     if _GOMP_PARALLEL is None or threads == 1:
-        _CALL_ENTRY(entry)(slots.ctypes.data)
+        _CALL_ENTRY(entry)(address)
     else:
-        _GOMP_PARALLEL(entry, slots.ctypes.data, threads, 0)
-
-
-def _np(t: torch.Tensor) -> np.ndarray:
-    """``t`` as a C-contiguous array; a copy, if needed, by numpy: a torch copy would leave torch's
-    OpenMP threads spinning for milliseconds, holding the cores numba's threads are about to need."""
-    return np.ascontiguousarray(t.detach().numpy())
+        _GOMP_PARALLEL(entry, address, threads, 0)
 
 
 def _lanes(dtype: torch.dtype) -> int:
@@ -948,9 +945,9 @@ class FusedScan(torch.autograd.Function):
         checkpoints = u.new_empty(blocks, -(-length // CHUNK), n_state, lanes)
         out = u.new_empty(batch, dim, length)
         last = u.new_empty(batch, dim, n_state)
-        arrays = (_np(u), _np(delta), _np(bias), bool(softplus), _np(A), _np(B), _np(C), _np(D_), _np(z_),
-                  z is not None, out.numpy(), checkpoints.numpy(), last.numpy(), np.zeros(1, np.int64))
-        _run("forward", arrays, min(torch.get_num_threads(), blocks))
+        inputs = [t.detach().contiguous() for t in (u, delta, bias, A, B, C, D_, z_)]
+        _run("forward", (*inputs[:3], softplus, *inputs[3:], z is not None, out, checkpoints, last,
+                         torch.zeros(1, dtype=torch.int64)), min(torch.get_num_threads(), blocks))
         ctx.save_for_backward(u, delta, A, B, C, D_, z_, bias, checkpoints)
         ctx.flags = (bool(softplus), D is not None, z is not None, delta_bias is not None)
         return out, last
@@ -970,19 +967,17 @@ class FusedScan(torch.autograd.Function):
         firsts = [w * blocks // workers for w in range(workers)]
         spilled = [w for w, lo in enumerate(firsts) if lo % per_block]  # first group began on w - 1
         spill_shape = (workers, n_state, length) if spilled else (workers, 0, 0)
-        dtype = du.numpy().dtype
-        arrays = (_np(u), _np(delta), _np(bias), softplus, _np(A), _np(B), _np(C), _np(D_), _np(z_), gate,
-                  _np(checkpoints), _np(dout), _np(dlast), du.numpy(), ddelta.numpy(), dz.numpy(), dB.numpy(),
-                  dC.numpy(), np.empty(spill_shape, dtype), np.empty(spill_shape, dtype),
-                  np.zeros((workers, *A.shape), dtype), np.zeros((workers, dim), dtype), np.zeros((workers, dim), dtype),
-                  np.zeros(1, np.int64))
-        _run("backward", arrays, workers)
-        dB_np, dC_np, dB_spill, dC_spill, dA_parts, dD_parts, dbias_parts = arrays[16:23]
-        for w in spilled:  # in worker order: the same sums whatever the timing (numpy: torch's adds
-            b, g = divmod(firsts[w] // per_block, groups)  # would wake its OpenMP threads)
-            dB_np[b, g] += dB_spill[w]
-            dC_np[b, g] += dC_spill[w]
-        total = lambda parts: torch.from_numpy(parts[0] if workers == 1 else parts.sum(0))  # noqa: E731
+        dB_spill, dC_spill = u.new_empty(spill_shape), u.new_empty(spill_shape)
+        dA_parts, dD_parts, dbias_parts = A.new_zeros(workers, *A.shape), u.new_zeros(workers, dim), u.new_zeros(
+            workers, dim)
+        inputs = [t.detach().contiguous() for t in (u, delta, bias, A, B, C, D_, z_, checkpoints, dout, dlast)]
+        _run("backward", (*inputs[:3], softplus, *inputs[3:8], gate, *inputs[8:], du, ddelta, dz, dB, dC, dB_spill,
+                          dC_spill, dA_parts, dD_parts, dbias_parts, torch.zeros(1, dtype=torch.int64)), workers)
+        for w in spilled:  # in worker order: the same sums whatever the timing
+            b, g = divmod(firsts[w] // per_block, groups)
+            dB[b, g] += dB_spill[w]
+            dC[b, g] += dC_spill[w]
+        total = lambda parts: parts[0] if workers == 1 else parts.sum(0)  # noqa: E731
         return (du, ddelta, total(dA_parts), dB, dC, total(dD_parts) if has_D else None,
                 dz if gate else None, total(dbias_parts) if has_bias else None, None)
 
