@@ -6,11 +6,15 @@ forward under ``torch.no_grad()``, forward+backward with every input requiring g
 memory = rise of the resident set over one run (Linux), measured in a child process whose
 allocator hands large blocks back to the system on free (``MALLOC_MMAP_THRESHOLD_``), so that
 the times, taken here with the default allocator, do not pay for fresh pages on every call. Every time is also
-given as a multiple of a floor measured in the same run: per element of batch*D*L*N,
-1 exp + 6 flops forward and 2 exps + 26 flops forward+backward, at this machine's measured
-``torch.exp`` and float32 matmul throughput.
+given as a multiple of the **arithmetic floor** measured in the same run: per element of
+batch*D*L*N, 1 exp + 6 flops forward and 2 exps + 26 flops forward+backward, an exp counted as
+12 flops, at this machine's float32 matmul rate (a 1024^2 matmul). The ``torch.exp`` floor (the
+exps at ``torch.exp``'s measured rate, the flops at the matmul rate) is printed beside it: it
+depends on one library's exp and is below the fused kernel's own exp rate on some machines. For
+the ``fused`` scan the table also gives its speed-up on 2 threads over 1 thread
+(``torch.set_num_threads``), measured in the same run.
 
-    python benchmarks/scan.py [--repeats 5] [--out benchmarks/results/scan.json]
+    python benchmarks/scan.py [--repeats 5] [--only fused] [--out benchmarks/results/scan.json]
 """
 
 from __future__ import annotations
@@ -28,7 +32,6 @@ from pathlib import Path
 import numba
 import torch
 import torch.nn.functional as F
-from mambapy.pscan import pscan
 
 from medssm.ssm import selective_scan
 from timing import call_seconds
@@ -36,6 +39,9 @@ from timing import call_seconds
 SHAPES = [(1, 128, 4096, 16), (1, 256, 1024, 16), (1, 512, 256, 16), (1, 64, 32768, 16), (8, 384, 196, 16)]
 IMPLEMENTATIONS = ["reference", "chunked", "fused", "pscan"]
 THREADS = 2
+SCALED = ("fused",)  # implementations also timed on one thread
+EXP_FLOPS = 12  # an exp, as flops, in the arithmetic floor
+WORK = {"fwd": (1, 6), "fwd_bwd": (2, 26)}  # (exps, flops) per element of batch*D*L*N
 REFERENCE_MAX_LENGTH = 8192  # the sequential loop costs ~20 us a step: skipped above this
 
 
@@ -51,6 +57,15 @@ def reset_peak_memory() -> None:
 
 
 MEMORY_ENV = {"MALLOC_MMAP_THRESHOLD_": str(1 << 16)}  # large tensors mmap'd, unmapped on free
+
+
+def floors_ms(elements: int, rates: dict[str, float]) -> dict[str, float]:
+    """The arithmetic floor ("fwd", "fwd_bwd") and the torch.exp one ("exp_fwd", "exp_fwd_bwd"), ms."""
+    floors = {}
+    for mode, (exps, flops) in WORK.items():
+        floors[mode] = elements * (exps * EXP_FLOPS + flops) / rates["flop_per_s"] * 1e3
+        floors[f"exp_{mode}"] = elements * (exps / rates["exp_per_s"] + flops / rates["flop_per_s"]) * 1e3
+    return floors
 
 
 def best_seconds(fn, repeats: int = 20) -> float:
@@ -84,6 +99,7 @@ def medssm_call(backend):
 
 def pscan_call():
     """mambapy 1.2.0's selective scan (its MambaBlock.selective_scan) with the same softplus, D, z."""
+    from mambapy.pscan import pscan  # the "bench" extra: needed only when pscan is measured
 
     def call(t):
         delta = F.softplus(t["delta"] + t["delta_bias"])  # (B, L, D)
@@ -100,10 +116,17 @@ def pscan_call():
 
 
 def make_step(call, inputs, backward: bool):
+    """One timed call. The backward starts from a fixed output gradient made once, so that only the
+    scan's own work is timed (not a ``.sum()`` and the copy of its expanded gradient)."""
+    grad = []
+
     def step():
         if backward:
             leaves = {k: v.detach().requires_grad_(True) for k, v in inputs.items()}
-            call(leaves).sum().backward()
+            out = call(leaves)
+            if not grad:
+                grad.append(torch.ones_like(out))
+            out.backward(grad[0])
         else:
             with torch.no_grad():
                 call(inputs)
@@ -120,11 +143,11 @@ def peak_mib(step) -> float:
     return (memory_kib()[1] - rss) / 1024
 
 
-def cases():
+def cases(implementations):
     """(shape, implementation name, call, inputs) of every measured case."""
     for shape in SHAPES:
         kw = make_inputs(*shape)
-        for name in IMPLEMENTATIONS:
+        for name in implementations:
             if name == "reference" and shape[2] > REFERENCE_MAX_LENGTH:
                 yield shape, name, None, None
                 continue
@@ -132,10 +155,10 @@ def cases():
             yield shape, name, call, layout(kw)
 
 
-def measure_peaks() -> dict[str, float]:
+def measure_peaks(implementations) -> dict[str, float]:
     """Peak MiB of every case and mode, keyed "shape|impl|mode" (run in the child process)."""
     peaks = {}
-    for shape, name, call, inputs in cases():
+    for shape, name, call, inputs in cases(implementations):
         for mode, backward in (("fwd", False), ("fwd_bwd", True)):
             if call is not None:
                 peaks[f"{shape}|{name}|{mode}"] = peak_mib(make_step(call, inputs, backward))
@@ -145,35 +168,39 @@ def measure_peaks() -> dict[str, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--only", nargs="+", choices=IMPLEMENTATIONS, default=IMPLEMENTATIONS,
+                        help="measure only these implementations")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "scan.json"))
     parser.add_argument("--peaks-only", action="store_true", help=argparse.SUPPRESS)  # the memory child
     args = parser.parse_args()
+    implementations = [name for name in IMPLEMENTATIONS if name in args.only]
     torch.set_num_threads(THREADS)
-    numba.set_num_threads(THREADS)
     if args.peaks_only:
-        print(json.dumps(measure_peaks()))
+        print(json.dumps(measure_peaks(implementations)))
         return
-    child = subprocess.run([sys.executable, __file__, "--peaks-only"], env={**os.environ, **MEMORY_ENV},
-                           capture_output=True, text=True, check=True)
+    child = subprocess.run([sys.executable, __file__, "--peaks-only", "--only", *implementations],
+                           env={**os.environ, **MEMORY_ENV}, capture_output=True, text=True, check=True)
     peaks = json.loads(child.stdout.strip().splitlines()[-1])
     rates = measure_floor_rates()
     rows = []
-    for shape, name, call, inputs in cases():
-        elements = shape[0] * shape[1] * shape[2] * shape[3]
-        floor_ms = {
-            "fwd": elements * (1 / rates["exp_per_s"] + 6 / rates["flop_per_s"]) * 1e3,
-            "fwd_bwd": elements * (2 / rates["exp_per_s"] + 26 / rates["flop_per_s"]) * 1e3,
-        }
-        row = {"shape": shape, "impl": name, "floor_fwd_ms": floor_ms["fwd"], "floor_fwd_bwd_ms": floor_ms["fwd_bwd"]}
+    for shape, name, call, inputs in cases(implementations):
+        floor_ms = floors_ms(shape[0] * shape[1] * shape[2] * shape[3], rates)
+        row = {"shape": shape, "impl": name, **{f"floor_{mode}_ms": ms for mode, ms in floor_ms.items()}}
         rows.append(row)
         if call is None:
             row["skipped"] = f"L > {REFERENCE_MAX_LENGTH}: the sequential loop would take minutes"
             continue
         for mode, backward in (("fwd", False), ("fwd_bwd", True)):
-            times = call_seconds(make_step(call, inputs, backward), args.repeats)
+            step = make_step(call, inputs, backward)
+            times = call_seconds(step, args.repeats)
             row[f"{mode}_ms"], row[f"{mode}_median_ms"] = min(times) * 1e3, statistics.median(times) * 1e3
             row[f"{mode}_peak_mib"] = peaks[f"{shape}|{name}|{mode}"]
             row[f"{mode}_x_floor"] = row[f"{mode}_ms"] / floor_ms[mode]
+            if name in SCALED:
+                torch.set_num_threads(1)
+                row[f"{mode}_1_thread_ms"] = min(call_seconds(step, args.repeats)) * 1e3
+                torch.set_num_threads(THREADS)
+                row[f"{mode}_threads_speedup"] = row[f"{mode}_1_thread_ms"] / row[f"{mode}_ms"]
         if name == "pscan":
             for r in rows:
                 if r["shape"] == shape and "fwd_ms" in r:
@@ -187,23 +214,30 @@ def main() -> None:
 
 
 def print_table(rows, rates) -> None:
-    print(f"floor rates: exp {rates['exp_per_s'] / 1e9:.2f} G/s, "
-          f"float32 matmul {rates['flop_per_s'] / 1e9:.0f} GFLOP/s; "
-          f"{THREADS} threads; 1-min load average {os.getloadavg()[0]:.1f}")
+    print(f"floor rates: float32 matmul {rates['flop_per_s'] / 1e9:.0f} GFLOP/s, torch.exp "
+          f"{rates['exp_per_s'] / 1e9:.2f} G/s; {THREADS} threads; 1-min load average {os.getloadavg()[0]:.1f}")
     header = ("| (batch, D, L, N) | impl | fwd ms (best) | fwd ×floor | fwd+bwd ms (best) | fwd+bwd ×floor "
+              f"| fwd {THREADS} threads vs 1 | fwd+bwd {THREADS} threads vs 1 "
               "| peak MiB fwd | peak MiB fwd+bwd | fwd speed-up vs pscan |")
     print(header)
     print("|" + "---|" * (header.count("|") - 1))
+    blank = lambda r, key, fmt: format(r[key], fmt) if key in r else ""  # noqa: E731
+    shown = set()
     for r in rows:
         shape = "(" + ", ".join(map(str, r["shape"])) + ")"
-        if r["impl"] == IMPLEMENTATIONS[0]:
-            print(f"| {shape} | floor | {r['floor_fwd_ms']:.2f} | 1 | {r['floor_fwd_bwd_ms']:.2f} | 1 | | | |")
+        if shape not in shown:
+            shown.add(shape)
+            print(f"| {shape} | floor | {r['floor_fwd_ms']:.2f} | 1 | {r['floor_fwd_bwd_ms']:.2f} | 1 | | | | | |")
+            print(f"| {shape} | torch.exp floor | {r['floor_exp_fwd_ms']:.2f} "
+                  f"| {r['floor_exp_fwd_ms'] / r['floor_fwd_ms']:.1f} | {r['floor_exp_fwd_bwd_ms']:.2f} "
+                  f"| {r['floor_exp_fwd_bwd_ms'] / r['floor_fwd_bwd_ms']:.1f} | | | | | |")
         if "skipped" in r:
-            print(f"| {shape} | {r['impl']} | skipped: {r['skipped']} | | | | | | |")
+            print(f"| {shape} | {r['impl']} | skipped: {r['skipped']} | | | | | | | | |")
             continue
         print(f"| {shape} | {r['impl']} | {r['fwd_ms']:.2f} | {r['fwd_x_floor']:.1f} | {r['fwd_bwd_ms']:.1f} "
-              f"| {r['fwd_bwd_x_floor']:.1f} | {r['fwd_peak_mib']:.0f} | {r['fwd_bwd_peak_mib']:.0f} "
-              f"| {r['fwd_speedup_vs_pscan']:.1f} |")
+              f"| {r['fwd_bwd_x_floor']:.1f} | {blank(r, 'fwd_threads_speedup', '.2f')} "
+              f"| {blank(r, 'fwd_bwd_threads_speedup', '.2f')} | {r['fwd_peak_mib']:.0f} "
+              f"| {r['fwd_bwd_peak_mib']:.0f} | {blank(r, 'fwd_speedup_vs_pscan', '.1f')} |")
 
 
 if __name__ == "__main__":
