@@ -3,11 +3,16 @@
 Every registered medssm model (the ``monai:`` baselines are MONAI's code, not ours) is built in each
 dimensionality its card declares; its weights are set from each tensor's *name and shape* alone
 (a generator seeded by the name), so a change in the order parameters are created changes nothing,
-and it runs in eval mode, one thread, float32, on a seeded input of batch 2. A strided sample of at
-most ``SAMPLES`` output values and the output's sum of squares are kept per case (for a classifier
-also of its features before pooling), so that the file stays small.
+and it runs in eval mode, one thread, in float64, on a seeded input of batch 2. (In float32, rounding
+amplified through twenty random Mamba layers moves a full-size network's outputs by up to ~1e-3
+whenever a sum is reassociated, a 2-D GEMM for a batched one; in float64 the same change moves
+them by ~1e-12.) A strided sample of at most ``SAMPLES`` output values and the output's sum of
+squares are kept per case (for a classifier also of its features before pooling), so the file
+stays small.
 
     PYTHONPATH=src python tests/nets/make_reference_outputs.py   # rewrites reference_outputs.safetensors
+
+(run from a checkout of the code to compare against, with its ``src`` on the path).
 
 ``tests/nets/test_reference_outputs.py`` compares today's outputs with the file. It was written from
 the code at commit 7158869, before the fused Mamba path.
@@ -77,13 +82,14 @@ def set_weights(model: torch.nn.Module) -> None:
 
 
 def model_outputs(name: str, dims: int) -> dict[str, torch.Tensor]:
-    """The model's float32 output on its seeded input (eval mode, no gradient), and for a classifier
+    """The model's float64 output on its seeded input (eval mode, no gradient), and for a classifier
     its features before pooling too (the logits alone are 2 numbers a sample)."""
     shape = input_shape(name, dims)
     model = build_for_data(name, spatial_dims=dims, in_channels=IN_CHANNELS, num_classes=CLASSES,
                            patch_size=shape[2:]).eval()
     set_weights(model)
-    x = seeded(f"input:{name}:{dims}", shape)
+    model.double()
+    x = seeded(f"input:{name}:{dims}", shape).double()
     with torch.no_grad():
         outputs = {"output": model(x)}
         if hasattr(model, "forward_features"):
@@ -92,13 +98,13 @@ def model_outputs(name: str, dims: int) -> dict[str, torch.Tensor]:
 
 
 def summary(outputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """For each output: a strided sample of at most ``SAMPLES`` values and the sum of squares (float64)."""
+    """For each output: a strided sample of at most ``SAMPLES`` values and the sum of squares."""
     kept = {}
     for part, tensor in outputs.items():
         flat = tensor.detach().flatten()
         step = max(1, -(-flat.numel() // SAMPLES))
         kept[f"{part}/sample"] = flat[::step].clone()
-        kept[f"{part}/sum_squares"] = flat.double().square().sum().reshape(1)
+        kept[f"{part}/sum_squares"] = flat.square().sum().reshape(1)
     return kept
 
 

@@ -1,5 +1,5 @@
 """Every medssm network computes what it computed before the fused Mamba path (commit 7158869):
-outputs on fixed weights and inputs within 1e-5 of those saved by make_reference_outputs.py."""
+outputs on fixed weights and inputs (float64) within 1e-5 of those saved by make_reference_outputs.py."""
 
 import pytest
 import torch
