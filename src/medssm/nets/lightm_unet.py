@@ -68,7 +68,7 @@ class RVMLayer(nn.Module):
             x = x.float()
         tokens = image_to_tokens(x)  # (B, L, C_in), a view of the channels-first map
         y = self.mamba(self.norm(tokens)) + self.skip_scale * tokens  # Mamba returns a channels-first view too
-        y = linear_channels_first(self.norm(y).transpose(1, 2), self.proj)  # (B, C_out, L), contiguous: no copy back
+        y = linear_channels_first(self.norm(y), self.proj)  # (B, C_out, L), contiguous: no copy back
         return y.reshape(*y.shape[:2], *x.shape[2:])  # (B, C_out, *S)
 
 

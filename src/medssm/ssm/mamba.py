@@ -5,6 +5,20 @@ Parameter names and initialisation follow the authors' code, so their checkpoint
 ``conv1d, x_proj, dt_proj, A_log, D`` with the authors' suffix (``_b`` for the reversed scan, ``_s``
 for SegMamba's inter-slice scan: ``conv1d_b``, ``A_b_log``, ``D_s`` ...) and shares ``in_proj`` and
 ``out_proj``; the gated outputs of all directions are summed before ``out_proj``.
+
+Two paths compute the layer:
+
+- :meth:`Mamba.forward_reference`: the paper's steps written with the modules and plain PyTorch ops,
+  one line each. It runs on GPUs, while exporting or counting FLOPs, with ``out_norm``, and it is what
+  the tests hold the fused path to.
+- :class:`FusedMamba`: the CPU path (the mamba_ssm ``mamba_inner_fn`` of a CPU), one autograd
+  Function for the whole layer. Channels-first ``(B, C, L)`` throughout: every projection is one
+  plain 2-D GEMM per batch element on the weight as stored (no expanded weights, no transposing
+  copies); the causal conv and SiLU are one numba pass (:mod:`medssm.ssm.causal_conv`), whose output
+  is not kept (the backward recomputes it); dt_proj's output goes straight into the scan, which adds
+  the dt bias, applies softplus, adds ``D u`` and gates with ``silu(z)`` itself. Its backward runs the
+  scan's own backward and then the projections' and the conv's, accumulating into the buffers it
+  already has (``du += x_proj^T dx_dbl`` in place).
 """
 
 from __future__ import annotations
@@ -16,7 +30,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .causal_conv import causal_conv1d
+from . import scan as scan_module
+from .backends import is_exporting
 from .orders import from_order, to_order
 from .scan import selective_scan
 
@@ -36,14 +51,88 @@ def init_A_log(d_inner: int, d_state: int) -> torch.Tensor:
     return torch.log(torch.arange(1, d_state + 1, dtype=torch.float32)).repeat(d_inner, 1)
 
 
-def linear_channels_first(x: torch.Tensor, linear: nn.Linear, rows: slice = slice(None)) -> torch.Tensor:
-    """Output channels ``rows`` of ``linear`` applied to channels-first (B, C_in, L) ``x``:
-    (B, C_out, L), contiguous. ``bmm`` rather than ``matmul``, which would fold the batch into
-    rows and copy both ``x`` and the result to transpose them."""
-    weight = linear.weight[rows].expand(x.shape[0], -1, -1)
-    if linear.bias is None:
-        return torch.bmm(weight, x)
-    return torch.baddbmm(linear.bias[rows, None], weight, x)
+_conv_kernels = None
+
+
+def fused_kernels():
+    """:mod:`medssm.ssm.causal_conv` (numba kernels), or None where numba cannot be loaded."""
+    global _conv_kernels
+    if _conv_kernels is None:
+        try:
+            from . import causal_conv
+            _conv_kernels = causal_conv
+        except (ImportError, OSError):
+            _conv_kernels = False
+    return _conv_kernels or None
+
+
+def runs_fused(x: torch.Tensor) -> bool:
+    """Whether the fused CPU kernels take tensors like ``x`` here: float32/float64 on the CPU, numba
+    loaded, not exporting or tracing, and no FLOP count in progress (counters see only the reference
+    path's modules)."""
+    return (x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64) and not is_exporting()
+            and not scan_module._flop_counters and not torch.compiler.is_compiling()
+            and fused_kernels() is not None)
+
+
+def project_rows(weight: torch.Tensor, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``weight @ x[b] (+ bias)`` for each b: (M, K) on (B, K, L) -> (B, M, L), contiguous; one 2-D GEMM
+    per batch element, ``x[b]`` read in whatever layout it has (a transposed view is not copied)."""
+    out = x.new_empty(x.shape[0], weight.shape[0], x.shape[2])
+    for b in range(x.shape[0]):
+        if bias is None:
+            torch.mm(weight, x[b], out=out[b])
+        else:
+            torch.addmm(bias[:, None], weight, x[b], out=out[b])
+    return out
+
+
+def weight_grad(grad_rows: torch.Tensor, x_rows: torch.Tensor) -> torch.Tensor:
+    """sum_b grad_rows[b] @ x_rows[b]^T: (B, M, L), (B, K, L) -> (M, K), the gradient of the weight of
+    :func:`project_rows`."""
+    total = grad_rows[0] @ x_rows[0].transpose(0, 1)
+    for b in range(1, grad_rows.shape[0]):
+        total.addmm_(grad_rows[b], x_rows[b].transpose(0, 1))
+    return total
+
+
+class RowsLinear(torch.autograd.Function):
+    """``weight @ x[b] (+ bias)`` for every b with autograd: (M, K) on rows (B, K, L) -> (B, M, L),
+    contiguous, by plain 2-D GEMMs both ways (:func:`project_rows`, :func:`weight_grad`). ``x`` may
+    be channels-first or a transposed view of token-major (B, L, K) data; its gradient comes back in
+    the same layout."""
+
+    @staticmethod
+    def forward(ctx, weight, x, bias):
+        ctx.save_for_backward(weight, x)
+        ctx.has_bias = bias is not None
+        return project_rows(weight, x, bias)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        weight, x = ctx.saved_tensors
+        if x.stride(-2) == 1:  # token-major data: its gradient token-major too
+            grad_tokens = x.new_empty(x.shape[0], x.shape[2], x.shape[1])  # (B, L, K)
+            for b in range(x.shape[0]):
+                torch.mm(grad[b].t(), weight, out=grad_tokens[b])
+            grad_x = grad_tokens.transpose(1, 2)
+        else:
+            grad_x = project_rows(weight.t(), grad)
+        return weight_grad(grad, x), grad_x, grad.sum((0, 2)) if ctx.has_bias else None
+
+
+def rows_linear(weight: torch.Tensor, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``weight @ x[b] (+ bias)`` on rows (B, K, L) -> (B, M, L): 2-D GEMMs (:class:`RowsLinear`)
+    where the fused CPU path runs, else ``F.linear`` on the tokens (a channels-first view back)."""
+    if runs_fused(x) and not torch.is_autocast_enabled("cpu"):
+        return RowsLinear.apply(weight, x, bias)
+    return F.linear(x.transpose(1, 2), weight, bias).transpose(1, 2)
+
+
+def linear_channels_first(x: torch.Tensor, linear: nn.Linear) -> torch.Tensor:
+    """``linear`` on token-major (B, L, C_in) ``x``, returned channels-first (B, C_out, L)."""
+    return rows_linear(linear.weight, x.transpose(1, 2), linear.bias)
 
 
 class Mamba(nn.Module):
@@ -100,37 +189,151 @@ class Mamba(nn.Module):
         self.out_norm = nn.LayerNorm(self.d_inner) if out_norm else None
         self.out_proj = nn.Linear(self.d_inner, d_model, bias=bias)
 
+    def direction_parameters(self, order: str) -> tuple:
+        """(conv weight, conv bias, x_proj weight, dt_proj weight, dt_proj bias, A_log, D) of ``order``."""
+        s = ORDER_SUFFIX[order]
+        conv, dt_proj = getattr(self, f"conv1d{s}"), getattr(self, f"dt_proj{s}")
+        return (conv.weight, conv.bias, getattr(self, f"x_proj{s}").weight, dt_proj.weight, dt_proj.bias,
+                getattr(self, f"A{s}_log"), getattr(self, f"D{s}"))
+
     def forward(self, hidden: torch.Tensor, spatial_shape: Sequence[int] | None = None) -> torch.Tensor:
-        """(B, L, d_model) -> (B, L, d_model). ``spatial_shape`` (whose product is L) places the
-        tokens, given in raster order, on the grid the ``"slice"`` order needs."""
+        """(B, L, d_model) -> (B, L, d_model), a view of a channels-first (B, d_model, L) tensor.
+        ``spatial_shape`` (whose product is L) places the tokens, given in raster order, on the grid
+        the ``"slice"`` order needs."""
         length = hidden.shape[1]
         shape = tuple(spatial_shape) if spatial_shape is not None else (length,)
         if math.prod(shape) != length:
             raise ValueError(f"spatial_shape {shape} does not hold L={length} tokens")
-        # Channels-first (B, C, L) throughout, straight out of the matmuls: the conv, the projections
-        # and the scan then read contiguous rows and their gradients come back contiguous, with no
-        # transposing copies (the weights are used as the Linear modules store them).
-        hidden = hidden.transpose(1, 2)  # (B, d_model, L)
-        # x and z from separate halves of in_proj: their gradients then need no concatenation
-        x = linear_channels_first(hidden, self.in_proj, slice(None, self.d_inner))  # (B, d_inner, L)
-        z = linear_channels_first(hidden, self.in_proj, slice(self.d_inner, None))
-        y = sum(from_order(self._scan_direction(to_order(x, shape, order), to_order(z, shape, order), order),
-                           shape, order)
-                for order in self.orders)  # (B, d_inner, L), raster order
-        return linear_channels_first(y, self.out_proj).transpose(1, 2)  # (B, L, d_model), a channels-first view
+        if self.out_norm is None and runs_fused(hidden) and not torch.is_autocast_enabled("cpu"):
+            return FusedMamba.run(self, hidden, shape)
+        return self.forward_reference(hidden, shape)
 
-    def _scan_direction(self, x: torch.Tensor, z: torch.Tensor, order: str) -> torch.Tensor:
+    def forward_reference(self, hidden: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+        """The layer in plain PyTorch, step by step (Gu & Dao 2023, Algorithm 2, and Fig. 3)."""
+        x, z = self.in_proj(hidden).chunk(2, dim=-1)  # (B, L, d_inner) each
+        x, z = x.transpose(1, 2), z.transpose(1, 2)  # (B, d_inner, L)
+        y = sum(from_order(self._direction_reference(to_order(x, shape, o), to_order(z, shape, o), o), shape, o)
+                for o in self.orders)  # (B, d_inner, L), raster order
+        return self.out_proj(y.transpose(1, 2))  # (B, L, d_model)
+
+    def _direction_reference(self, x: torch.Tensor, z: torch.Tensor, order: str) -> torch.Tensor:
         """One direction on x, z (B, d_inner, L) already in ``order``: gated scan output (B, d_inner, L)."""
         s = ORDER_SUFFIX[order]
         conv, x_proj, dt_proj = getattr(self, f"conv1d{s}"), getattr(self, f"x_proj{s}"), getattr(self, f"dt_proj{s}")
         A = -torch.exp(getattr(self, f"A{s}_log").float())  # (d_inner, N)
-        x = F.silu(causal_conv1d(x, conv))
-        x_dbl = linear_channels_first(x, x_proj)  # (B, dt_rank + 2N, L)
-        dt, B, C = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=1)
-        dt = torch.bmm(dt_proj.weight.expand(dt.shape[0], -1, -1), dt)  # (B, d_inner, L); bias added in the scan
+        x = F.silu(conv(x)[..., :x.shape[-1]])  # causal depthwise conv: the first L outputs
+        dt, B, C = torch.split(x_proj(x.transpose(1, 2)), [self.dt_rank, self.d_state, self.d_state], dim=-1)
+        dt = dt_proj.weight @ dt.transpose(1, 2)  # (B, d_inner, L); its bias is added in the scan
         gate_in_scan = self.out_norm is None
-        y = selective_scan(x, dt, A, B, C, getattr(self, f"D{s}").float(),
+        y = selective_scan(x, dt, A, B.transpose(1, 2), C.transpose(1, 2), getattr(self, f"D{s}").float(),
                            z=z if gate_in_scan else None, delta_bias=dt_proj.bias.float(), delta_softplus=True)
         if gate_in_scan:
             return y
         return self.out_norm(y.transpose(1, 2)).transpose(1, 2) * F.silu(z)  # normalised per token, then gated
+
+
+PER_DIRECTION = 7  # tensors per direction given to FusedMamba (see Mamba.direction_parameters)
+
+
+class FusedMamba(torch.autograd.Function):
+    """The whole Mamba layer on the CPU as one autograd Function (see the module docstring).
+
+    Kept for the backward: the input, the in_proj output (x is the conv's input, z the gate), and per
+    direction the conv+SiLU output u, x_proj's output and the scan's own saved state; the conv output
+    before SiLU is recomputed. The scan runs through :func:`medssm.ssm.selective_scan` on detached
+    inputs with its own autograd graph, which the backward asks for the scan's gradients.
+    """
+
+    @staticmethod
+    def run(layer: Mamba, hidden: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+        params = [p for o in layer.orders for p in layer.direction_parameters(o)]
+        spec = (layer.orders, shape, layer.dt_rank, layer.d_state)
+        shared = (layer.in_proj.weight, layer.in_proj.bias, layer.out_proj.weight, layer.out_proj.bias)
+        if torch.is_grad_enabled() and (hidden.requires_grad or any(p is not None and p.requires_grad
+                                                                    for p in (*shared, *params))):
+            return FusedMamba.apply(spec, hidden, *shared, *params)
+        with torch.no_grad():
+            return _fused_forward(spec, hidden, *shared, params, keep=None)
+
+    @staticmethod
+    def forward(ctx, spec, hidden, in_w, in_b, out_w, out_b, *params):
+        ctx.spec = spec
+        ctx.keep = []
+        out = _fused_forward(spec, hidden, in_w, in_b, out_w, out_b, params, keep=ctx.keep)
+        ctx.save_for_backward(hidden, in_w, out_w, *params)
+        ctx.has_bias = (in_b is not None, out_b is not None)
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out):
+        orders, shape, rank, n_state = ctx.spec
+        hidden, in_w, out_w, *params = ctx.saved_tensors
+        xz, y_sum, directions = ctx.keep[0], ctx.keep[1], ctx.keep[2:]
+        d = in_w.shape[0] // 2
+        grad_rows = grad_out.transpose(1, 2)  # (B, d_model, L)
+        dy = project_rows(out_w.t(), grad_rows)  # (B, d_inner, L)
+        grad_out_w = weight_grad(grad_rows, y_sum)
+        grad_out_b = grad_rows.sum((0, 2)) if ctx.has_bias[1] else None
+        dx = dz = None
+        direction_grads = []
+        for i, (order, kept) in enumerate(zip(orders, directions)):
+            conv_w, conv_b, x_w, dt_w, dt_b, A_log, D = params[PER_DIRECTION * i: PER_DIRECTION * (i + 1)]
+            x_o, u, x_dbl, scan_out, leaves = kept
+            du, d_delta, dx_dbl, dz_o, dA_log, dD, d_dt_b = torch.autograd.grad(
+                scan_out, leaves, to_order(dy, shape, order).contiguous())
+            grad_dt_w = weight_grad(d_delta, x_dbl[:, :rank])
+            for b in range(du.shape[0]):  # delta = dt_w @ x_dbl[:rank]; x_dbl = x_w @ u
+                dx_dbl[b, :rank].addmm_(dt_w.t(), d_delta[b])
+                du[b].addmm_(x_w.t(), dx_dbl[b])
+            grad_x_w = weight_grad(dx_dbl, u)
+            dx_o, grad_conv_w, grad_conv_b = fused_kernels().conv_silu_backward(x_o, conv_w, conv_b, du)
+            dx_o, dz_o = from_order(dx_o, shape, order), from_order(dz_o, shape, order)
+            dx = dx_o if dx is None else dx.add_(dx_o)
+            dz = dz_o if dz is None else dz.add_(dz_o)
+            direction_grads += [grad_conv_w, grad_conv_b, grad_x_w, grad_dt_w, d_dt_b, dA_log, dD]
+        # in_proj: x = in_w[:d] @ h^T, z = in_w[d:] @ h^T
+        grad_hidden = torch.empty_like(hidden, memory_format=torch.contiguous_format)  # (B, L, d_model)
+        for b in range(hidden.shape[0]):
+            torch.mm(dx[b].t(), in_w[:d], out=grad_hidden[b])
+            grad_hidden[b].addmm_(dz[b].t(), in_w[d:])
+        h_rows = hidden.transpose(1, 2)
+        grad_in_w = torch.cat((weight_grad(dx, h_rows), weight_grad(dz, h_rows)))
+        grad_in_b = torch.cat((dx.sum((0, 2)), dz.sum((0, 2)))) if ctx.has_bias[0] else None
+        ctx.keep = None
+        return (None, grad_hidden, grad_in_w, grad_in_b, grad_out_w, grad_out_b, *direction_grads)
+
+
+def _fused_forward(spec, hidden, in_w, in_b, out_w, out_b, params, keep: list | None) -> torch.Tensor:
+    """The fused layer's forward; with ``keep`` (a list) it appends what the backward needs."""
+    orders, shape, rank, n_state = spec
+    kernels = fused_kernels()
+    d = in_w.shape[0] // 2
+    xz = project_rows(in_w, hidden.transpose(1, 2), in_b)  # (B, 2 d_inner, L): x rows, then z rows
+    x, z = xz[:, :d], xz[:, d:]
+    y_sum = None
+    kept = []
+    for i, order in enumerate(orders):
+        conv_w, conv_b, x_w, dt_w, dt_b, A_log, D = params[PER_DIRECTION * i: PER_DIRECTION * (i + 1)]
+        x_o = to_order(x, shape, order).contiguous()  # (B, d_inner, L) in the scan's order
+        z_o = to_order(z, shape, order)
+        u = kernels.conv_silu_forward(x_o, conv_w, conv_b)  # silu(causal conv), one pass
+        x_dbl = project_rows(x_w, u)  # (B, rank + 2N, L)
+        delta = project_rows(dt_w, x_dbl[:, :rank])  # (B, d_inner, L): dt_proj without its bias
+        inputs = (u, delta, x_dbl, z_o, A_log, D, dt_b)
+        if keep is not None:  # the scan's own graph, on detached inputs: its backward gives their gradients
+            inputs = tuple(t.detach().requires_grad_() for t in inputs)
+        u_, delta_, x_dbl_, z_, A_log_, D_, dt_b_ = inputs
+        with torch.enable_grad() if keep is not None else torch.no_grad():
+            y = selective_scan(u_, delta_, -torch.exp(A_log_.float()), x_dbl_[:, rank:rank + n_state],
+                               x_dbl_[:, rank + n_state:], D_.float(), z=z_, delta_bias=dt_b_.float(),
+                               delta_softplus=True)  # (B, d_inner, L), gated
+        if keep is not None:
+            kept.append((x_o, u, x_dbl, y, inputs))
+            y = y.detach()
+        y = from_order(y, shape, order)
+        y_sum = y if y_sum is None else y_sum.add_(y)
+    out = project_rows(out_w, y_sum, out_b)  # (B, d_model, L)
+    if keep is not None:
+        keep += [xz, y_sum, *kept]
+    return out.transpose(1, 2)
