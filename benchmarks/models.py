@@ -18,7 +18,8 @@ same run (SegResNet-32, or ResNet-18).
 
     python benchmarks/models.py [--threads 2] [--precision fp32 bf16] [--only lightm_unet_2d segresnet32_2d]
     python benchmarks/models.py --busy            # the same with one competing busy process
-    python benchmarks/models.py --profile lightm_unet_2d [--precision fp32]   # self CPU time by group
+    python benchmarks/models.py --keep-freed-memory   # glibc keeps freed memory (medssm.devices.keep_freed_memory)
+    python benchmarks/models.py --profile lightm_unet_2d [--precision fp32]   # self CPU time by group, 1 thread
 
 Writes benchmarks/results/models.json (or models_profile.json).
 """
@@ -99,13 +100,24 @@ def step_parts(key: str, precision: str):
     return model, x, train, forward
 
 
+def set_up_process(threads: int) -> None:
+    """torch's threads, and glibc's allocator as ``medssm train`` sets it when asked (``--keep-freed-memory``)."""
+    import torch
+
+    torch.set_num_threads(threads)
+    if os.environ.get("BENCH_KEEP_FREED_MEMORY") == "1":
+        from medssm.devices import keep_freed_memory
+
+        keep_freed_memory()
+
+
 def run_case(key: str, precisions: list[str], repeats: int) -> dict:
     """Measure one case in this process (threads already set by the parent's environment)."""
     import torch
 
     from medssm.nets.info import count_macs, count_parameters, peak_tensor_bytes
 
-    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+    set_up_process(int(os.environ["OMP_NUM_THREADS"]))
     group, label, name, _, shape = CASES[key]
     row = {"key": key, "group": group, "model": label, "input": list(shape), "threads": torch.get_num_threads()}
     for precision in precisions:
@@ -182,8 +194,9 @@ GROUPS = (  # (group, substrings of event names), first match wins
 )
 
 
-def profile_case(key: str, precision: str, steps: int) -> dict:
-    """Self CPU time of ``steps`` training steps of ``key`` (one thread), summed per group."""
+def profile_case(key: str, precision: str, steps: int, threads: int) -> dict:
+    """Self CPU time of ``steps`` training steps of ``key``, summed per group (with several threads, an
+    op's self time is the wall time its calling thread spends in it)."""
     import time
 
     import torch
@@ -191,7 +204,7 @@ def profile_case(key: str, precision: str, steps: int) -> dict:
 
     from medssm.ssm import backends
 
-    torch.set_num_threads(1)
+    set_up_process(threads)
     for name in backends.available_backends():  # label the scan's forward (a numba call, no aten op)
         def labelled(*args, _scan=backends.get_backend(name), **kwargs):
             with record_function("selective_scan forward"):
@@ -212,13 +225,13 @@ def profile_case(key: str, precision: str, steps: int) -> dict:
         totals[group] = totals.get(group, 0.0) + event.self_cpu_time_total / 1e6 / steps
         ops[event.key] = event.self_cpu_time_total / 1e6 / steps
     top = sorted(ops.items(), key=lambda kv: -kv[1])[:25]
-    return {"key": key, "precision": precision, "threads": 1, "steps": steps, "wall_s_per_step": wall / steps,
+    return {"key": key, "precision": precision, "threads": threads, "steps": steps, "wall_s_per_step": wall / steps,
             "groups_s": dict(sorted(totals.items(), key=lambda kv: -kv[1])), "top_ops_s": dict(top)}
 
 
 def profile_table(result: dict) -> str:
     total = sum(result["groups_s"].values())
-    lines = [f"{result['key']} {result['precision']}, 1 thread: {result['wall_s_per_step']:.3f} s a step under the "
+    lines = [f"{result['key']} {result['precision']}, {result['threads']} thread(s): {result['wall_s_per_step']:.3f} s a step under the "
              f"profiler, {total:.3f} s of it in profiled events", f"{'group':<30} {'s':>7} {'share':>6}"]
     lines += [f"{g:<30} {s:>7.3f} {100 * s / total:>5.1f}%" for g, s in result["groups_s"].items()]
     lines += ["", "top events by self CPU time:"] + [f"  {k[:70]:<70} {s:>7.3f}" for k, s in result["top_ops_s"].items()]
@@ -227,10 +240,12 @@ def profile_table(result: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=None, help="torch (and numba) threads (default 2; 1 with --profile)")
     parser.add_argument("--repeats", type=int, default=3, help="timed repetitions after one warm-up")
     parser.add_argument("--precision", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"])
     parser.add_argument("--only", nargs="+", help="case keys to run (default: all)", choices=list(CASES))
+    parser.add_argument("--keep-freed-memory", action="store_true",
+                        help="every case process keeps freed memory for reuse (medssm.devices.keep_freed_memory)")
     parser.add_argument("--busy", action="store_true", help="run beside one busy process (python -c 'while True: pass')")
     parser.add_argument("--profile", metavar="CASE", choices=list(CASES),
                         help="profile CASE's training step (1 thread) instead: self CPU time by group")
@@ -240,21 +255,21 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(run_case(args.case, args.precision, args.repeats)))
         return 0
     RESULTS.mkdir(parents=True, exist_ok=True)
-    threads = 1 if args.profile else args.threads
+    threads = args.threads or (1 if args.profile else 2)
     # numba's pool is sized from NUMBA_NUM_THREADS at start-up: fix it with torch's.
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
-           "NUMBA_NUM_THREADS": str(threads)}
+           "NUMBA_NUM_THREADS": str(threads), "BENCH_KEEP_FREED_MEMORY": str(int(args.keep_freed_memory))}
     busy = subprocess.Popen([sys.executable, "-c", BUSY]) if args.busy else None
     try:
         if args.profile:
             code = (f"import sys, json; sys.path.insert(0, {str(Path(__file__).parent)!r}); import models; "
-                    f"print(json.dumps(models.profile_case({args.profile!r}, {args.precision[0]!r}, {args.repeats})))")
+                    f"print(json.dumps(models.profile_case({args.profile!r}, {args.precision[0]!r}, {args.repeats}, {threads})))")
             proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
             if proc.returncode:
                 sys.stderr.write(proc.stderr)
                 return proc.returncode
             result = json.loads(proc.stdout.strip().splitlines()[-1])
-            result["busy"] = args.busy
+            result["busy"], result["keep_freed_memory"] = args.busy, args.keep_freed_memory
             print(profile_table(result))
             (RESULTS / "models_profile.json").write_text(json.dumps(result, indent=2))
             return 0
@@ -273,10 +288,12 @@ def main(argv: list[str] | None = None) -> int:
         if busy is not None:
             busy.kill()
     add_ratios(rows, args.precision)
-    print(f"{threads} threads{', one busy process beside' if args.busy else ''}; median of {args.repeats}")
+    print(f"{threads} threads{', one busy process beside' if args.busy else ''}"
+          f"{', freed memory kept' if args.keep_freed_memory else ''}; median of {args.repeats}")
     print(table(rows, args.precision))
     (RESULTS / "models.json").write_text(json.dumps({"threads": threads, "busy": args.busy, "repeats": args.repeats,
-                                                     "rows": rows}, indent=2))
+                                                     "keep_freed_memory": args.keep_freed_memory, "rows": rows},
+                                                    indent=2))
     return 0
 
 

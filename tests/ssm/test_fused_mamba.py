@@ -6,7 +6,7 @@ import torch
 
 from medssm.nets.medmamba import SS2D
 from medssm.ssm import Mamba
-from medssm.ssm.mamba import RowsLinear, rows_linear, runs_fused
+from medssm.ssm.mamba import fused_dtype, rows_linear
 from medssm.ssm.scan import count_scan_flops
 
 TOL = 1e-10
@@ -96,10 +96,39 @@ def test_rows_linear_matches_linear(token_major):
 def test_flop_counting_sees_the_reference_path():
     """Counters (medssm info) need the modules' own ops: no fused path while scan FLOPs are counted."""
     x = torch.randn(1, 10, 8)
-    assert runs_fused(x)
+    assert fused_dtype(x) == torch.float32
     with count_scan_flops(compute=False):
-        assert not runs_fused(x)
+        assert fused_dtype(x) is None
     layer = Mamba(8)
     with count_scan_flops(compute=False):
         out = layer(x.requires_grad_())
     assert not out.grad_fn.name().startswith("FusedMamba")
+
+
+@pytest.mark.parametrize("orders, shape", [(("raster",), (300,)), (("raster", "reversed", "slice"), (6, 7, 8))])
+def test_fused_mamba_under_bf16_autocast(orders, shape):
+    """bf16 GEMMs with the conv and the scan in float32: within bf16 rounding of the float32 layer
+    (as close as the reference path under autocast), float32 gradients for the float32 parameters."""
+    generator = torch.Generator().manual_seed(7)
+    layer = Mamba(16, orders=orders)
+    randomise(layer, generator)
+    length = 1
+    for s in shape:
+        length *= s
+    hidden = torch.randn(2, length, 16, generator=generator, requires_grad=True)
+    names, params = zip(*layer.named_parameters())
+    grad_out = torch.randn(2, length, 16, generator=generator)
+    exact = layer.forward_reference(hidden, shape)
+    exact_grads = torch.autograd.grad(exact, [hidden, *params], grad_out)
+    results = {}
+    for path in ("fused", "reference"):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = layer(hidden, shape) if path == "fused" else layer.forward_reference(hidden, shape)
+        results[path] = (out, torch.autograd.grad(out.float(), [hidden, *params], grad_out))
+    out, grads = results["fused"]
+    assert out.dtype == torch.bfloat16 and out.grad_fn.name().startswith("FusedMamba")
+    relative = lambda a, b: ((a.float() - b).norm() / b.norm()).item()  # noqa: E731
+    assert relative(out, exact) < max(0.02, 1.5 * relative(results["reference"][0], exact))
+    for name, g, r, e in zip(["input", *names], grads, results["reference"][1], exact_grads):
+        assert g.dtype == e.dtype and torch.isfinite(g).all(), name
+        assert relative(g, e) < max(0.03, 1.5 * relative(r, e)), name

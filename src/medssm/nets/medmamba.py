@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..ssm.mamba import init_A_log, init_dt_bias, rows_linear, runs_fused
+from ..ssm.mamba import fused_dtype, init_A_log, init_dt_bias, rows_linear
 from ..ssm.orders import CROSS_SCAN_2D, CROSS_SCAN_3D, cross_merge, cross_scan, from_order, to_order
 from ..ssm import selective_scan
 from .blocks import NoMixer
@@ -143,7 +143,7 @@ class SS2D(nn.Module):
 
     def _scan_all(self, x: torch.Tensor) -> torch.Tensor:
         """(B, d_inner, *S) -> (B, d_inner, L): every direction scanned, restored to raster order, summed."""
-        if runs_fused(x) and not torch.is_autocast_enabled("cpu"):
+        if fused_dtype(x) is not None:
             return self._scan_each(x)
         return self._scan_grouped(x)
 

@@ -65,15 +65,19 @@ def _sigmoid_overload(v):
 
 @njit(inline="always", fastmath=_FASTMATH)
 def _conv_row(xr, w, d, bias, out):
-    """out = conv(xr) for channel d: its bias, then one shifted pass per tap."""
+    """out = conv(xr) for channel d: its bias, then one shifted pass per tap. Loops index slices from
+    0 (an index like ``t - shift`` is not provably >= 0 to numba, which then cannot vectorise)."""
     length, k_size = xr.shape[0], w.shape[1]
     for t in range(length):
         out[t] = bias
     for k in range(k_size):
         shift = k_size - 1 - k  # out[t] += w[k] x[t - shift]
+        if shift >= length:
+            continue
         wk = w[d, k]
-        for t in range(shift, length):
-            out[t] += wk * xr[t - shift]
+        src, dst = xr[:length - shift], out[shift:]
+        for t in range(length - shift):
+            dst[t] += wk * src[t]
 
 
 @njit(parallel=True, cache=True, fastmath=_FASTMATH, error_model="numpy")
@@ -106,18 +110,22 @@ def _backward_kernel(x, w, b, du, dx, dw, db):
             for t in range(length):
                 v = dv[t]
                 s = _sigmoid(v)
-                dv[t] = dur[t] * (s * (one + v * (one - s)))  # silu'(v) = s (1 + v (1 - s))
-            for t in range(length):
-                bias_sum += dv[t]
-            for s_ in range(length):
-                dxr[s_] = 0
-            for k in range(k_size):
-                shift = k_size - 1 - k  # x[s] reached out[s + shift] through w[k]
+                g = dur[t] * (s * (one + v * (one - s)))  # silu'(v) = s (1 + v (1 - s))
+                dv[t] = g
+                bias_sum += g
+            for shift in range(min(k_size, length)):  # x[s] reached out[s + shift] through w[K-1-shift]
+                k = k_size - 1 - shift
                 wk = w[d, k]
+                grad, xs, dxs = dv[shift:], xr[:length - shift], dxr[:length - shift]
                 acc = x.dtype.type(0.0)
-                for s_ in range(length - shift):
-                    dxr[s_] += wk * dv[s_ + shift]
-                    acc += dv[s_ + shift] * xr[s_]
+                if shift == 0:  # the first tap covers every s: it writes dx, the others add to it
+                    for s_ in range(length):
+                        dxs[s_] = wk * grad[s_]
+                        acc += grad[s_] * xs[s_]
+                else:
+                    for s_ in range(length - shift):
+                        dxs[s_] += wk * grad[s_]
+                        acc += grad[s_] * xs[s_]
                 dw[d, k] += acc
         db[d] = bias_sum
 
