@@ -20,6 +20,7 @@ same run (SegResNet-32, or ResNet-18).
     python benchmarks/models.py --busy            # the same with one competing busy process
     python benchmarks/models.py --keep-freed-memory   # glibc keeps freed memory (medssm.devices.keep_freed_memory)
     python benchmarks/models.py --profile lightm_unet_2d [--precision fp32]   # self CPU time by group, 1 thread
+    python benchmarks/models.py --depthwise       # depthwise convs: PyTorch's against medssm's kernels
 
 Writes benchmarks/results/models.json (or models_profile.json).
 """
@@ -238,6 +239,48 @@ def profile_table(result: dict) -> str:
     return "\n".join(lines)
 
 
+# --- depthwise convolutions: PyTorch's (NCDHW and channels-last) against medssm's kernels ---
+
+DEPTHWISE_SHAPES = [(1, 32, 256, 256), (1, 64, 128, 128), (1, 32, 64, 64, 64), (1, 64, 32, 32, 32), (1, 128, 16, 16, 16)]
+
+
+def depthwise_table(repeats: int) -> tuple[str, list[dict]]:
+    """Forward and forward+backward ms of a 3x3(x3) depthwise conv at LightM-UNet's decoder shapes."""
+    import torch
+    import torch.nn as nn
+
+    from medssm.nets.depthwise import depthwise_conv
+
+    torch.manual_seed(0)
+    rows = []
+    for shape in DEPTHWISE_SHAPES:
+        channels, dims = shape[1], len(shape) - 2
+        conv = (nn.Conv3d if dims == 3 else nn.Conv2d)(channels, channels, 3, padding=1, groups=channels)
+        row = {"shape": list(shape)}
+        for name, layout, run in (("torch", torch.contiguous_format, conv),
+                                  ("torch channels-last", torch.channels_last_3d if dims == 3 else torch.channels_last, conv),
+                                  ("medssm", torch.contiguous_format, lambda x: depthwise_conv(conv, x))):
+            x = torch.randn(*shape).to(memory_format=layout).requires_grad_()
+            grad = torch.randn(*shape).to(memory_format=layout)
+
+            def forward():
+                with torch.no_grad():
+                    run(x)
+
+            def both():
+                torch.autograd.grad(run(x), (x, conv.weight, conv.bias), grad)
+
+            row[name] = {"forward_ms": 1e3 * median_seconds(forward, repeats),
+                         "forward_backward_ms": 1e3 * median_seconds(both, repeats)}
+        rows.append(row)
+    names = ("torch", "torch channels-last", "medssm")
+    lines = [f"{'shape':<22}" + "".join(f" | {n + ' fwd':>24} {'fwd+bwd':>8}" for n in names)]
+    for r in rows:
+        lines.append(f"{'x'.join(map(str, r['shape'])):<22}" + "".join(
+            f" | {r[n]['forward_ms']:>24.1f} {r[n]['forward_backward_ms']:>8.1f}" for n in names))
+    return "\n".join(lines), rows
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=None, help="torch (and numba) threads (default 2; 1 with --profile)")
@@ -249,6 +292,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--busy", action="store_true", help="run beside one busy process (python -c 'while True: pass')")
     parser.add_argument("--profile", metavar="CASE", choices=list(CASES),
                         help="profile CASE's training step (1 thread) instead: self CPU time by group")
+    parser.add_argument("--depthwise", action="store_true",
+                        help="instead: a 3x3(x3) depthwise conv at LightM-UNet's shapes, PyTorch's against medssm's (ms)")
     parser.add_argument("--case", help=argparse.SUPPRESS)  # internal: measure one case, print its JSON
     args = parser.parse_args(argv)
     if args.case:
@@ -256,6 +301,14 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     RESULTS.mkdir(parents=True, exist_ok=True)
     threads = args.threads or (1 if args.profile else 2)
+    if args.depthwise:
+        import torch
+
+        torch.set_num_threads(threads)
+        text, rows = depthwise_table(args.repeats)
+        print(f"{threads} threads; median of {args.repeats}; ms\n{text}")
+        (RESULTS / "models_depthwise.json").write_text(json.dumps({"threads": threads, "rows": rows}, indent=2))
+        return 0
     # numba's pool is sized from NUMBA_NUM_THREADS at start-up: fix it with torch's.
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
            "NUMBA_NUM_THREADS": str(threads), "BENCH_KEEP_FREED_MEMORY": str(int(args.keep_freed_memory))}
