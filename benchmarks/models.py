@@ -10,7 +10,8 @@ Rows (each case in its own subprocess, with the thread count fixed for torch and
 
 "train s" is one real training step (``medssm.engine.loop.train_step``: forward under autocast for
 bf16, Dice + CE for segmentation or CE for classification, backward, clipping at 12, AdamW), median
-of ``--repeats`` after one warm-up step; "fwd s" one eval forward without gradient. Memory: "peak
+of ``--repeats`` after two warm-up steps, "cpu s" the CPU time of all the process's threads in a step
+(median); "fwd s" one eval forward without gradient. Memory: "peak
 MiB" is the most tensor storage alive at once among the tensors a step or forward creates
 (``medssm.nets.info.LiveTensorBytes``), "RSS MiB" the case process's peak resident set (every
 precision measured in it). "x ref" columns divide by the group's reference CNN measured in the
@@ -31,8 +32,10 @@ import argparse
 import json
 import os
 import resource
+import statistics
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from timing import median_seconds
@@ -126,9 +129,18 @@ def run_case(key: str, precisions: list[str], repeats: int) -> dict:
         if "params" not in row:
             row["params"] = count_parameters(model)
             row["macs"], row["scan_flops"] = count_macs(model, x)
+        train()  # warm-ups: kernels compiled or loaded, optimiser state made, the heap grown
+        train()
+        walls, cpus = [], []
+        for _ in range(repeats):
+            wall, cpu = time.perf_counter(), time.process_time()
+            train()
+            walls.append(time.perf_counter() - wall)
+            cpus.append(time.process_time() - cpu)
         row[precision] = {
             "forward_s": median_seconds(forward, repeats),
-            "train_step_s": median_seconds(train, repeats),
+            "train_step_s": statistics.median(walls),
+            "train_cpu_s": statistics.median(cpus),  # CPU time of all the process's threads
             "forward_peak_bytes": peak_tensor_bytes(forward),
             "train_peak_bytes": peak_tensor_bytes(train),
         }
@@ -160,7 +172,8 @@ def table(rows: list[dict], precisions: list[str]) -> str:
     mib = lambda b: f"{b / 2**20:,.0f}"  # noqa: E731
     header = f"{'group':<17} {'model':<34} {'params':>11} {'GMACs':>7} {'scan GF':>7} {'RSS MiB':>8}"
     for p in precisions:
-        header += f" | {p + ' train s':>12} {'x ref':>5} {'fwd s':>6} {'x ref':>5} {'train MiB':>9} {'fwd MiB':>7}"
+        header += (f" | {p + ' train s':>12} {'x ref':>5} {'cpu s':>6} {'fwd s':>6} {'x ref':>5} {'train MiB':>9} "
+                   f"{'fwd MiB':>7}")
     lines = [header, "-" * len(header)]
     for r in rows:
         if "error" in r:
@@ -170,7 +183,8 @@ def table(rows: list[dict], precisions: list[str]) -> str:
                 f"{r['scan_flops'] / 1e9:>7.2f} {mib(r['peak_rss_bytes']):>8}")
         for p in precisions:
             m = r[p]
-            line += (f" | {m['train_step_s']:>12.3f} {m.get('train_x_ref', float('nan')):>5.2f} {m['forward_s']:>6.3f} "
+            line += (f" | {m['train_step_s']:>12.3f} {m.get('train_x_ref', float('nan')):>5.2f} {m['train_cpu_s']:>6.2f} "
+                     f"{m['forward_s']:>6.3f} "
                      f"{m.get('forward_x_ref', float('nan')):>5.2f} {mib(m['train_peak_bytes']):>9} "
                      f"{mib(m['forward_peak_bytes']):>7}")
         lines.append(line)

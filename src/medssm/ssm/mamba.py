@@ -335,16 +335,15 @@ def _fused_forward(spec, hidden, in_w, in_b, out_w, out_b, params, keep: list | 
         x_o = to_order(x, shape, order).to(conv_w.dtype).contiguous()  # (B, d_inner, L) in the scan's order
         z_o = to_order(z, shape, order)
         u = kernels.conv_silu_forward(x_o, conv_w, conv_b)  # silu(causal conv), one pass
-        x_dbl = project_rows(x_w, u)  # (B, rank + 2N, L)
+        x_dbl = project_rows(x_w, u)  # (B, rank + 2N, L): dt (low rank), B, C
         delta = project_rows(dt_w, x_dbl[:, :rank])  # (B, d_inner, L): dt_proj without its bias
-        inputs = (u, delta, x_dbl, z_o, A_log, D, dt_b)
+        inputs = (u, delta, x_dbl[:, rank:rank + n_state], x_dbl[:, rank + n_state:], z_o, A_log, D, dt_b)
         if keep is not None:  # the scan's own graph, on detached inputs: its backward gives their gradients
             inputs = tuple(t.detach().requires_grad_() for t in inputs)
-        u_, delta_, x_dbl_, z_, A_log_, D_, dt_b_ = inputs
+        u_, delta_, B_, C_, z_, A_log_, D_, dt_b_ = inputs
         with torch.enable_grad() if keep is not None else torch.no_grad():
-            y = selective_scan(u_, delta_, -torch.exp(A_log_.float()), x_dbl_[:, rank:rank + n_state],
-                               x_dbl_[:, rank + n_state:], D_.float(), z=z_, delta_bias=dt_b_.float(),
-                               delta_softplus=True)  # (B, d_inner, L), gated, in u's dtype (float32 or 64)
+            y = selective_scan(u_, delta_, -torch.exp(A_log_.float()), B_, C_, D_.float(), z=z_,
+                               delta_bias=dt_b_.float(), delta_softplus=True)  # (B, d_inner, L), gated, in u's dtype
         if keep is not None:
             kept.append((x_o, u, x_dbl, y, inputs))
             y = y.detach()
@@ -371,13 +370,15 @@ def _fused_backward(ctx, grad_out: torch.Tensor) -> list:
     for i, (order, kept) in enumerate(zip(orders, directions)):
         conv_w, conv_b, x_w, dt_w, dt_b, A_log, D = params[PER_DIRECTION * i: PER_DIRECTION * (i + 1)]
         x_o, u, x_dbl, scan_out, leaves = kept
-        du, d_delta, dx_dbl, dz_o, dA_log, dD, d_dt_b = torch.autograd.grad(
+        du, d_delta, dB, dC, dz_o, dA_log, dD, d_dt_b = torch.autograd.grad(
             scan_out, leaves, to_order(dy, shape, order).to(scan_out.dtype).contiguous())
         grad_dt_w = weight_grad(d_delta, x_dbl[:, :rank])
-        for b in range(du.shape[0]):  # delta = dt_w @ x_dbl[:rank]; x_dbl = x_w @ u
-            add_product(dx_dbl[b, :rank], dt_w.t(), d_delta[b])
-            add_product(du[b], x_w.t(), dx_dbl[b])
-        grad_x_w = weight_grad(dx_dbl, u)
+        d_low = project_rows(dt_w.t(), d_delta)  # (B, rank, L): delta = dt_w @ x_dbl[:rank]
+        x_rows = (slice(None, rank), slice(rank, rank + n_state), slice(rank + n_state, None))
+        for b in range(du.shape[0]):  # x_dbl = x_w @ u, in its three row blocks (no (B, rank + 2N, L) gradient)
+            for rows, grad in zip(x_rows, (d_low, dB, dC)):
+                add_product(du[b], x_w[rows].t(), grad[b])
+        grad_x_w = torch.cat([weight_grad(grad, u).to(x_w.dtype) for grad in (d_low, dB, dC)])
         dx_o, grad_conv_w, grad_conv_b = fused_kernels().conv_silu_backward(x_o, conv_w, conv_b, du)
         dx_o, dz_o = from_order(dx_o, shape, order), from_order(dz_o, shape, order)
         dx = dx_o if dx is None else dx.add_(dx_o)
