@@ -18,7 +18,10 @@ Two paths compute the layer:
   is not kept (the backward recomputes it); dt_proj's output goes straight into the scan, which adds
   the dt bias, applies softplus, adds ``D u`` and gates with ``silu(z)`` itself. Its backward runs the
   scan's own backward and then the projections' and the conv's, accumulating into the buffers it
-  already has (``du += x_proj^T dx_dbl`` in place).
+  already has (``du += x_proj^T d(dt, B, C)`` in place). Under CPU autocast to bfloat16 the
+  projections run as bf16 GEMMs and the rest in float32 (see :class:`FusedMamba`).
+
+docs/explanation/selective-scan.md ("The Mamba layer around the scan") has the measurements.
 """
 
 from __future__ import annotations
