@@ -16,6 +16,7 @@ import types
 import typing
 from pathlib import Path
 
+from .devices import keep_freed_memory
 from .extras import MissingDependency
 from .files import describe_os_error
 
@@ -34,6 +35,8 @@ HANDLERS: dict[tuple[str, str | None], str] = {
     ("compare", None): "medssm.engine.compare:CompareConfig:compare",
     ("demo", None): "medssm.cli:DemoConfig:demo",
 }
+# Commands that train or predict, for which the CLI keeps freed memory (medssm.devices.keep_freed_memory).
+TRAINING_COMMANDS = ("train", "predict", "compare", "quickstart")
 HELP = {
     "train": "train a model (segmentation on an nnU-Net dataset, or classification)",
     "predict": "predict with a trained run",
@@ -211,6 +214,8 @@ def main(argv: list[str] | None = None) -> int:
                                 help="segmentation or classification (default: taken from the data, model or run)")
         add_config_arguments(parser, config_cls)
         args = parser.parse_args(rest)
+        if command in TRAINING_COMMANDS:
+            keep_freed_memory()  # reuse each step's pages rather than fault in fresh ones (this process only)
         result = function(config_from_args(config_cls, args))
     except (ValueError, FileNotFoundError, FileExistsError, MissingDependency) as e:  # say what, no traceback
         print(f"medssm {command}: error: {e}", file=sys.stderr)

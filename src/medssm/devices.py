@@ -1,9 +1,16 @@
-"""Where a model runs and in which precision: ``--device`` and ``--precision``, for training and prediction.
+"""Where a model runs, in which precision and on how many CPU threads: ``--device``, ``--precision``
+and ``--threads``, for training and prediction.
 
 ``--device auto`` picks CUDA, then MPS, then the CPU. ``--precision bf16|fp16`` runs the network
 under :func:`torch.autocast` (the selective scan still computes in float32: it turns autocast off
 for itself); fp32 is plain float32. fp16 needs a GPU and a gradient scaler, bf16 needs neither;
-on the CPU only bf16 is offered (CPU autocast in fp16 is slow and many CPU kernels lack it).
+on the CPU only bf16 is offered (CPU autocast in fp16 is slow and many CPU kernels lack it). On a
+CPU, bf16 pays where the CPU computes in bfloat16 itself (AVX512-BF16 or AMX): convolutions and GEMMs
+run in bf16 there (oneDNN), while the scan and the Mamba layers' causal conv stay float32; elsewhere
+bf16 is emulated and slower than fp32, and :func:`check_precision` warns.
+
+``--threads N`` (:func:`cpu_threads`) sets torch's intra-op threads, which numba's kernels follow.
+:func:`keep_freed_memory` stops glibc from returning freed memory to the system between steps.
 
 Example:
     >>> device = resolve_device("auto")
@@ -15,10 +22,15 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import sys
+import warnings
+from typing import Iterator
 
 import torch
 
-__all__ = ["PRECISIONS", "resolve_device", "check_precision", "autocast"]
+__all__ = ["PRECISIONS", "resolve_device", "check_precision", "autocast", "cpu_has_native_bf16", "cpu_threads",
+           "keep_freed_memory"]
 
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -64,6 +76,51 @@ def check_precision(precision: str, device: torch.device) -> None:
         raise ValueError("--precision fp16 needs a GPU (CUDA or MPS); on the CPU use bf16 (or fp32)")
     if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
         raise ValueError(f"--precision bf16: {torch.cuda.get_device_name(device)} has no bfloat16; use fp16")
+    if precision == "bf16" and device.type == "cpu" and not cpu_has_native_bf16():
+        warnings.warn("--precision bf16: this CPU has no bfloat16 instructions (AVX512-BF16 or AMX); bf16 is "
+                      "emulated here and usually slower than fp32", RuntimeWarning, stacklevel=2)
+
+
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU computes in bfloat16 itself (AVX512-BF16 or AMX), as oneDNN reports it."""
+    return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+@contextlib.contextmanager
+def cpu_threads(threads: int | None) -> Iterator[int]:
+    """Run the block with ``threads`` torch intra-op threads (None: as they are); numba's kernels
+    follow torch's count on every call. Yields the count in force.
+
+    On a machine whose cores are shared with other work, fewer threads than cores avoid the waits
+    of threads that cannot all run at once (see docs/how-to/distributed.md)."""
+    if threads is not None and threads < 1:
+        raise ValueError(f"--threads must be at least 1, got {threads}")
+    previous = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        yield torch.get_num_threads()
+    finally:
+        torch.set_num_threads(previous)
+
+
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters
+
+
+def keep_freed_memory() -> bool:
+    """Ask glibc (Linux) to keep freed memory for reuse instead of handing it back to the system:
+    large blocks come from the heap rather than a fresh ``mmap`` (threshold 1 GiB) and the heap is
+    never trimmed. Each step of a training loop then reuses the last step's pages instead of faulting
+    in new ones (~1-10 µs per 4 KiB page, the most on VMs; a LightM-UNet step at 256² faults in
+    300-400 MiB). The process keeps its peak memory until it exits. Returns whether it was applied
+    (False off glibc). Affects the whole process, so only the command line calls it, for itself."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        return bool(libc.mallopt(_M_MMAP_THRESHOLD, 1 << 30) and libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))
+    except (OSError, AttributeError):  # not glibc (musl has no mallopt)
+        return False
 
 
 def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from ..data.classification import ClassificationDataset, class_weights, open_classification_data
-from ..devices import autocast, check_precision
+from ..devices import autocast, check_precision, cpu_threads
 from ..files import read_json, write_json
 from ..inference.classification import predict_proba
 from ..metrics.classification import classification_metrics
@@ -142,7 +142,7 @@ def validate(model: torch.nn.Module, dataset: ClassificationDataset, batch_size:
 
 def train_classifier(cfg: ClassifierTrainConfig) -> Path:
     """Train as ``cfg`` says; returns the run folder. See the module docstring for what it writes."""
-    with use_backend(cfg.scan_backend):
+    with use_backend(cfg.scan_backend), cpu_threads(cfg.threads):
         return _train(cfg)
 
 

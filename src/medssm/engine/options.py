@@ -57,6 +57,9 @@ class TrainOptions:
         "help": "cpu, cuda, cuda:N, mps or auto (CUDA, else MPS, else CPU); under torchrun: the LOCAL_RANK GPU"})
     scan_backend: str = field(default="auto", metadata={
         "help": "selective-scan implementation: auto, fused (CPU), chunked, triton, cuda, reference"})
+    threads: int | None = field(default=None, metadata={"help": (
+        "CPU threads for torch and the numba kernels (default: torch's, one per core); on a machine whose cores are "
+        "busy with other work, fewer (e.g. 1) avoid threads waiting for each other")})
     num_workers: int = field(default=0, metadata={"help": "data-loading worker processes"})
     progress: bool = field(default=True, metadata={"help": "progress bars (one line per epoch is printed either way)"})
 

@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..devices import autocast, check_precision
+from ..devices import autocast, check_precision, cpu_threads
 from ..files import read_json, write_json
 from ..inference.sliding import sliding_window_probabilities
 from ..metrics.segmentation import dice_per_class
@@ -153,7 +153,7 @@ def _check_config(cfg: TrainConfig) -> None:
 
 def train(cfg: TrainConfig) -> Path:
     """Train as configured; returns the run folder."""
-    with use_backend(cfg.scan_backend):
+    with use_backend(cfg.scan_backend), cpu_threads(cfg.threads):
         return _train(cfg)
 
 

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from ..data.classification import ClassificationDataset, open_classification_data
-from ..devices import resolve_device
+from ..devices import cpu_threads, resolve_device
 from ..files import guard_outputs
 from ..metrics.evaluate_classification import write_predictions
 from ..runs import load_run
@@ -47,6 +47,8 @@ class ClassifierPredictConfig:
         "help": "cpu, cuda, cuda:N, mps or auto (the kind of device the run was trained on when present here)"})
     scan_backend: str = field(default="auto", metadata={
         "help": "selective-scan implementation: auto, fused (CPU), chunked, triton, cuda, reference"})
+    threads: int | None = field(default=None, metadata={"help": (
+        "CPU threads for torch and the numba kernels (default: torch's, one per core); fewer on a busy machine")})
     progress: bool = field(default=True, metadata={"help": "show a progress bar"})
 
 
@@ -66,7 +68,7 @@ def predict_proba(model: torch.nn.Module, dataset, batch_size: int = 64, device:
 
 def predict_classifier(cfg: ClassifierPredictConfig) -> Path:
     """Predict every sample of ``cfg.input`` (its ``cfg.split``) and write the CSV; returns its path."""
-    with use_backend(cfg.scan_backend):
+    with use_backend(cfg.scan_backend), cpu_threads(cfg.threads):
         return _predict(cfg)
 
 

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..devices import resolve_device
+from ..devices import cpu_threads, resolve_device
 from ..files import atomic_path, guard_outputs
 from ..runs import load_run
 from ..ssm import use_backend
@@ -53,6 +53,8 @@ class PredictConfig:
         "help": "cpu, cuda, cuda:N, mps or auto (the kind of device the run was trained on when present here)"})
     scan_backend: str = dataclasses.field(default="auto", metadata={
         "help": "selective-scan implementation: auto, fused (CPU), chunked, triton, cuda, reference"})
+    threads: int | None = dataclasses.field(default=None, metadata={"help": (
+        "CPU threads for torch and the numba kernels (default: torch's, one per core); fewer on a busy machine")})
     progress: bool = True
 
 
@@ -91,7 +93,7 @@ def predict_case(model: torch.nn.Module, plan, image: np.ndarray, geometry, *, m
 
 def predict(cfg: PredictConfig) -> Path:
     """Predict every case; returns the output folder."""
-    with use_backend(cfg.scan_backend):
+    with use_backend(cfg.scan_backend), cpu_threads(cfg.threads):
         return _predict(cfg)
 
 

@@ -15,10 +15,11 @@ import torch
 import torch.nn as nn
 
 from medssm.ssm import Mamba, image_to_tokens
-from medssm.ssm.mamba import linear_channels_first
+from medssm.ssm.fused_mamba import linear_channels_first
 
 from .blocks import NoMixer
 from .cards import Recipe
+from .depthwise import depthwise_conv
 from .registry import register_model
 
 CONV = {2: nn.Conv2d, 3: nn.Conv3d}
@@ -28,13 +29,17 @@ UPSAMPLE_MODE = {2: "bilinear", 3: "trilinear"}
 
 class Conv(nn.Sequential):
     """One convolution stored at ``.conv`` ("same" padding), the key layout of MONAI's
-    ``Convolution(conv_only=True)`` that the authors' checkpoints use."""
+    ``Convolution(conv_only=True)`` that the authors' checkpoints use. A depthwise one runs through
+    :func:`~medssm.nets.depthwise.depthwise_conv` (numba kernels on the CPU)."""
 
     def __init__(self, spatial_dims: int, in_channels: int, out_channels: int, kernel_size: int = 1,
                  stride: int = 1, groups: int = 1, bias: bool = False):
         super().__init__()
         self.conv = CONV[spatial_dims](in_channels, out_channels, kernel_size, stride=stride,
                                        padding=(kernel_size - 1) // 2, groups=groups, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return depthwise_conv(self.conv, x)  # the conv itself unless depthwise (groups = channels)
 
 
 def dw_conv(spatial_dims: int, in_channels: int, out_channels: int, kernel_size: int = 3,
@@ -68,7 +73,7 @@ class RVMLayer(nn.Module):
             x = x.float()
         tokens = image_to_tokens(x)  # (B, L, C_in), a view of the channels-first map
         y = self.mamba(self.norm(tokens)) + self.skip_scale * tokens  # Mamba returns a channels-first view too
-        y = linear_channels_first(self.norm(y).transpose(1, 2), self.proj)  # (B, C_out, L), contiguous: no copy back
+        y = linear_channels_first(self.norm(y), self.proj)  # (B, C_out, L), contiguous: no copy back
         return y.reshape(*y.shape[:2], *x.shape[2:])  # (B, C_out, *S)
 
 

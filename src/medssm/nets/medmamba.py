@@ -18,8 +18,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..ssm.fused_mamba import fused_dtype, rows_linear
 from ..ssm.mamba import init_A_log, init_dt_bias
-from ..ssm.orders import CROSS_SCAN_2D, CROSS_SCAN_3D, cross_merge, cross_scan
+from ..ssm.orders import CROSS_SCAN_2D, CROSS_SCAN_3D, cross_merge, cross_scan, from_order, to_order
 from ..ssm import selective_scan
 from .blocks import NoMixer
 from .cards import CLASSIFIER_DEFAULT
@@ -142,7 +143,13 @@ class SS2D(nn.Module):
         return self.out_proj(self.out_norm(y) * F.silu(z))
 
     def _scan_all(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, d_inner, *S) -> (B, d_inner, L): all directions in one grouped scan, then merged."""
+        """(B, d_inner, *S) -> (B, d_inner, L): every direction scanned, restored to raster order, summed."""
+        if fused_dtype(x) in (torch.float32, torch.float64):  # under bf16 autocast the grouped form is faster
+            return self._scan_each(x)
+        return self._scan_grouped(x)
+
+    def _scan_grouped(self, x: torch.Tensor) -> torch.Tensor:
+        """The authors' form: all directions stacked (cross-scan), projected by einsum, one grouped scan."""
         b, spatial = x.shape[0], x.shape[2:]
         k, length = len(self.orders), math.prod(spatial)
         xs = cross_scan(x, self.orders)  # (B, K, d_inner, L)
@@ -155,6 +162,23 @@ class SS2D(nn.Module):
             delta_softplus=True,
         )  # (B, K*d_inner, L), computed in float32 or float64; group k of B/C serves direction k
         return cross_merge(ys.view(b, k, self.d_inner, length), spatial, self.orders)
+
+    def _scan_each(self, x: torch.Tensor) -> torch.Tensor:
+        """The CPU form of :meth:`_scan_grouped`: one direction at a time, each projection a plain 2-D
+        GEMM per batch element on its own weight (no stacked copy of the map, no einsum permutes)."""
+        spatial, d, r, n = x.shape[2:], self.d_inner, self.dt_rank, self.d_state
+        seq = x.flatten(2)  # (B, d_inner, L), raster order
+        A = -torch.exp(self.A_logs)
+        merged = None
+        for k, order in enumerate(self.orders):
+            u = to_order(seq, spatial, order).contiguous()  # (B, d_inner, L) in this direction
+            x_dbl = rows_linear(self.x_proj_weight[k], u)  # (B, r + 2N, L)
+            delta = rows_linear(self.dt_projs_weight[k], x_dbl[:, :r])  # (B, d_inner, L)
+            y = selective_scan(u, delta, A[k * d:(k + 1) * d], x_dbl[:, r:r + n], x_dbl[:, r + n:],
+                               self.Ds[k * d:(k + 1) * d], delta_bias=self.dt_projs_bias[k], delta_softplus=True)
+            y = from_order(y, spatial, order)
+            merged = y if merged is None else merged.add_(y)
+        return merged
 
 
 class SSConvSSM(nn.Module):

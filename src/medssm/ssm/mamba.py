@@ -5,6 +5,11 @@ Parameter names and initialisation follow the authors' code, so their checkpoint
 ``conv1d, x_proj, dt_proj, A_log, D`` with the authors' suffix (``_b`` for the reversed scan, ``_s``
 for SegMamba's inter-slice scan: ``conv1d_b``, ``A_b_log``, ``D_s`` ...) and shares ``in_proj`` and
 ``out_proj``; the gated outputs of all directions are summed before ``out_proj``.
+
+:meth:`Mamba.forward_reference` is the layer as the paper writes it, one step a line, in plain
+PyTorch: it runs on GPUs, while exporting or counting FLOPs, with ``out_norm``, and it is what the
+tests hold the fast path to. On the CPU the same computation runs as one autograd Function
+(:mod:`medssm.ssm.fused_mamba`).
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .causal_conv import causal_conv1d
+from .fused_mamba import FusedMamba, fused_dtype
 from .orders import from_order, to_order
 from .scan import selective_scan
 
@@ -34,16 +39,6 @@ def init_dt_bias(d_inner: int, dt_min: float = 1e-3, dt_max: float = 0.1, dt_flo
 def init_A_log(d_inner: int, d_state: int) -> torch.Tensor:
     """log(1..d_state) for every channel (S4D-real), shape (d_inner, d_state)."""
     return torch.log(torch.arange(1, d_state + 1, dtype=torch.float32)).repeat(d_inner, 1)
-
-
-def linear_channels_first(x: torch.Tensor, linear: nn.Linear, rows: slice = slice(None)) -> torch.Tensor:
-    """Output channels ``rows`` of ``linear`` applied to channels-first (B, C_in, L) ``x``:
-    (B, C_out, L), contiguous. ``bmm`` rather than ``matmul``, which would fold the batch into
-    rows and copy both ``x`` and the result to transpose them."""
-    weight = linear.weight[rows].expand(x.shape[0], -1, -1)
-    if linear.bias is None:
-        return torch.bmm(weight, x)
-    return torch.baddbmm(linear.bias[rows, None], weight, x)
 
 
 class Mamba(nn.Module):
@@ -100,36 +95,44 @@ class Mamba(nn.Module):
         self.out_norm = nn.LayerNorm(self.d_inner) if out_norm else None
         self.out_proj = nn.Linear(self.d_inner, d_model, bias=bias)
 
+    def direction_parameters(self, order: str) -> tuple:
+        """(conv weight, conv bias, x_proj weight, dt_proj weight, dt_proj bias, A_log, D) of ``order``."""
+        s = ORDER_SUFFIX[order]
+        conv, dt_proj = getattr(self, f"conv1d{s}"), getattr(self, f"dt_proj{s}")
+        return (conv.weight, conv.bias, getattr(self, f"x_proj{s}").weight, dt_proj.weight, dt_proj.bias,
+                getattr(self, f"A{s}_log"), getattr(self, f"D{s}"))
+
     def forward(self, hidden: torch.Tensor, spatial_shape: Sequence[int] | None = None) -> torch.Tensor:
-        """(B, L, d_model) -> (B, L, d_model). ``spatial_shape`` (whose product is L) places the
-        tokens, given in raster order, on the grid the ``"slice"`` order needs."""
+        """(B, L, d_model) -> (B, L, d_model), a view of a channels-first (B, d_model, L) tensor.
+        ``spatial_shape`` (whose product is L) places the tokens, given in raster order, on the grid
+        the ``"slice"`` order needs."""
         length = hidden.shape[1]
         shape = tuple(spatial_shape) if spatial_shape is not None else (length,)
         if math.prod(shape) != length:
             raise ValueError(f"spatial_shape {shape} does not hold L={length} tokens")
-        # Channels-first (B, C, L) throughout, straight out of the matmuls: the conv, the projections
-        # and the scan then read contiguous rows and their gradients come back contiguous, with no
-        # transposing copies (the weights are used as the Linear modules store them).
-        hidden = hidden.transpose(1, 2)  # (B, d_model, L)
-        # x and z from separate halves of in_proj: their gradients then need no concatenation
-        x = linear_channels_first(hidden, self.in_proj, slice(None, self.d_inner))  # (B, d_inner, L)
-        z = linear_channels_first(hidden, self.in_proj, slice(self.d_inner, None))
-        y = sum(from_order(self._scan_direction(to_order(x, shape, order), to_order(z, shape, order), order),
-                           shape, order)
-                for order in self.orders)  # (B, d_inner, L), raster order
-        return linear_channels_first(y, self.out_proj).transpose(1, 2)  # (B, L, d_model), a channels-first view
+        dtype = fused_dtype(hidden)
+        if self.out_norm is None and dtype is not None:
+            return FusedMamba.run(self, hidden, shape, dtype)
+        return self.forward_reference(hidden, shape)
 
-    def _scan_direction(self, x: torch.Tensor, z: torch.Tensor, order: str) -> torch.Tensor:
+    def forward_reference(self, hidden: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+        """The layer in plain PyTorch, step by step (Gu & Dao 2023, Algorithm 2, and Fig. 3)."""
+        x, z = self.in_proj(hidden).chunk(2, dim=-1)  # (B, L, d_inner) each
+        x, z = x.transpose(1, 2), z.transpose(1, 2)  # (B, d_inner, L)
+        y = sum(from_order(self._direction_reference(to_order(x, shape, o), to_order(z, shape, o), o), shape, o)
+                for o in self.orders)  # (B, d_inner, L), raster order
+        return self.out_proj(y.transpose(1, 2))  # (B, L, d_model)
+
+    def _direction_reference(self, x: torch.Tensor, z: torch.Tensor, order: str) -> torch.Tensor:
         """One direction on x, z (B, d_inner, L) already in ``order``: gated scan output (B, d_inner, L)."""
         s = ORDER_SUFFIX[order]
         conv, x_proj, dt_proj = getattr(self, f"conv1d{s}"), getattr(self, f"x_proj{s}"), getattr(self, f"dt_proj{s}")
         A = -torch.exp(getattr(self, f"A{s}_log").float())  # (d_inner, N)
-        x = F.silu(causal_conv1d(x, conv))
-        x_dbl = linear_channels_first(x, x_proj)  # (B, dt_rank + 2N, L)
-        dt, B, C = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=1)
-        dt = torch.bmm(dt_proj.weight.expand(dt.shape[0], -1, -1), dt)  # (B, d_inner, L); bias added in the scan
+        x = F.silu(conv(x)[..., :x.shape[-1]])  # causal depthwise conv: the first L outputs
+        dt, B, C = torch.split(x_proj(x.transpose(1, 2)), [self.dt_rank, self.d_state, self.d_state], dim=-1)
+        dt = dt_proj.weight @ dt.transpose(1, 2)  # (B, d_inner, L); its bias is added in the scan
         gate_in_scan = self.out_norm is None
-        y = selective_scan(x, dt, A, B, C, getattr(self, f"D{s}").float(),
+        y = selective_scan(x, dt, A, B.transpose(1, 2), C.transpose(1, 2), getattr(self, f"D{s}").float(),
                            z=z if gate_in_scan else None, delta_bias=dt_proj.bias.float(), delta_softplus=True)
         if gate_in_scan:
             return y
