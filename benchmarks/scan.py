@@ -99,7 +99,9 @@ def medssm_call(backend):
 
 def pscan_call():
     """mambapy 1.2.0's selective scan (its MambaBlock.selective_scan) with the same softplus, D, z."""
-    from mambapy.pscan import pscan  # the "bench" extra: needed only when pscan is measured
+    from medssm.extras import require
+
+    pscan = require("mambapy.pscan", "bench", "Measuring mambapy's pscan").pscan  # only when pscan is measured
 
     def call(t):
         delta = F.softplus(t["delta"] + t["delta_bias"])  # (B, L, D)
