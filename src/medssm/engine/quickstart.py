@@ -61,6 +61,8 @@ class QuickstartConfig:
     val_every: int = 4
     val_cases: int = dataclasses.field(default=16, metadata={
         "help": "held-out cases scored during training (the final evaluation uses the whole fold)"})
+    precision: str = dataclasses.field(default="fp32", metadata={
+        "help": "fp32, or bf16 (convolutions and GEMMs in bfloat16 on a CPU with AVX512-BF16/AMX; the scan stays float32)"})
     seed: int = 0
     resume: bool = dataclasses.field(default=False, metadata={"help": "continue an interrupted quickstart"})
     progress: bool = True
@@ -82,6 +84,7 @@ def find_lung_data(data: str | None) -> Path:
 
 def estimate_seconds(cfg: QuickstartConfig, held_out: int) -> dict:
     """Seconds this machine will take, from a training step and a prediction timed now."""
+    from ..devices import autocast
     from ..inference.sliding import sliding_window_probabilities
     from ..nets.registry import build_for_data
     from .budget import call_seconds, step_seconds
@@ -90,7 +93,8 @@ def estimate_seconds(cfg: QuickstartConfig, held_out: int) -> dict:
     patch = (cfg.patch_size,) * 2
     model = build_for_data(cfg.model, spatial_dims=2, in_channels=1, num_classes=2, patch_size=patch)
     x, y = torch.randn(cfg.batch_size, 1, *patch), torch.randint(0, 2, (cfg.batch_size, 1, *patch))
-    step = step_seconds(model, x, y, make_loss("dice_ce"))
+    with autocast(torch.device("cpu"), cfg.precision):
+        step = step_seconds(model, x, y, make_loss("dice_ce"))
     image = torch.randn(1, *patch)  # a preprocessed case is one patch at this resolution
     case = call_seconds(lambda: sliding_window_probabilities(model, image, patch))
     validations = -(-cfg.epochs // cfg.val_every)
@@ -132,7 +136,7 @@ def quickstart(cfg: QuickstartConfig) -> Path:
     train(TrainConfig(data=str(data), out=str(run), model=cfg.model, recipe=cfg.recipe, fold=cfg.fold,
                       epochs=cfg.epochs, iterations_per_epoch=cfg.iterations_per_epoch, val_every=cfg.val_every,
                       val_cases=cfg.val_cases, patch_size=(cfg.patch_size,) * 2, batch_size=cfg.batch_size,
-                      target_spacing=(cfg.target_spacing,) * 2, lr=cfg.lr, seed=cfg.seed,
+                      target_spacing=(cfg.target_spacing,) * 2, lr=cfg.lr, precision=cfg.precision, seed=cfg.seed,
                       resume=cfg.resume and has_checkpoint(run), progress=cfg.progress))
     t_predict = time.perf_counter()
     predict(PredictConfig(input=str(data / "imagesTr"), output=str(pred_dir), model=str(run),
