@@ -4,8 +4,8 @@ import json
 
 import pytest
 
-from medssm.engine.budget import (GOOD_SAMPLES, MIN_SAMPLES, VALIDATION_SHARE, BudgetTooShort, Candidate, Timing,
-                                  parse_duration, plan_budget)
+from medssm.engine.budget import (GOOD_SAMPLES, GOOD_STEPS, MIN_BATCH, MIN_SAMPLES, VALIDATION_SHARE, BudgetTooShort,
+                                  Candidate, Timing, parse_duration, plan_budget)
 
 
 def test_durations():
@@ -48,6 +48,24 @@ def test_too_slow_says_what_budget_would_do_or_trains_the_minimum():
     plan = plan_budget(60, [Candidate(1.0, 2)], clock({1.0: 5.0}), held_out=10, over_budget=True)
     assert plan.over_budget and plan.samples >= MIN_SAMPLES and plan.expected_s > 60
     assert any("--over-budget" in r for r in plan.reasons)
+
+
+def per_sample_clock(overhead: float, per_sample: float):
+    """A fake measurement whose step time grows with the batch."""
+    return lambda cand: Timing(overhead + per_sample * cand.batch_size, 0.1)
+
+
+def test_a_smaller_batch_when_too_few_steps_fit():
+    big = plan_budget(600, [Candidate(1.0, 32)], per_sample_clock(0.05, 0.05), held_out=10)
+    assert MIN_BATCH <= big.candidate.batch_size < 32
+    assert big.epochs * big.iterations_per_epoch >= 0.9 * GOOD_STEPS and big.expected_s <= 600
+    assert any("instead of 32" in r for r in big.reasons)
+    kept = plan_budget(600, [Candidate(1.0, 32)], per_sample_clock(0.05, 0.05), held_out=10, keep_batch=True)
+    assert kept.candidate.batch_size == 32 and kept.epochs * kept.iterations_per_epoch < GOOD_STEPS
+    ranks = plan_budget(600, [Candidate(1.0, 32)], per_sample_clock(0.05, 0.05), held_out=10, batch_multiple=4)
+    assert ranks.candidate.batch_size % 4 == 0 and ranks.candidate.batch_size < 32
+    roomy = plan_budget(600, [Candidate(1.0, 8)], per_sample_clock(0.01, 0.01), held_out=10)
+    assert roomy.candidate.batch_size == 8  # enough steps already
 
 
 def test_classification_epochs_are_passes_over_the_data():

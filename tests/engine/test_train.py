@@ -181,15 +181,18 @@ def test_quickstart_report_on_a_small_copy(lung, tmp_path):
 
 def test_quickstart_does_its_fixed_work_on_a_slow_machine(lung, tmp_path, capsys, monkeypatch):
     """A slow clock makes the job take longer, and say so; it trains and evaluates as much."""
+    from medssm import devices
     from medssm.engine import budget
     from medssm.engine.quickstart import QuickstartConfig, quickstart
 
     monkeypatch.setattr(budget, "step_seconds", lambda *a, **k: 600.0)  # a very slow (or busy) machine
+    monkeypatch.setattr(devices, "cpu_has_native_bf16", lambda: False)  # precision "auto" picks fp32 there
     report = quickstart(QuickstartConfig(data=str(lung), out=str(tmp_path / "qs"), model="lightm_unet_2d_tiny",
                                          epochs=2, iterations_per_epoch=3, target_spacing=1.0, patch_size=64,
                                          batch_size=2, val_cases=1, val_every=1, progress=False))
     out = capsys.readouterr().out
     assert "slower or busier: the job takes longer, it does not do less" in out
+    assert "recipe short, fp32;" in out
     log = json.loads((tmp_path / "qs" / "run" / "log.json").read_text())
     assert [r["epoch"] for r in log] == [1, 2]
     timings = json.loads((report / "timings.json").read_text())

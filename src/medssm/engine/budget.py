@@ -9,6 +9,9 @@ The plan, nnU-Net style but for time instead of memory:
   whole held-out set as fit (up to ``MAX_VALIDATIONS``), else one of as many cases as fit;
 - the training steps are what is left; the finest resolution at which at least ``GOOD_SAMPLES``
   training samples fit is chosen (the coarsest otherwise);
+- a short run learns per optimiser step more than per sample: when fewer than ``GOOD_STEPS`` steps
+  of the planned batch fit, the batch is made smaller (down to ``MIN_BATCH``, a multiple of
+  ``batch_multiple``; unless the batch was given), timed again, and kept if more steps fit;
 - the plan never trains less than ``MIN_SAMPLES`` samples: when the machine is too slow for that,
   it says how long a budget the minimum needs, and stops (or, with ``--over-budget``, trains the
   minimum and reports the real time).
@@ -30,12 +33,14 @@ from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 __all__ = ["parse_duration", "Candidate", "Timing", "BudgetPlan", "BudgetTooShort", "plan_budget",
-           "VALIDATION_SHARE", "MIN_SAMPLES", "GOOD_SAMPLES"]
+           "VALIDATION_SHARE", "MIN_SAMPLES", "GOOD_SAMPLES", "GOOD_STEPS", "MIN_BATCH"]
 
 VALIDATION_SHARE = 0.15  # of the budget, at most
 MAX_VALIDATIONS = 5
 MIN_SAMPLES = 200  # training samples below which a run is not worth its report
 GOOD_SAMPLES = 2000  # enough samples to prefer a finer resolution over more steps
+GOOD_STEPS = 400  # optimiser steps below which a smaller batch is worth more than a large one
+MIN_BATCH = 2
 MARGIN = 0.05  # of the budget, kept for what is not measured (logging, checkpoints, the last epoch's spill)
 
 
@@ -108,7 +113,8 @@ class BudgetPlan:
 
 
 def plan_budget(budget_s: float, candidates: Sequence[Candidate], measure: Callable[[Candidate], Timing],
-                held_out: int, samples_per_epoch: int | None = None, over_budget: bool = False) -> BudgetPlan:
+                held_out: int, samples_per_epoch: int | None = None, over_budget: bool = False,
+                batch_multiple: int = 1, keep_batch: bool = False) -> BudgetPlan:
     """Fit training to ``budget_s`` seconds (see the module docstring).
 
     Args:
@@ -118,6 +124,8 @@ def plan_budget(budget_s: float, candidates: Sequence[Candidate], measure: Calla
         samples_per_epoch: the training set's size when an epoch is one pass over it
             (classification); None for segmentation, whose epochs are a number of steps.
         over_budget: when even the minimum does not fit, plan the minimum anyway instead of raising.
+        batch_multiple: a smaller batch stays a multiple of this (the number of processes).
+        keep_batch: never change the batch (the user chose it).
     """
     if not candidates:
         raise ValueError("plan_budget needs at least one candidate")
@@ -143,6 +151,15 @@ def plan_budget(budget_s: float, candidates: Sequence[Candidate], measure: Calla
     reasons.append(f"chose 1/{cand.scale:g} resolution: " + (
         f"the finest at which {GOOD_SAMPLES} samples fit" if good else
         f"the coarsest tried; fewer than {GOOD_SAMPLES} samples fit at any"))
+    smaller = None if keep_batch else smaller_batch(cand.batch_size, steps, batch_multiple)
+    if smaller:
+        small = dataclasses.replace(cand, batch_size=smaller)
+        t_small = measure(small)
+        steps_small = int(max(budget_s * (1 - MARGIN) - t_small.fixed - validation_s, 0) // t_small.step)
+        if steps_small > steps:
+            reasons.append(f"batch {smaller} instead of {cand.batch_size}: a step takes {t_small.step:.3f} s, "
+                           f"{steps_small} steps fit instead of {steps} (fewer than {GOOD_STEPS} learn too little)")
+            cand, t, steps = small, t_small, steps_small
     min_steps = math.ceil(MIN_SAMPLES / cand.batch_size)
     planned_over = False
     if steps < min_steps:
@@ -167,6 +184,16 @@ def plan_budget(budget_s: float, candidates: Sequence[Candidate], measure: Calla
     expected = t.fixed + validation_s + epochs * iterations * t.step
     return BudgetPlan(budget_s, cand, t, epochs, iterations, val_every, val_cases, validations,
                       epochs * iterations * cand.batch_size, expected, planned_over, reasons)
+
+
+def smaller_batch(batch: int, steps: int, multiple: int = 1) -> int | None:
+    """The batch that would fit about ``GOOD_STEPS`` steps where ``steps`` of ``batch`` fit (step time
+    taken as proportional to the batch), or None when the batch is not worth shrinking."""
+    if steps >= GOOD_STEPS:
+        return None
+    floor = max(MIN_BATCH, multiple)
+    smaller = max(floor, math.ceil(batch * max(steps, 1) / GOOD_STEPS / multiple) * multiple)
+    return smaller if smaller < batch else None
 
 
 # ----------------------------------------------------------------------------------------------

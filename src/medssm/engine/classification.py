@@ -127,7 +127,8 @@ def fit_budget(cfg: ClassifierTrainConfig, new_model, train_src, val_src, input_
         return Timing(min(times[1:]), (time.perf_counter() - t) / len(few))
 
     return plan_budget(budget_s, [Candidate(1.0, batch_size)], measure, held_out=len(val_src),
-                       samples_per_epoch=len(train_src), over_budget=cfg.over_budget)
+                       samples_per_epoch=len(train_src), over_budget=cfg.over_budget,
+                       batch_multiple=distributed.world().world_size, keep_batch=bool(cfg.batch_size))
 
 
 def validate(model: torch.nn.Module, dataset: ClassificationDataset, batch_size: int, device, precision: str,
@@ -204,6 +205,7 @@ def _train_claimed(cfg, env, device, card, recipe, model_kwargs, train_src, val_
         budget = distributed.broadcast(fitted.as_dict() if main else None)
     if budget:
         epochs, max_steps, val_every = budget["epochs"], budget["iterations_per_epoch"], budget["val_every"]
+        batch_size = budget["candidate"]["batch_size"]
         val_src = _limit(val_src, budget["val_cases"] or None, cfg.seed)
     seed_everything(cfg.seed)
     model = new_model()

@@ -99,8 +99,8 @@ def resolve_data(data: str) -> Path:
 
 def fit_budget(cfg: TrainConfig, dataset, fingerprint, card, recipe, model_kwargs: dict, val_count: int, device):
     """The plan and the :class:`~medssm.engine.budget.BudgetPlan` that fit ``cfg.budget``: candidates
-    at the dataset's resolution and (when the median image stays at least 4 patches of the size
-    divisor wide) at half of it, each timed on this machine."""
+    at the dataset's resolution and at 1/2 and 1/4 of it (while the median image stays at least 4
+    patches of the size divisor wide), each timed on this machine."""
     from ..data.segmentation.plan import make_plan
     from ..data.segmentation.preprocess import preprocess_case
     from .budget import Candidate, Timing, call_seconds, parse_duration, plan_budget, step_seconds
@@ -110,11 +110,14 @@ def fit_budget(cfg: TrainConfig, dataset, fingerprint, card, recipe, model_kwarg
     base = dict(divisor=card.size_divisor, oversample_foreground=cfg.oversample_foreground, fingerprint=fingerprint)
     plans = {1.0: make_plan(dataset, **base, **overrides_of(cfg))}
     full = plans[1.0]
-    if not cfg.target_spacing and min(full.median_shape) >= 8 * card.size_divisor:
-        patch = [max(card.size_divisor, round(p / 2 / card.size_divisor) * card.size_divisor) for p in full.patch_size]
-        half = {**overrides_of(cfg), "target_spacing": [2 * s for s in full.target_spacing],
-                **({"patch_size": patch} if cfg.patch_size else {})}
-        plans[2.0] = make_plan(dataset, **base, **half)
+    for scale in (2.0, 4.0) if not cfg.target_spacing else ():
+        if min(full.median_shape) < 4 * scale * card.size_divisor:
+            break
+        patch = [max(card.size_divisor, round(p / scale / card.size_divisor) * card.size_divisor)
+                 for p in full.patch_size]
+        coarser = {**overrides_of(cfg), "target_spacing": [scale * s for s in full.target_spacing],
+                   **({"patch_size": patch} if cfg.patch_size else {})}
+        plans[scale] = make_plan(dataset, **base, **coarser)
     case = dataset.load_case(dataset.cases[0])
     preprocess_s = call_seconds(lambda: preprocess_case(case.image, case.geometry, full, case.label)) * len(dataset.cases)
 
@@ -122,16 +125,17 @@ def fit_budget(cfg: TrainConfig, dataset, fingerprint, card, recipe, model_kwarg
         plan = plans[candidate.scale]
         model = build_for_data(card.name, spatial_dims=plan.spatial_dims, in_channels=plan.num_channels,
                                num_classes=plan.num_classes, patch_size=plan.patch_size, **model_kwargs).to(device)
-        x = torch.randn(plan.batch_size, plan.num_channels, *plan.patch_size, device=device)
-        y = torch.randint(0, plan.num_classes, (plan.batch_size, 1, *plan.patch_size), device=device)
+        x = torch.randn(candidate.batch_size, plan.num_channels, *plan.patch_size, device=device)
+        y = torch.randint(0, plan.num_classes, (candidate.batch_size, 1, *plan.patch_size), device=device)
         step = step_seconds(model, x, y, make_loss(recipe.loss))
         image = torch.randn(plan.num_channels, *plan.median_shape)
         case_s = call_seconds(lambda: sliding_window_probabilities(model, image, plan.patch_size, device=device))
         return Timing(step, case_s, preprocess_s)
 
     candidates = [Candidate(scale, p.batch_size, tuple(p.patch_size)) for scale, p in plans.items()]
-    fitted = plan_budget(budget_s, candidates, measure, held_out=val_count, over_budget=cfg.over_budget)
-    return plans[fitted.candidate.scale], fitted
+    fitted = plan_budget(budget_s, candidates, measure, held_out=val_count, over_budget=cfg.over_budget,
+                         batch_multiple=distributed.world().world_size, keep_batch=bool(cfg.batch_size))
+    return dataclasses.replace(plans[fitted.candidate.scale], batch_size=fitted.candidate.batch_size), fitted
 
 
 def overrides_of(cfg: TrainConfig) -> dict:
