@@ -214,7 +214,6 @@ def profile_case(key: str, precision: str, steps: int, threads: int) -> dict:
     op's self time is the wall time its calling thread spends in it)."""
     import time
 
-    import torch
     from torch.profiler import ProfilerActivity, profile, record_function
 
     from medssm.ssm import backends
