@@ -129,11 +129,13 @@ def plan_budget(budget_s: float, candidates: Sequence[Candidate], measure: Calla
     """
     if not candidates:
         raise ValueError("plan_budget needs at least one candidate")
+    def steps_that_fit(t: Timing, validation_s: float) -> int:
+        return int(max(budget_s * (1 - MARGIN) - t.fixed - validation_s, 0) // t.step)
+
     reasons: list[str] = []
     options = []
     for cand in candidates:
         t = measure(cand)
-        spare = budget_s * (1 - MARGIN) - t.fixed
         one_validation = max(held_out, 1) * t.validation_case
         validations = max(1, min(MAX_VALIDATIONS, int(VALIDATION_SHARE * budget_s // max(one_validation, 1e-9))))
         if validations * one_validation <= VALIDATION_SHARE * budget_s:
@@ -142,7 +144,7 @@ def plan_budget(budget_s: float, candidates: Sequence[Candidate], measure: Calla
             val_cases = max(1, int(VALIDATION_SHARE * budget_s // max(t.validation_case, 1e-9)))
             val_cases = min(val_cases, held_out) if held_out else val_cases
             validations, validation_s = 1, val_cases * t.validation_case
-        steps = int(max(spare - validation_s, 0) // t.step)
+        steps = steps_that_fit(t, validation_s)
         options.append((cand, t, steps, validations, val_cases, validation_s))
         reasons.append(f"at 1/{cand.scale:g} resolution a step takes {t.step:.3f} s and a held-out case "
                        f"{t.validation_case:.3f} s: {steps} steps ({steps * cand.batch_size} samples) fit")
@@ -155,7 +157,7 @@ def plan_budget(budget_s: float, candidates: Sequence[Candidate], measure: Calla
     if smaller:
         small = dataclasses.replace(cand, batch_size=smaller)
         t_small = measure(small)
-        steps_small = int(max(budget_s * (1 - MARGIN) - t_small.fixed - validation_s, 0) // t_small.step)
+        steps_small = steps_that_fit(t_small, validation_s)
         if steps_small > steps:
             reasons.append(f"batch {smaller} instead of {cand.batch_size}: a step takes {t_small.step:.3f} s, "
                            f"{steps_small} steps fit instead of {steps} (fewer than {GOOD_STEPS} learn too little)")

@@ -9,8 +9,8 @@ starts it times a training step and a prediction here and says how long the job 
 it never trains less or evaluates fewer cases.
 
 The recipe is medssm's short-run recipe (``--recipe short``: AdamW, cosine, Dice + CE, mirroring) at
-lr 2e-3, batch 16 at 64², bf16 where the CPU computes in it; not LightM-UNet's official one (Adam 1e-4 for 100 x 250 steps, days on a CPU): see
-docs/getting-started/quickstart.md for what was measured to choose it.
+lr 2e-3, batch 16 at 64², bf16 where the CPU computes in it; not LightM-UNet's official one (Adam 1e-4
+for 100 x 250 steps, days on a CPU): see docs/getting-started/quickstart.md for what was measured.
 
 Output::
 
@@ -134,8 +134,8 @@ def quickstart(cfg: QuickstartConfig) -> Path:
     estimate = estimate_seconds(cfg, len(held_out))
     expected = (estimate["train_s"] + estimate["predict_and_evaluate_s"]) / 60
     plan_txt = (f"{cfg.epochs} epochs x {cfg.iterations_per_epoch} steps of batch {cfg.batch_size}, patch "
-                f"{cfg.patch_size}² at target spacing {cfg.target_spacing}, recipe {cfg.recipe}, {cfg.precision}; then all "
-                f"{len(held_out)} held-out cases predicted and evaluated")
+                f"{cfg.patch_size}² at target spacing {cfg.target_spacing}, recipe {cfg.recipe}, {cfg.precision}; "
+                f"then all {len(held_out)} held-out cases predicted and evaluated")
     print(f"quickstart: {plan_txt}")
     slower = expected > 1.2 * REFERENCE_MINUTES
     print(f"quickstart: expected {expected:.0f} min on this machine ({estimate['s_per_step']:.2f} s a step, measured "

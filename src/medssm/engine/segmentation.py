@@ -110,7 +110,8 @@ def fit_budget(cfg: TrainConfig, dataset, fingerprint, card, recipe, model_kwarg
     base = dict(divisor=card.size_divisor, oversample_foreground=cfg.oversample_foreground, fingerprint=fingerprint)
     plans = {1.0: make_plan(dataset, **base, **overrides_of(cfg))}
     full = plans[1.0]
-    for scale in (2.0, 4.0) if not cfg.target_spacing else ():
+    coarser_scales = () if cfg.target_spacing else (2.0, 4.0)  # a given spacing is kept
+    for scale in coarser_scales:
         if min(full.median_shape) < 4 * scale * card.size_divisor:
             break
         patch = [max(card.size_divisor, round(p / scale / card.size_divisor) * card.size_divisor)
