@@ -8,8 +8,8 @@ starts it times a training step and a prediction here and says how long the job 
 (``REFERENCE_MINUTES`` on an idle 2-core CPU); a slower or busier machine takes longer and says so,
 it never trains less or evaluates fewer cases.
 
-The recipe is medssm's short-run recipe (``--recipe short``: AdamW, cosine, Dice + CE, mirroring) at
-lr 2e-3, batch 16 at 64², bf16 where the CPU computes in it; not LightM-UNet's official one (Adam 1e-4
+The recipe is medssm's short-run recipe (``--recipe short``: AdamW, cosine, Dice + CE, mirroring in
+training and at prediction) at lr 2e-3, batch 16 at 64², bf16 where the CPU computes in it; not LightM-UNet's official one (Adam 1e-4
 for 100 x 250 steps, days on a CPU): see docs/getting-started/quickstart.md for what was measured.
 
 Output::

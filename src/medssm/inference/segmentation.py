@@ -38,8 +38,8 @@ class PredictConfig:
         "run folder of medssm train (or one of its checkpoint folders)")})
     checkpoint: str = dataclasses.field(default="best", metadata={"help": "best or last"})
     mirror: bool | None = dataclasses.field(default=None, metadata={"help": (
-        "mirror test-time augmentation (2^d flips) (default: as the run's recipe says: off for LightM-UNet, on for "
-        "SegMamba and nnU-Net-style baselines)")})
+        "mirror test-time augmentation (2^d flips) (default: as the run's recipe says: off for LightM-UNet's, on for "
+        "SegMamba's, nnU-Net's and the short recipe)")})
     save_probabilities: bool = dataclasses.field(default=False, metadata={
         "help": "also write {case}.npz with the class probabilities on the image's grid"})
     overwrite: bool = dataclasses.field(default=False, metadata={"help": "replace existing outputs"})

@@ -57,8 +57,11 @@ CLASSIFIER_DEFAULT = Recipe("adam", 1e-4, schedule="constant", loss="ce", grad_c
 
 # For runs of minutes rather than days (a --budget, the quickstart, medssm compare): the official
 # recipes are tuned for 25,000 steps and barely start to converge in a few hundred.
-SHORT_RUN = Recipe("adamw", 1e-3, 1e-4, schedule="cosine", augmentation="mirror",
-                   source="medssm's short-run recipe: AdamW 1e-3, wd 1e-4, cosine, Dice+CE, clip 12, mirroring only")
+# It trains with mirroring only and predicts with it (the 2^d flips averaged, as nnU-Net does): +0.003 to
+# +0.005 held-out Dice measured on the lung and hippocampus sets for a negligible prediction cost.
+SHORT_RUN = Recipe("adamw", 1e-3, 1e-4, schedule="cosine", augmentation="mirror", mirror_tta=True,
+                   source="medssm's short-run recipe: AdamW 1e-3, wd 1e-4, cosine, Dice+CE, clip 12, mirroring "
+                          "in training and prediction")
 # Recipes that are not a model's own, by name (``--recipe short``).
 RECIPES = {"short": SHORT_RUN}
 
