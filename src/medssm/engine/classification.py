@@ -36,7 +36,8 @@ from ..runs import claim_run, has_checkpoint, load_run, load_training_state, wri
 from ..ssm import use_backend
 from . import distributed
 from .ema import WeightAverage
-from .loop import EpochRecorder, grad_scaler, seed_everything, train_step, validation_due
+from .budget import epoch_iterations
+from .loop import EpochRecorder, grad_scaler, refit_budget, seed_everything, train_step, validation_due
 from .options import TrainOptions
 from .schedules import make_optimizer, make_scheduler
 
@@ -180,6 +181,7 @@ def _train(cfg: ClassifierTrainConfig) -> Path:
 def _train_claimed(cfg, env, device, card, recipe, model_kwargs, train_src, val_src, run: Path) -> Path:
     from tqdm import tqdm
 
+    started = time.perf_counter()
     main = env.rank == 0
     resuming = cfg.resume and has_checkpoint(run)
     if cfg.resume and not resuming and main:
@@ -260,17 +262,17 @@ def _train_claimed(cfg, env, device, card, recipe, model_kwargs, train_src, val_
               f"{len(train_src)} train / {len(val_src)} val samples at {input_size}px on {device}"
               + (f" x {env.world_size} processes" if env.distributed else ""))
 
-    started = time.perf_counter()
     for epoch in range(start + 1, epochs + 1):
         t0 = time.perf_counter()
         model.train()
         if sampler is not None:
             sampler.set_epoch(epoch)
         total, seen, nonfinite = 0.0, 0, 0
-        bar = tqdm(loader, total=steps, desc=f"epoch {epoch}/{epochs}", leave=False,
+        epoch_steps = min(len(loader), epoch_iterations(budget, epoch)) if budget else steps
+        bar = tqdm(loader, total=epoch_steps, desc=f"epoch {epoch}/{epochs}", leave=False,
                    disable=not (cfg.progress and main))
         for step, (x, y, _) in enumerate(bar):
-            if step >= steps:
+            if step >= epoch_steps:
                 break
             loss = train_step(ddp_model, x, y, criterion, optimizer, scheduler, recipe.grad_clip, device,
                               cfg.precision, scaler)
@@ -283,6 +285,7 @@ def _train_claimed(cfg, env, device, card, recipe, model_kwargs, train_src, val_
             seen += len(y)
             bar.set_postfix(loss=f"{total / seen:.4f}")
         bar.close()
+        train_s = time.perf_counter() - t0
         row = {"epoch": epoch, "train_loss": total / seen if seen else math.nan, "nonfinite_steps": nonfinite,
                "lr": optimizer.param_groups[0]["lr"]}
         improved = False
@@ -297,6 +300,10 @@ def _train_claimed(cfg, env, device, card, recipe, model_kwargs, train_src, val_
             if improved:
                 best_auc, best_epoch = score, epoch
         row["time_s"] = round(time.perf_counter() - t0, 2)
+        if budget and epoch == 1 and epochs > 1:  # before `last` is written: it keeps the refitted schedule
+            budget = refit_budget(run, budget, scheduler, step_s=train_s / epoch_steps,
+                                  elapsed_s=time.perf_counter() - started, most=len(loader), held_out=len(val_src),
+                                  validation_s=row["time_s"] - train_s if "val_auc" in row else None, main=main)
         recorder.end_epoch(row, epochs, improved, model, evaluated, optimizer=optimizer, scheduler=scheduler,
                            scaler=scaler, extra_state={"best_auc": best_auc, "best_epoch": best_epoch,
                                                        **({"ema": ema.state_dict()} if ema else {})})

@@ -19,11 +19,15 @@ import numpy as np
 import torch
 
 from ..devices import autocast
+from ..files import write_json
 from ..runs import checkpoint_folder, save_checkpoint
 from . import distributed
+from .budget import epoch_iterations, refit_after_first_epoch
 from .history import History
+from .schedules import set_total_steps
 
-__all__ = ["seed_everything", "grad_scaler", "backward_and_step", "train_step", "validation_due", "EpochRecorder"]
+__all__ = ["seed_everything", "grad_scaler", "backward_and_step", "train_step", "validation_due", "refit_budget",
+           "EpochRecorder"]
 
 
 def seed_everything(seed: int) -> None:
@@ -74,6 +78,18 @@ def train_step(model: torch.nn.Module, image: torch.Tensor, label: torch.Tensor,
 def validation_due(epoch: int, epochs: int, every: int) -> bool:
     """Validate after epoch ``epoch`` (1-based) of ``epochs``: every ``every`` epochs and after the last."""
     return epoch == epochs or (every > 0 and epoch % every == 0)
+
+
+def refit_budget(run: Path, budget: dict, scheduler, *, main: bool, **measured) -> dict:
+    """A budgeted run after its first epoch: the plan refitted to what the epoch took (decided on rank 0,
+    followed by every rank; ``measured`` as :func:`~medssm.engine.budget.refit_after_first_epoch` takes
+    it), the schedule stretched or shortened to the new total, ``budget.json`` and one printed line."""
+    budget = distributed.broadcast(refit_after_first_epoch(budget, **measured) if main else None)
+    set_total_steps(scheduler, epoch_iterations(budget, 1) + (budget["epochs"] - 1) * epoch_iterations(budget, 2))
+    if main:
+        write_json(run / "budget.json", budget, default=str)
+        print(f"budget: {budget['reasons'][-1]}", flush=True)
+    return budget
 
 
 class EpochRecorder:

@@ -35,22 +35,36 @@ def poly_factor(step: int, total_steps: int, exponent: float = 0.9) -> float:
     return (1 - min(step, total_steps) / max(total_steps, 1)) ** exponent
 
 
+class Schedule:
+    """The factor of the base learning rate at a step: ``poly``, ``cosine`` or ``constant`` after an
+    optional linear warm-up. An object rather than a closure: LambdaLR keeps its fields in the
+    scheduler's state, so a total changed during a run (a budget refitted) is resumed with it."""
+
+    def __init__(self, name: str, total_steps: int, warmup_steps: int = 0):
+        name = name.lower()
+        if name not in ("poly", "cosine", "constant"):
+            raise ValueError(f"unknown schedule {name!r}; choose from poly, cosine, constant")
+        self.name, self.total_steps, self.warmup_steps = name, int(total_steps), int(warmup_steps)
+
+    def __call__(self, step: int) -> float:
+        if step < self.warmup_steps:
+            return (step + 1) / self.warmup_steps
+        s, n = step - self.warmup_steps, max(self.total_steps - self.warmup_steps, 1)
+        if self.name == "poly":
+            return poly_factor(s, n)
+        if self.name == "cosine":
+            return 0.5 * (1 + math.cos(math.pi * min(s, n) / n))
+        return 1.0
+
+
 def make_scheduler(optimizer: torch.optim.Optimizer, name: str, total_steps: int,
                    warmup_steps: int = 0) -> torch.optim.lr_scheduler.LambdaLR:
     """A per-iteration schedule (call ``.step()`` after every optimiser step): ``poly``, ``cosine``
     or ``constant``, with an optional linear warm-up."""
-    name = name.lower()
-    if name not in ("poly", "cosine", "constant"):
-        raise ValueError(f"unknown schedule {name!r}; choose from poly, cosine, constant")
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, Schedule(name, total_steps, warmup_steps))
 
-    def factor(step: int) -> float:
-        if step < warmup_steps:
-            return (step + 1) / warmup_steps
-        s, n = step - warmup_steps, max(total_steps - warmup_steps, 1)
-        if name == "poly":
-            return poly_factor(s, n)
-        if name == "cosine":
-            return 0.5 * (1 + math.cos(math.pi * min(s, n) / n))
-        return 1.0
 
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+def set_total_steps(scheduler: torch.optim.lr_scheduler.LambdaLR, total_steps: int) -> None:
+    """Stretch or shorten the schedule of a running ``scheduler`` to end at ``total_steps``."""
+    for schedule in scheduler.lr_lambdas:
+        schedule.total_steps = int(total_steps)

@@ -36,7 +36,8 @@ from ..nets.registry import build_for_data, get_model_card, parse_model_kwargs
 from ..runs import claim_run, has_checkpoint, load_run, load_training_state, write_description
 from ..ssm import use_backend
 from . import distributed
-from .loop import EpochRecorder, grad_scaler, seed_everything, train_step, validation_due
+from .budget import epoch_iterations
+from .loop import EpochRecorder, grad_scaler, refit_budget, seed_everything, train_step, validation_due
 from .options import TrainOptions
 from .schedules import make_optimizer, make_scheduler
 
@@ -288,7 +289,8 @@ def _train_claimed(cfg, env, device, dataset, card, model_kwargs, run: Path) -> 
     for epoch in range(start_epoch + 1, epochs + 1):
         model.train()
         t0, losses = time.time(), []
-        bar = tqdm(range(iterations), desc=f"epoch {epoch}/{epochs}", unit="it", disable=not progress, leave=False)
+        steps = epoch_iterations(budget, epoch) if budget else iterations
+        bar = tqdm(range(steps), desc=f"epoch {epoch}/{epochs}", unit="it", disable=not progress, leave=False)
         for _ in bar:  # every rank draws the global batch, then augments and learns from its slice
             batch = {k: distributed.shard(v) for k, v in next(batches).items() if k in ("image", "label")}
             if augment is not None:
@@ -296,6 +298,7 @@ def _train_claimed(cfg, env, device, dataset, card, model_kwargs, run: Path) -> 
             losses.append(train_step(ddp_model, batch["image"], batch["label"], loss_fn, optimizer, scheduler,
                                      recipe.grad_clip, device, cfg.precision, scaler))
             bar.set_postfix(loss=f"{losses[-1]:.4f}")
+        train_s = time.time() - t0
         finite = [v for v in losses if math.isfinite(v)]
         row = {"epoch": epoch, "train_loss": float(np.mean(finite)) if finite else math.nan,
                "lr": optimizer.param_groups[0]["lr"], "nonfinite_steps": len(losses) - len(finite)}
@@ -309,6 +312,10 @@ def _train_claimed(cfg, env, device, dataset, card, model_kwargs, run: Path) -> 
             improved = row["val_dice"] > best
             best = max(best, row["val_dice"])
         row["time_s"] = round(time.time() - t0, 2)
+        if budget and epoch == 1 and epochs > 1:  # before `last` is written: it keeps the refitted schedule
+            budget = refit_budget(run, budget, scheduler, step_s=train_s / steps, elapsed_s=time.perf_counter() - started,
+                                  validation_s=row["time_s"] - train_s if "val_dice" in row else None,
+                                  held_out=len(val_cases), main=main)
         recorder.end_epoch(row, epochs, improved, model, model, optimizer=optimizer, scheduler=scheduler,
                            scaler=scaler, extra_state={"best": best, "sampler": sampler.state_dict(),
                                                        "augment": augment.state_dict() if augment else {}})
