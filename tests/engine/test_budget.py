@@ -7,8 +7,7 @@ import pytest
 import torch
 
 from medssm.engine.budget import (GOOD_SAMPLES, GOOD_STEPS, MIN_BATCH, MIN_SAMPLES, VALIDATION_SHARE, BudgetTooShort,
-                                  Candidate, Timing, epoch_iterations, parse_duration, plan_budget,
-                                  refit_after_first_epoch)
+                                  Candidate, Timing, epoch_iterations, parse_duration, plan_budget, refit)
 from medssm.engine.schedules import make_scheduler, set_total_steps
 
 
@@ -79,28 +78,36 @@ def test_classification_epochs_are_passes_over_the_data():
     assert short.epochs == 1 and short.iterations_per_epoch < 1000  # one epoch, cut short to fit
 
 
-def test_the_plan_is_refitted_to_what_the_first_epoch_took():
+def test_the_plan_is_refitted_to_what_an_epoch_took():
     plan = plan_budget(600, [Candidate(1.0, 4)], clock({1.0: 0.5}, case=0.1), held_out=10).as_dict()
     epochs, planned, validations = plan["epochs"], plan["iterations_per_epoch"], plan["validations"]
     assert epochs > 2 and plan["val_every"] > 1  # epoch 1 is not validated: every validation is still to come
 
-    def spent(refit, step, first):  # the whole run at the real step
-        return first + (epochs - 1) * refit["refit"]["iterations_per_epoch"] * step + validations * 10 * 0.1
+    def after_first(step, **kw):
+        return refit(plan, epoch=1, steps_done=planned, step_s=step, elapsed_s=planned * step, held_out=10, **kw)
 
-    first = planned * 0.65  # the real step is 1.3x the timed one
-    slower = refit_after_first_epoch(plan, step_s=0.65, elapsed_s=first, held_out=10)
+    def spent(budget, step):  # the whole run at the real step
+        return planned * step + (epochs - 1) * budget["refit"]["iterations_per_epoch"] * step + validations * 10 * 0.1
+
+    slower = after_first(0.65)  # the real step is 1.3x the timed one
     later = slower["refit"]["iterations_per_epoch"]
-    assert later < planned and 0.9 * 600 <= spent(slower, 0.65, first) <= 600
+    assert later < planned and 0.9 * 600 <= spent(slower, 0.65) <= 600
     assert epoch_iterations(slower, 1) == planned and epoch_iterations(slower, epochs) == later
-    assert slower["samples"] == (planned + (epochs - 1) * later) * 4 and "0.650 s against 0.500 s" in slower["reasons"][-1]
-    faster = refit_after_first_epoch(plan, step_s=0.4, elapsed_s=planned * 0.4, held_out=10)
-    assert planned < faster["refit"]["iterations_per_epoch"] <= 2 * planned and spent(faster, 0.4, planned * 0.4) <= 600
-    assert refit_after_first_epoch(plan, step_s=0.4, elapsed_s=planned * 0.4, held_out=10,
-                                   most=planned)["refit"]["iterations_per_epoch"] == planned  # one pass at most
-    crawling = refit_after_first_epoch(plan, step_s=60.0, elapsed_s=planned * 60.0, held_out=10)
-    assert crawling["samples"] >= MIN_SAMPLES and "the minimum" in crawling["reasons"][-1]
-    measured = refit_after_first_epoch(plan, step_s=0.65, elapsed_s=first, validation_s=30.0)  # validation costs more
-    assert measured["refit"]["iterations_per_epoch"] < later
+    assert slower["samples"] == (planned + (epochs - 1) * later) * 4
+    assert "0.650 s against 0.500 s" in slower["refit"]["reason"]
+    faster = after_first(0.4)
+    assert planned < faster["refit"]["iterations_per_epoch"] <= 2 * planned and spent(faster, 0.4) <= 600
+    assert after_first(0.4, most=planned)["refit"]["iterations_per_epoch"] == planned  # one pass at most
+    crawling = after_first(60.0)
+    assert crawling["samples"] >= MIN_SAMPLES and "the minimum" in crawling["refit"]["reason"]
+    assert after_first(0.65, validation_s=30.0)["refit"]["iterations_per_epoch"] < later  # validation costs more
+
+    # Refitted again after epoch 2 of the slow run, which went at the timed speed after all: the rest
+    # of the budget is shared out again, the later epochs get more than the first refit gave them.
+    again = refit(slower, epoch=2, steps_done=planned + later, step_s=0.5,
+                  elapsed_s=planned * 0.65 + later * 0.5, held_out=10)
+    assert later < again["refit"]["iterations_per_epoch"] == epoch_iterations(again, 3)
+    assert again["refit"]["validation_s"] == slower["refit"]["validation_s"]  # the estimate, kept
 
 
 def test_a_refitted_schedule_resumes_with_its_new_length():
@@ -134,7 +141,9 @@ def test_a_budgeted_run_writes_its_plan_and_keeps_to_it(data_root, tmp_path):
     log = json.loads((run / "log.json").read_text())
     assert len(log) == budget["epochs"] and budget["reasons"] and budget["actual_s"] > 0
     assert sum("val_dice" in r for r in log) == budget["validations"]
-    later = budget["refit"]["iterations_per_epoch"]  # refitted after the first epoch
-    assert budget["samples"] == (budget["iterations_per_epoch"] + (budget["epochs"] - 1) * later) * 2
+    assert budget["refit"]["after_epoch"] == budget["epochs"] - 1  # refitted after every epoch but the last
+    state = torch.load(run / "checkpoints" / "last" / "training_state.pt", weights_only=True)
+    steps = state["scheduler"]["last_epoch"]  # every optimiser step of the run
+    assert budget["samples"] == steps * 2 and state["scheduler"]["lr_lambdas"][0]["total_steps"] == steps
     with pytest.raises(ValueError, match="leave out --epochs"):
         train(TrainConfig(data=str(lung), out=str(tmp_path / "x"), budget="1m", epochs=3))

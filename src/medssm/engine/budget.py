@@ -15,9 +15,9 @@ The plan, nnU-Net style but for time instead of memory:
 - the plan never trains less than ``MIN_SAMPLES`` samples: when the machine is too slow for that,
   it says how long a budget the minimum needs, and stops (or, with ``--over-budget``, trains the
   minimum and reports the real time);
-- after the first epoch the plan is refitted to what that epoch really took (a real step carries
-  sampling, augmentation and logging the timed one does not, and a machine gets busier): the later
-  epochs get as many steps as the rest of the budget holds.
+- after every epoch the plan is refitted to what that epoch really took (a real step carries
+  sampling, augmentation and logging the timed one does not, a first epoch warms up, a machine gets
+  busier): the later epochs get as many steps as the rest of the budget holds.
 
 Everything measured comes in through ``measure(candidate)``, so the planning itself is plain
 arithmetic (and is tested with a fake clock).
@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 __all__ = ["parse_duration", "Candidate", "Timing", "BudgetPlan", "BudgetTooShort", "plan_budget",
-           "refit_after_first_epoch", "epoch_iterations", "VALIDATION_SHARE", "MIN_SAMPLES", "GOOD_SAMPLES", "GOOD_STEPS", "MIN_BATCH"]
+           "refit", "epoch_iterations", "VALIDATION_SHARE", "MIN_SAMPLES", "GOOD_SAMPLES", "GOOD_STEPS", "MIN_BATCH"]
 
 VALIDATION_SHARE = 0.15  # of the budget, at most
 MAX_VALIDATIONS = 5
@@ -201,43 +201,48 @@ def smaller_batch(batch: int, steps: int, multiple: int = 1) -> int | None:
     return smaller if smaller < batch else None
 
 
-def refit_after_first_epoch(budget: dict, *, step_s: float, elapsed_s: float, validation_s: float | None = None,
-                            held_out: int = 0, most: int | None = None) -> dict:
-    """The budget (``BudgetPlan.as_dict()``) refitted after its first epoch: every later epoch gets as
-    many steps as the rest of the budget holds at ``step_s``, the step as it really took.
+def refit(budget: dict, *, epoch: int, steps_done: int, step_s: float, elapsed_s: float,
+          validation_s: float | None = None, held_out: int = 0, most: int | None = None) -> dict:
+    """The budget (``BudgetPlan.as_dict()``) refitted after epoch ``epoch``: every later epoch gets as
+    many steps as the rest of the budget holds at ``step_s``, the step as that epoch took it.
 
     Args:
+        steps_done: optimiser steps taken so far.
         elapsed_s: seconds since the run started (planning and preprocessing included).
-        validation_s: one validation as measured, or None to estimate it from the plan's timing
-            and ``held_out`` (the cases one validation scores).
+        validation_s: one validation as measured in this epoch, or None: the last one measured, else
+            an estimate from the plan's timing and ``held_out`` (the cases one validation scores).
         most: at most this many steps an epoch (a classification epoch is one pass over the data).
 
     Never fewer than ``MIN_SAMPLES`` training samples in all (within ``most``), nor more than twice
-    the planned steps an epoch. Returns the budget with ``refit`` (the steps of an epoch from the second on) and a reason.
+    the planned steps an epoch. Returns the budget with ``refit``: the epoch it followed, the steps of
+    every later epoch, the step time and why.
     """
     from .loop import validation_due
 
     epochs, planned, batch = budget["epochs"], budget["iterations_per_epoch"], budget["candidate"]["batch_size"]
-    if validation_s is None:
-        validation_s = (budget["val_cases"] or held_out) * budget["timing"]["validation_case"]
-    validations_left = sum(validation_due(e, epochs, budget["val_every"]) for e in range(2, epochs + 1))
+    if validation_s is None:  # the last one measured, else the plan's estimate
+        validation_s = budget.get("refit", {}).get("validation_s") or (
+            (budget["val_cases"] or held_out) * budget["timing"]["validation_case"])
+    left = epochs - epoch
+    validations_left = sum(validation_due(e, epochs, budget["val_every"]) for e in range(epoch + 1, epochs + 1))
     left_s = budget["budget_s"] * (1 - MARGIN) - elapsed_s - validations_left * validation_s
-    fit = int(max(left_s, 0.0) // (max(step_s, 1e-9) * (epochs - 1)))
-    least = max(1, math.ceil((math.ceil(MIN_SAMPLES / batch) - planned) / (epochs - 1)))
+    fit = int(max(left_s, 0.0) // (max(step_s, 1e-9) * left))
+    least = max(1, math.ceil((math.ceil(MIN_SAMPLES / batch) - steps_done) / left))
     iterations = min(max(least, min(fit, 2 * planned)), most or 2 * planned)
-    reason = (f"after epoch 1 ({elapsed_s:.0f} s since the start): a step took {step_s:.3f} s against "
-              f"{budget['timing']['step']:.3f} s timed; epochs 2-{epochs} take {iterations} steps each "
+    reason = (f"after epoch {epoch} ({elapsed_s:.0f} s since the start): a step took {step_s:.3f} s against "
+              f"{budget['timing']['step']:.3f} s timed; epochs {epoch + 1}-{epochs} take {iterations} steps each "
               f"(planned {planned})" + (f", the minimum of {MIN_SAMPLES} samples" if fit < least else ""))
-    steps = planned + (epochs - 1) * iterations
-    return {**budget, "refit": {"iterations_per_epoch": iterations, "step_s": step_s, "elapsed_s": elapsed_s},
-            "samples": steps * batch, "reasons": [*budget["reasons"], reason],
-            "expected_s": elapsed_s + (epochs - 1) * iterations * step_s + validations_left * validation_s}
+    return {**budget, "samples": (steps_done + left * iterations) * batch,
+            "expected_s": elapsed_s + left * iterations * step_s + validations_left * validation_s,
+            "refit": {"after_epoch": epoch, "iterations_per_epoch": iterations, "step_s": step_s,
+                      "validation_s": validation_s, "elapsed_s": elapsed_s, "reason": reason}}
 
 
 def epoch_iterations(budget: dict, epoch: int) -> int:
-    """Steps of epoch ``epoch`` (1-based) of a budgeted run: the plan's, refitted from the second on."""
+    """Steps of epoch ``epoch`` (1-based) of a budgeted run, when it is about to run: the plan's, or
+    the last refit's (which follows the epoch before)."""
     refit = budget.get("refit")
-    return refit["iterations_per_epoch"] if refit and epoch > 1 else budget["iterations_per_epoch"]
+    return refit["iterations_per_epoch"] if refit and epoch > refit["after_epoch"] else budget["iterations_per_epoch"]
 
 
 # ----------------------------------------------------------------------------------------------

@@ -209,6 +209,8 @@ def _train_claimed(cfg, env, device, card, recipe, model_kwargs, train_src, val_
         epochs, max_steps, val_every = budget["epochs"], budget["iterations_per_epoch"], budget["val_every"]
         batch_size = budget["candidate"]["batch_size"]
         val_src = _limit(val_src, budget["val_cases"] or None, cfg.seed)
+        if resuming and "refit" in budget:
+            started -= budget["refit"]["elapsed_s"]  # the time the interrupted run had spent counts
     seed_everything(cfg.seed)
     model = new_model()
     ema = WeightAverage(model, cfg.ema) if cfg.ema else None
@@ -300,8 +302,8 @@ def _train_claimed(cfg, env, device, card, recipe, model_kwargs, train_src, val_
             if improved:
                 best_auc, best_epoch = score, epoch
         row["time_s"] = round(time.perf_counter() - t0, 2)
-        if budget and epoch == 1 and epochs > 1:  # before `last` is written: it keeps the refitted schedule
-            budget = refit_budget(run, budget, scheduler, step_s=train_s / epoch_steps,
+        if budget and epoch < epochs:  # before `last` is written: it keeps the refitted schedule
+            budget = refit_budget(run, budget, scheduler, epoch=epoch, step_s=train_s / epoch_steps,
                                   elapsed_s=time.perf_counter() - started, most=len(loader), held_out=len(val_src),
                                   validation_s=row["time_s"] - train_s if "val_auc" in row else None, main=main)
         recorder.end_epoch(row, epochs, improved, model, evaluated, optimizer=optimizer, scheduler=scheduler,

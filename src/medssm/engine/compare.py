@@ -129,8 +129,9 @@ def run_one(cfg: CompareConfig, task: str, name: str, folder: Path) -> dict:
     card = get_model_card(name)
     return {"model": name, "status": "complete", "ablation_of": card.ablation_of, "recipe": run.description["recipe"],
             "scores": scores, "cost": measure_cost(run, budget), "train_s": round(train_s, 1),
-            "budget": {k: budget.get(k) for k in ("budget_s", "epochs", "iterations_per_epoch", "refit", "samples",
-                                                   "expected_s", "over_budget", "reasons")},
+            "budget": {**{k: budget.get(k) for k in ("budget_s", "epochs", "iterations_per_epoch", "refit", "samples",
+                                                     "expected_s", "over_budget", "reasons", "actual_s")},
+                       "batch_size": budget["candidate"]["batch_size"]},
             "curve": validation_curve(json.loads((run_dir / "log.json").read_text()), task)}
 
 
@@ -195,7 +196,7 @@ def evaluate_classification_run(cfg: CompareConfig, run, folder: Path) -> dict:
 
 def measure_cost(run, budget: dict) -> dict:
     """Parameters, MACs and scan FLOPs of one forward at the training input (batch 1), the peak
-    activation memory of that forward, and the training step time (as the first epoch took it)."""
+    activation memory of that forward, and the training step time (as the last refitted epoch took it)."""
     from ..nets.info import model_info
 
     model = run.load_model("best")
@@ -249,8 +250,8 @@ def write_report(out: Path, cfg: CompareConfig, task: str, results: list[dict]) 
               "How to read it: every model had the same data, split, pipeline and wall-clock budget on this "
               "machine; `samples` is how many training samples that bought it. MACs count convolutions and "
               "matrix products of one forward at the training input (batch 1), scan GFLOPs the selective scans "
-              "(analytic); peak fwd is the activation memory of that forward; a step is what one took in the "
-              "first epoch (sampling and augmentation included). Held-out scores are at the images' "
+              "(analytic); peak fwd is the activation memory of that forward; a step is what one took late in "
+              "training (sampling and augmentation included). Held-out scores are at the images' "
               "own resolution, through `medssm predict` and `medssm evaluate`. Each model's run, predictions "
               "and evaluation (with overlays) are under `models/`.", ""]
     for r in done:
@@ -259,10 +260,11 @@ def write_report(out: Path, cfg: CompareConfig, task: str, results: list[dict]) 
 
 
 def epochs_text(budget: dict) -> str:
-    """``10 epochs x 40 steps``, or ``1 x 40 then 9 x 31 steps`` when the plan was refitted after epoch 1."""
-    epochs, planned, refit = budget["epochs"], budget["iterations_per_epoch"], budget.get("refit")
-    if refit and refit["iterations_per_epoch"] != planned and epochs > 1:
-        return f"{epochs} epochs: 1 x {planned} then {epochs - 1} x {refit['iterations_per_epoch']} steps"
+    """``10 epochs x 40 steps``, or ``10 epochs, 372 steps (planned 10 x 40)`` when refitted on the way."""
+    epochs, planned = budget["epochs"], budget["iterations_per_epoch"]
+    steps = budget["samples"] // budget["batch_size"] if budget.get("batch_size") else None
+    if budget.get("refit") and steps and steps != epochs * planned:
+        return f"{epochs} epochs, {steps} steps (planned {epochs} x {planned})"
     return f"{epochs} epochs x {planned} steps"
 
 

@@ -22,7 +22,7 @@ from ..devices import autocast
 from ..files import write_json
 from ..runs import checkpoint_folder, save_checkpoint
 from . import distributed
-from .budget import epoch_iterations, refit_after_first_epoch
+from .budget import epoch_iterations, refit
 from .history import History
 from .schedules import set_total_steps
 
@@ -80,15 +80,20 @@ def validation_due(epoch: int, epochs: int, every: int) -> bool:
     return epoch == epochs or (every > 0 and epoch % every == 0)
 
 
-def refit_budget(run: Path, budget: dict, scheduler, *, main: bool, **measured) -> dict:
-    """A budgeted run after its first epoch: the plan refitted to what the epoch took (decided on rank 0,
-    followed by every rank; ``measured`` as :func:`~medssm.engine.budget.refit_after_first_epoch` takes
-    it), the schedule stretched or shortened to the new total, ``budget.json`` and one printed line."""
-    budget = distributed.broadcast(refit_after_first_epoch(budget, **measured) if main else None)
-    set_total_steps(scheduler, epoch_iterations(budget, 1) + (budget["epochs"] - 1) * epoch_iterations(budget, 2))
+def refit_budget(run: Path, budget: dict, scheduler, *, epoch: int, main: bool, **measured) -> dict:
+    """A budgeted run after epoch ``epoch`` (not the last): the plan refitted to what the epoch took
+    (decided on rank 0, followed by every rank; ``measured`` as :func:`~medssm.engine.budget.refit`
+    takes it), the schedule stretched or shortened to the new total, ``budget.json``, and a line
+    when the steps of an epoch change."""
+    before = epoch_iterations(budget, epoch + 1)
+    budget = distributed.broadcast(refit(budget, epoch=epoch, steps_done=scheduler.last_epoch, **measured)
+                                   if main else None)
+    after = budget["refit"]["iterations_per_epoch"]
+    set_total_steps(scheduler, scheduler.last_epoch + (budget["epochs"] - epoch) * after)
     if main:
         write_json(run / "budget.json", budget, default=str)
-        print(f"budget: {budget['reasons'][-1]}", flush=True)
+        if after != before:
+            print(f"budget: {budget['refit']['reason']}", flush=True)
     return budget
 
 

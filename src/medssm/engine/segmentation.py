@@ -233,6 +233,8 @@ def _train_claimed(cfg, env, device, dataset, card, model_kwargs, run: Path) -> 
     if budget:
         epochs, iterations, val_every = budget["epochs"], budget["iterations_per_epoch"], budget["val_every"]
         val_count = budget["val_cases"] or held_out
+        if resuming and "refit" in budget:
+            started -= budget["refit"]["elapsed_s"]  # the time the interrupted run had spent counts
     distributed.local_batch(plan.batch_size)  # refuse a global batch that does not split over the ranks
     seed_everything(cfg.seed)
     model = build_for_data(card.name, spatial_dims=plan.spatial_dims, in_channels=plan.num_channels,
@@ -312,8 +314,9 @@ def _train_claimed(cfg, env, device, dataset, card, model_kwargs, run: Path) -> 
             improved = row["val_dice"] > best
             best = max(best, row["val_dice"])
         row["time_s"] = round(time.time() - t0, 2)
-        if budget and epoch == 1 and epochs > 1:  # before `last` is written: it keeps the refitted schedule
-            budget = refit_budget(run, budget, scheduler, step_s=train_s / steps, elapsed_s=time.perf_counter() - started,
+        if budget and epoch < epochs:  # before `last` is written: it keeps the refitted schedule
+            budget = refit_budget(run, budget, scheduler, epoch=epoch, step_s=train_s / steps,
+                                  elapsed_s=time.perf_counter() - started,
                                   validation_s=row["time_s"] - train_s if "val_dice" in row else None,
                                   held_out=len(val_cases), main=main)
         recorder.end_epoch(row, epochs, improved, model, model, optimizer=optimizer, scheduler=scheduler,
