@@ -3,7 +3,6 @@
 import json
 
 import pytest
-
 import torch
 
 from medssm.engine.budget import (GOOD_SAMPLES, GOOD_STEPS, MIN_BATCH, MIN_SAMPLES, VALIDATION_SHARE, BudgetTooShort,
@@ -81,10 +80,11 @@ def test_classification_epochs_are_passes_over_the_data():
 def test_the_plan_is_refitted_to_what_an_epoch_took():
     plan = plan_budget(600, [Candidate(1.0, 4)], clock({1.0: 0.5}, case=0.1), held_out=10).as_dict()
     epochs, planned, validations = plan["epochs"], plan["iterations_per_epoch"], plan["validations"]
-    assert epochs > 2 and plan["val_every"] > 1  # epoch 1 is not validated: every validation is still to come
+    assert epochs > 2 and plan["val_every"] == 2  # epoch 1 is not validated, epoch 2 is
 
     def after_first(step, **kw):
-        return refit(plan, epoch=1, steps_done=planned, step_s=step, elapsed_s=planned * step, held_out=10, **kw)
+        return refit(plan, epoch=1, steps_done=planned, validations_left=validations, step_s=step,
+                     elapsed_s=planned * step, held_out=10, **kw)
 
     def spent(budget, step):  # the whole run at the real step
         return planned * step + (epochs - 1) * budget["refit"]["iterations_per_epoch"] * step + validations * 10 * 0.1
@@ -104,7 +104,7 @@ def test_the_plan_is_refitted_to_what_an_epoch_took():
 
     # Refitted again after epoch 2 of the slow run, which went at the timed speed after all: the rest
     # of the budget is shared out again, the later epochs get more than the first refit gave them.
-    again = refit(slower, epoch=2, steps_done=planned + later, step_s=0.5,
+    again = refit(slower, epoch=2, steps_done=planned + later, validations_left=validations - 1, step_s=0.5,
                   elapsed_s=planned * 0.65 + later * 0.5, held_out=10)
     assert later < again["refit"]["iterations_per_epoch"] == epoch_iterations(again, 3)
     assert again["refit"]["validation_s"] == slower["refit"]["validation_s"]  # the estimate, kept

@@ -49,5 +49,5 @@ def test_classification_comparison(data_root, tmp_path):
     assert [r["status"] for r in rows] == ["complete", "complete"]
     assert all({"held_out", "test"} <= set(r["scores"]) for r in rows)
     assert all(r["scores"]["test"]["cases"] == 16 for r in rows)
-    for r in rows:  # refitted after the first epoch, never past one pass over the 48 samples
+    for r in rows:  # refitted after every epoch, never past one pass over the 48 samples
         assert r["budget"]["epochs"] == 1 or r["budget"]["refit"]["iterations_per_epoch"] <= 24

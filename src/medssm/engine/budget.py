@@ -201,13 +201,14 @@ def smaller_batch(batch: int, steps: int, multiple: int = 1) -> int | None:
     return smaller if smaller < batch else None
 
 
-def refit(budget: dict, *, epoch: int, steps_done: int, step_s: float, elapsed_s: float,
+def refit(budget: dict, *, epoch: int, steps_done: int, validations_left: int, step_s: float, elapsed_s: float,
           validation_s: float | None = None, held_out: int = 0, most: int | None = None) -> dict:
     """The budget (``BudgetPlan.as_dict()``) refitted after epoch ``epoch``: every later epoch gets as
     many steps as the rest of the budget holds at ``step_s``, the step as that epoch took it.
 
     Args:
         steps_done: optimiser steps taken so far.
+        validations_left: validations still to come after this epoch.
         elapsed_s: seconds since the run started (planning and preprocessing included).
         validation_s: one validation as measured in this epoch, or None: the last one measured, else
             an estimate from the plan's timing and ``held_out`` (the cases one validation scores).
@@ -217,14 +218,11 @@ def refit(budget: dict, *, epoch: int, steps_done: int, step_s: float, elapsed_s
     the planned steps an epoch. Returns the budget with ``refit``: the epoch it followed, the steps of
     every later epoch, the step time and why.
     """
-    from .loop import validation_due
-
     epochs, planned, batch = budget["epochs"], budget["iterations_per_epoch"], budget["candidate"]["batch_size"]
     if validation_s is None:  # the last one measured, else the plan's estimate
         validation_s = budget.get("refit", {}).get("validation_s") or (
             (budget["val_cases"] or held_out) * budget["timing"]["validation_case"])
     left = epochs - epoch
-    validations_left = sum(validation_due(e, epochs, budget["val_every"]) for e in range(epoch + 1, epochs + 1))
     left_s = budget["budget_s"] * (1 - MARGIN) - elapsed_s - validations_left * validation_s
     fit = int(max(left_s, 0.0) // (max(step_s, 1e-9) * left))
     least = max(1, math.ceil((math.ceil(MIN_SAMPLES / batch) - steps_done) / left))

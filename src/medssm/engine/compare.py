@@ -129,9 +129,8 @@ def run_one(cfg: CompareConfig, task: str, name: str, folder: Path) -> dict:
     card = get_model_card(name)
     return {"model": name, "status": "complete", "ablation_of": card.ablation_of, "recipe": run.description["recipe"],
             "scores": scores, "cost": measure_cost(run, budget), "train_s": round(train_s, 1),
-            "budget": {**{k: budget.get(k) for k in ("budget_s", "epochs", "iterations_per_epoch", "refit", "samples",
-                                                     "expected_s", "over_budget", "reasons", "actual_s")},
-                       "batch_size": budget["candidate"]["batch_size"]},
+            "budget": {k: budget.get(k) for k in ("budget_s", "epochs", "iterations_per_epoch", "refit", "samples",
+                                                   "expected_s", "over_budget", "reasons", "actual_s")},
             "curve": validation_curve(json.loads((run_dir / "log.json").read_text()), task)}
 
 
@@ -255,15 +254,15 @@ def write_report(out: Path, cfg: CompareConfig, task: str, results: list[dict]) 
               "own resolution, through `medssm predict` and `medssm evaluate`. Each model's run, predictions "
               "and evaluation (with overlays) are under `models/`.", ""]
     for r in done:
-        lines += [f"- **{r['model']}**: {epochs_text(r['budget'])}; {r['recipe'].get('source', '')}"]
+        lines += [f"- **{r['model']}**: {epochs_text(r['budget'], r['cost']['batch_size'])}; "
+                  f"{r['recipe'].get('source', '')}"]
     (out / "report.md").write_text("\n".join(lines) + "\n")
 
 
-def epochs_text(budget: dict) -> str:
+def epochs_text(budget: dict, batch_size: int) -> str:
     """``10 epochs x 40 steps``, or ``10 epochs, 372 steps (planned 10 x 40)`` when refitted on the way."""
-    epochs, planned = budget["epochs"], budget["iterations_per_epoch"]
-    steps = budget["samples"] // budget["batch_size"] if budget.get("batch_size") else None
-    if budget.get("refit") and steps and steps != epochs * planned:
+    epochs, planned, steps = budget["epochs"], budget["iterations_per_epoch"], budget["samples"] // batch_size
+    if steps != epochs * planned:
         return f"{epochs} epochs, {steps} steps (planned {epochs} x {planned})"
     return f"{epochs} epochs x {planned} steps"
 

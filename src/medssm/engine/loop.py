@@ -85,11 +85,12 @@ def refit_budget(run: Path, budget: dict, scheduler, *, epoch: int, main: bool, 
     (decided on rank 0, followed by every rank; ``measured`` as :func:`~medssm.engine.budget.refit`
     takes it), the schedule stretched or shortened to the new total, ``budget.json``, and a line
     when the steps of an epoch change."""
-    before = epoch_iterations(budget, epoch + 1)
-    budget = distributed.broadcast(refit(budget, epoch=epoch, steps_done=scheduler.last_epoch, **measured)
-                                   if main else None)
+    before, epochs = epoch_iterations(budget, epoch + 1), budget["epochs"]
+    due = sum(validation_due(e, epochs, budget["val_every"]) for e in range(epoch + 1, epochs + 1))
+    budget = distributed.broadcast(refit(budget, epoch=epoch, steps_done=scheduler.last_epoch, validations_left=due,
+                                         **measured) if main else None)
     after = budget["refit"]["iterations_per_epoch"]
-    set_total_steps(scheduler, scheduler.last_epoch + (budget["epochs"] - epoch) * after)
+    set_total_steps(scheduler, scheduler.last_epoch + (epochs - epoch) * after)
     if main:
         write_json(run / "budget.json", budget, default=str)
         if after != before:

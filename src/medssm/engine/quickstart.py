@@ -9,8 +9,9 @@ starts it times a training step and a prediction here and says how long the job 
 it never trains less or evaluates fewer cases.
 
 The recipe is medssm's short-run recipe (``--recipe short``: AdamW, cosine, Dice + CE, mirroring in
-training and at prediction) at lr 2e-3, batch 16 at 64², bf16 where the CPU computes in it; not LightM-UNet's official one (Adam 1e-4
-for 100 x 250 steps, days on a CPU): see docs/getting-started/quickstart.md for what was measured.
+training and at prediction) at lr 2e-3, batch 16 at 64², bf16 where the CPU computes in it; not
+LightM-UNet's official one (Adam 1e-4 for 100 x 250 steps, days on a CPU): see
+docs/getting-started/quickstart.md for what was measured.
 
 Output::
 
