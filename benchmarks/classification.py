@@ -20,7 +20,7 @@ standard deviation) and resuming itself.
     python benchmarks/classification.py                       # full: 100 epochs each
     python benchmarks/classification.py --datasets breastmnist --input-size 224 --optimizer adamw \
         --schedule cosine --ema 0.995 --epochs 50 --seeds 0 1 2 3 4    # the GPU table's best row
-    python benchmarks/classification.py --epochs 1 --limit 256 --max-steps 4   # a smoke run
+    python benchmarks/classification.py --epochs 1 --limit 256 --iterations-per-epoch 4   # a smoke run
 
 prints a table and writes benchmarks/results/classification.json (and the runs under --runs).
 """

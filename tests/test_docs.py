@@ -18,13 +18,13 @@ import pytest
 
 from medssm.cli import main
 
-from .engine.seg_data import hippocampus_subset, lung_subset
+from .subsets import hippocampus_subset, lung_subset
 
 ROOT = Path(__file__).resolve().parents[1]
 PAGES = ["README.md", *sorted(str(p.relative_to(ROOT)) for p in (ROOT / "docs").rglob("*.md"))]
 
 SEG_TINY = "--epochs 1 --iterations-per-epoch 1 --batch-size 2 --patch-size 64 64 --val-cases 1 --no-progress"
-CLS_TINY = "--epochs 1 --max-steps 1 --batch-size 8 --limit 16 --no-progress"
+CLS_TINY = "--epochs 1 --iterations-per-epoch 1 --batch-size 8 --limit 16 --no-progress"
 RUN = None  # marks a command that runs as written (cheap, or given tiny data)
 
 

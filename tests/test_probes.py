@@ -17,11 +17,11 @@ from medssm.cli import main
 from medssm.nets import registry
 from medssm.runs import claim_run, load_run
 
-from .engine.seg_data import lung_subset, tree_snapshot
+from .subsets import lung_subset, medmnist_subset, tree_snapshot
 
 SEG = ["--model", "lightm_unet_2d_tiny", "--epochs", "1", "--iterations-per-epoch", "2", "--val-every", "1",
        "--patch-size", "64", "64", "--batch-size", "2", "--no-progress"]
-CLS = ["--model", "medmamba_tiny", "--epochs", "1", "--batch-size", "8", "--max-steps", "2", "--no-progress"]
+CLS = ["--model", "medmamba_tiny", "--epochs", "1", "--batch-size", "8", "--iterations-per-epoch", "2", "--no-progress"]
 
 
 @pytest.fixture(scope="module")
@@ -32,15 +32,8 @@ def lung(data_root, tmp_path_factory):
 @pytest.fixture(scope="module")
 def pneumonia(data_root, tmp_path_factory):
     """24/12/16 real PneumoniaMNIST images of both classes, as a .npz of the official layout."""
-    path = tmp_path_factory.mktemp("medmnist") / "pneumoniamnist.npz"
-    with np.load(data_root / "medmnist" / "pneumoniamnist.npz") as z:
-        arrays = {}
-        for split, n in (("train", 24), ("val", 12), ("test", 16)):
-            y = z[f"{split}_labels"][:, 0]
-            idx = np.sort(np.r_[np.flatnonzero(y == 0)[: n // 2], np.flatnonzero(y == 1)[: n - n // 2]])
-            arrays[f"{split}_images"], arrays[f"{split}_labels"] = z[f"{split}_images"][idx], z[f"{split}_labels"][idx]
-    np.savez(path, **arrays)
-    return path
+    return medmnist_subset(data_root, "pneumoniamnist", tmp_path_factory.mktemp("medmnist") / "pneumoniamnist.npz",
+                           {"train": 24, "val": 12, "test": 16})
 
 
 @pytest.fixture(scope="module")
@@ -224,7 +217,7 @@ def test_help_lists_both_tasks_with_defaults(command, capsys):
     text = capsys.readouterr().out
     assert "segmentation only" in text and "classification only" in text and "(default:" in text
     if command == "train":
-        for option in ("--input-size", "--limit", "--max-steps", "--patch-size", "--fold"):
+        for option in ("--input-size", "--limit", "--iterations-per-epoch", "--patch-size", "--fold"):
             assert option in text, option
 
 

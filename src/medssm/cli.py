@@ -31,8 +31,8 @@ HANDLERS: dict[tuple[str, str | None], str] = {
     ("info", None): "medssm.nets.info:InfoConfig:print_info",
     ("models", None): "medssm.nets.info:ModelsConfig:models_table",
     ("export", None): "medssm.export.onnx:ExportConfig:export_cli",
-    ("quickstart", None): "medssm.engine.quickstart:QuickstartConfig:quickstart",
-    ("compare", None): "medssm.engine.compare:CompareConfig:compare",
+    ("quickstart", None): "medssm.workflows.quickstart:QuickstartConfig:quickstart",
+    ("compare", None): "medssm.workflows.compare:CompareConfig:compare",
     ("demo", None): "medssm.cli:DemoConfig:demo",
 }
 # Commands that train or predict, for which the CLI keeps freed memory (medssm.devices.keep_freed_memory).

@@ -59,16 +59,18 @@ def _require(path: Path, what: str) -> None:
         raise ValueError(f"{path}: empty file ({what})")
 
 
-def read_json(path: str | os.PathLike, what: str = "JSON") -> dict:
-    """The JSON object in ``path``; a missing, empty or malformed file is a one-line error."""
+def read_json(path: str | os.PathLike, what: str = "JSON", expect: type | tuple[type, ...] = dict):
+    """The JSON value in ``path``, of type ``expect`` (an object by default); a missing, empty or
+    malformed file is a one-line error."""
     path = Path(path)
     _require(path, what)
     try:
         value = json.loads(path.read_text(encoding="utf-8"))
     except (ValueError, UnicodeDecodeError) as e:
         raise ValueError(f"{path}: not valid JSON ({_first_line(e)}); the {what} is damaged") from None
-    if not isinstance(value, dict):
-        raise ValueError(f"{path}: expected a JSON object ({what}), found {type(value).__name__}")
+    if not isinstance(value, expect):
+        names = " or ".join(t.__name__ for t in (expect if isinstance(expect, tuple) else (expect,)))
+        raise ValueError(f"{path}: expected a JSON {names} ({what}), found {type(value).__name__}")
     return value
 
 

@@ -7,6 +7,7 @@ Layout (segmentation and classification alike)::
                                 needs (plan and labels, or classes and input size), recipe, device
     RUN/config.json             the training options
     RUN/splits.json             the samples each fold or split holds (plan.json too for segmentation)
+    RUN/budget.json             with --budget: how the run fits its time (medssm.budget.BudgetPlan)
     RUN/checkpoints/best/       model.safetensors + model.json: the model kept by validation
     RUN/checkpoints/last/       the same + training_state.pt (optimiser, schedule, generators, epoch)
     RUN/log.csv, log.json, curves.png
@@ -20,6 +21,7 @@ Example:
     >>> run = load_run("runs/lung")
     >>> model = run.load_model("best", device="cpu")   # eval mode
     >>> run.task, run.card.size_divisor, run.plan.patch_size
+    >>> run.budget.step_s, run.log[-1]["val_dice"], run.splits[0]["val"]
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from .budget import BudgetPlan
 from .files import read_json, read_safetensors, read_torch, write_file, write_json
 from .nets.cards import ModelCard
 from .nets.registry import create_model, get_model_card, save_model
@@ -86,6 +89,25 @@ class Run:
         if "plan" not in self.description:
             raise ValueError(f"{self.path / DESCRIPTION}: no plan in it; not a segmentation run of medssm train")
         return Plan.from_dict(self.description["plan"], str(self.path / DESCRIPTION))
+
+    @property
+    def budget(self) -> BudgetPlan | None:
+        """The run's budget plan (``budget.json``), refitted and finished as training left it; None
+        for a run trained without ``--budget``."""
+        path = self.path / "budget.json"
+        return BudgetPlan.from_dict(read_json(path, "budget plan"), str(path)) if path.is_file() else None
+
+    @property
+    def log(self) -> list[dict]:
+        """The training log (``log.json``): one row per epoch; [] before the first epoch ends."""
+        path = self.path / "log.json"
+        return read_json(path, "training log", list) if path.is_file() else []
+
+    @property
+    def splits(self):
+        """The samples each fold (segmentation: a list of ``{"train", "val"}``) or split (classification:
+        ``{"train", "val"}``) holds (``splits.json``)."""
+        return read_json(self.path / "splits.json", "splits", (list, dict))
 
     def checkpoint(self, which: str = "best") -> Path:
         """The folder holding the ``which`` weights (``best`` falls back to ``last``)."""

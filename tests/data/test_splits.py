@@ -6,7 +6,7 @@ import random
 import pytest
 from sklearn.model_selection import KFold
 
-from medssm.data.segmentation import load_or_create_splits, make_splits
+from medssm.data.segmentation import make_splits, read_or_make_splits, save_splits
 
 
 def test_matches_sklearn_kfold_on_sorted_cases(data_root):
@@ -28,14 +28,16 @@ def test_independent_of_file_system_order():
         make_splits(cases[:3])
 
 
-def test_load_or_create(tmp_path):
+def test_read_or_make_then_save(tmp_path):
     cases = [f"c{i}" for i in range(10)]
     path = tmp_path / "splits.json"
-    made = load_or_create_splits(path, cases)
+    made = read_or_make_splits(path, cases)
+    assert made == make_splits(cases) and not path.exists()  # made, not written
+    save_splits(path, made)
     assert json.loads(path.read_text()) == made
     custom = [{"train": ["c1", "c2"], "val": ["c3"]}]
     path.write_text(json.dumps(custom))
-    assert load_or_create_splits(path, cases) == custom  # a saved split wins
+    assert read_or_make_splits(path, cases) == custom  # a saved split wins
     path.write_text(json.dumps([{"train": ["c1", "zz"], "val": []}]))
     with pytest.raises(ValueError, match=r"not in the dataset: \['zz'\]"):
-        load_or_create_splits(path, cases)
+        read_or_make_splits(path, cases)

@@ -15,7 +15,9 @@ from medssm.engine.classification import ClassifierTrainConfig, train_classifier
 from medssm.inference.classification import ClassifierPredictConfig, predict_classifier
 from medssm.metrics.evaluate_classification import ClassifierEvaluateConfig, evaluate_classifier
 
-TINY = dict(model="medmamba_tiny", batch_size=8, max_steps=2, progress=False)
+from ..subsets import medmnist_subset
+
+TINY = dict(model="medmamba_tiny", batch_size=8, iterations_per_epoch=2, progress=False)
 COUNTS = {"train": 24, "val": 12, "test": 16}
 
 
@@ -24,13 +26,7 @@ def subsets(data_root, tmp_path_factory):
     """Small real subsets of the two MedMNIST files (both classes in every split), same names."""
     folder = tmp_path_factory.mktemp("medmnist")
     for name in ("pneumoniamnist", "breastmnist"):
-        with np.load(data_root / "medmnist" / f"{name}.npz") as z:
-            arrays = {}
-            for split, n in COUNTS.items():
-                y = z[f"{split}_labels"][:, 0]
-                idx = np.sort(np.r_[np.flatnonzero(y == 0)[: n // 2], np.flatnonzero(y == 1)[: n - n // 2]])
-                arrays[f"{split}_images"], arrays[f"{split}_labels"] = z[f"{split}_images"][idx], z[f"{split}_labels"][idx]
-        np.savez(folder / f"{name}.npz", **arrays)
+        medmnist_subset(data_root, name, folder / f"{name}.npz", COUNTS)
     return folder
 
 
@@ -42,7 +38,7 @@ def test_pneumonia_cli_train_predict_evaluate(subsets, tmp_path):
     npz = subsets / "pneumoniamnist.npz"
     run = tmp_path / "run"
     assert main(["train", "--data", str(npz), "--out", str(run), "--model", "medmamba_tiny", "--epochs", "1",
-                 "--batch-size", "8", "--max-steps", "2", "--no-progress"]) == 0
+                 "--batch-size", "8", "--iterations-per-epoch", "2", "--no-progress"]) == 0
     meta = json.loads((run / "model.json").read_text())
     assert meta["task"] == "classification" and meta["classes"] == ["normal", "pneumonia"]
     assert meta["input_size"] == 28 and json.loads((run / "checkpoints" / "best" / "model.json").read_text())["epoch"] == 1
@@ -82,7 +78,7 @@ def test_breast_options_and_reference_evaluation(subsets, tmp_path):
     m = evaluate_classifier(ClassifierEvaluateConfig(predictions=str(pred), reference=str(npz), split="val",
                                                      out=str(tmp_path / "ev")))
     assert m["n"] == COUNTS["val"] and set(m) >= {"acc", "auc", "f1", "precision", "sensitivity", "specificity"}
-    with pytest.raises(FileExistsError, match="already holds a run"):
+    with pytest.raises(FileExistsError, match="already holds a training run"):
         train_classifier(_cfg(npz, run))
     # labels the model cannot have are refused before anything is written
     with np.load(npz) as z:

@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 from medssm.engine.distributed import DistEnv, environment, gather_work, shard, split_work
 from medssm.engine.segmentation import TrainConfig, train
 
-from .seg_data import lung_subset
+from ..subsets import lung_subset
 
 # Run by torchrun in each process: train with segmentation.train or classification.train_classifier (argv 1), then
 # save this rank's final parameters (BatchNorm statistics stay per rank on Gloo) and its wrapper's type.

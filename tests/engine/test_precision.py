@@ -18,7 +18,7 @@ from medssm.engine.loop import grad_scaler
 from medssm.engine.segmentation import TrainConfig, train
 from medssm.nets import build_for_data
 
-from .seg_data import lung_subset
+from ..subsets import lung_subset
 
 
 @pytest.fixture
@@ -84,14 +84,16 @@ def test_cpu_threads_set_and_restore_torch_threads():
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
 def test_keep_freed_memory_reuses_freed_pages():
     """After keep_freed_memory, a freed 64 MiB block is handed out again without faulting in new pages
-    (by default glibc unmaps it on free, and every new one faults in all 16,384 pages afresh). Run in a
-    fresh process: the setting is process-wide and how the heap lies depends on what ran before."""
+    (by default glibc unmaps it on free, and every new one faults in all 16,384 pages afresh). The heap
+    may take a few rounds to settle (small allocations split the first freed block): the last rounds
+    reuse it. Run in a fresh process: the setting is process-wide and how the heap lies depends on what
+    ran before."""
     code = """
 import resource, sys, torch
 from medssm.devices import keep_freed_memory
 def rounds():
     faults = []
-    for _ in range(4):
+    for _ in range(12):
         before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
         block = torch.ones(2**24)
         faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
@@ -100,7 +102,7 @@ def rounds():
 default = rounds()
 assert keep_freed_memory()
 kept = rounds()
-assert min(default[1:]) > 10000 and min(kept[1:]) < 1000, (default, kept)
+assert min(default[1:]) > 10000 and max(kept[-4:]) < 1000, (default, kept)
 """
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -151,7 +153,7 @@ def test_fp16_on_cpu_refused_before_anything_is_written(data_root, tmp_path):
 def test_mixed_precision_classification_training_stays_finite(data_root, tmp_path, device, precision):
     out = train_classifier(ClassifierTrainConfig(
         data=str(data_root / "medmnist" / "pneumoniamnist.npz"), out=str(tmp_path / "run"), model="medmamba_tiny",
-        epochs=1, batch_size=8, max_steps=2, limit=24, device=device, precision=precision, progress=False))
+        epochs=1, batch_size=8, iterations_per_epoch=2, limit=24, device=device, precision=precision, progress=False))
     row = json.loads((out / "log.json").read_text())[0]
     assert torch.isfinite(torch.tensor([row["train_loss"], row["val_loss"]])).all()
     assert all(torch.isfinite(w).all() for w in load_file(str(out / "checkpoints" / "best" / "model.safetensors")).values())

@@ -15,12 +15,13 @@ from safetensors.torch import load_file
 
 from medssm.cli import main as cli
 from medssm.data.segmentation.nnunet import DatasetError
-from medssm.engine import segmentation as train_mod
-from medssm.engine.segmentation import TrainConfig, train, validate
+from medssm.engine import trainer as trainer_mod
+from medssm.engine.segmentation import TrainConfig, train
+from medssm.metrics.segmentation import dice_per_class
 from medssm.nets import build_for_data
 from medssm.runs import load_run
 
-from .seg_data import hippocampus_subset, lung_subset, tree_snapshot
+from ..subsets import hippocampus_subset, lung_subset, tree_snapshot
 
 
 def lung_config(ds: Path, out: Path, **kw) -> TrainConfig:
@@ -54,11 +55,14 @@ def test_run_layout(lung_run, lung):
     assert [r["epoch"] for r in log] == [1, 2]
     # The logged Dice of the last epoch is the Dice of checkpoints/last on the held-out fold.
     from medssm.data.segmentation.preprocess import load_cache
+    from medssm.inference.sliding import sliding_window_probabilities
 
     run = load_run(lung_run)
     cache = load_cache({c: lung_run / "preprocessed" / f"{c}.npz" for c in splits[0]["val"]})
-    cases = [(cache[c]["image"], cache[c]["label"]) for c in splits[0]["val"]]
-    dice = validate(run.load_model("last"), cases, run.plan.patch_size, run.plan.num_classes)
+    model = run.load_model("last")
+    dice = [dice_per_class(sliding_window_probabilities(model, torch.as_tensor(cache[c]["image"]),
+                                                        run.plan.patch_size).argmax(0),
+                           torch.as_tensor(cache[c]["label"]), run.plan.num_classes) for c in splits[0]["val"]]
     assert log[-1]["val_dice"] == pytest.approx(float(np.mean(dice)), abs=1e-6)
 
 
@@ -90,7 +94,7 @@ def test_predict_and_evaluate_cli(lung_run, lung, tmp_path, capsys):
 def test_killed_and_resumed_run_matches_uninterrupted(lung, tmp_path, monkeypatch):
     # On CPU, to the bit; on CUDA, cuDNN's and the scan's atomic sums reorder additions between runs.
     whole = train(lung_config(lung, tmp_path / "whole", device="cpu"))
-    real_step, calls = train_mod.train_step, {"n": 0}
+    real_step, calls = trainer_mod.train_step, {"n": 0}
 
     def dying_step(*args, **kwargs):
         calls["n"] += 1
@@ -98,10 +102,10 @@ def test_killed_and_resumed_run_matches_uninterrupted(lung, tmp_path, monkeypatc
             raise KeyboardInterrupt
         return real_step(*args, **kwargs)
 
-    monkeypatch.setattr(train_mod, "train_step", dying_step)
+    monkeypatch.setattr(trainer_mod, "train_step", dying_step)
     with pytest.raises(KeyboardInterrupt):
         train(lung_config(lung, tmp_path / "killed", device="cpu"))
-    monkeypatch.setattr(train_mod, "train_step", real_step)
+    monkeypatch.setattr(trainer_mod, "train_step", real_step)
     with pytest.raises(FileExistsError, match="--resume"):
         train(lung_config(lung, tmp_path / "killed", device="cpu"))
     resumed = train(lung_config(lung, tmp_path / "killed", device="cpu", resume=True))
@@ -165,7 +169,7 @@ def test_monai_baseline_through_the_same_factory():
 
 
 def test_quickstart_report_on_a_small_copy(lung, tmp_path):
-    from medssm.engine.quickstart import QuickstartConfig, quickstart
+    from medssm.workflows.quickstart import QuickstartConfig, quickstart
 
     report = quickstart(QuickstartConfig(data=str(lung), out=str(tmp_path / "qs"), model="lightm_unet_2d_tiny",
                                          epochs=1, iterations_per_epoch=1, target_spacing=1.0, patch_size=64,
@@ -180,18 +184,21 @@ def test_quickstart_report_on_a_small_copy(lung, tmp_path):
 
 
 def test_quickstart_does_its_fixed_work_on_a_slow_machine(lung, tmp_path, capsys, monkeypatch):
-    """A slow clock makes the job take longer, and say so; it trains and evaluates as much."""
+    """A slow clock makes the job take longer, and say so; it trains and evaluates as much. The idle
+    reference is the default job's: it is named only for the default job."""
     from medssm import devices
-    from medssm.engine import budget
-    from medssm.engine.quickstart import QuickstartConfig, quickstart
+    from medssm.engine import loop
+    from medssm.workflows import quickstart as qs
+    from medssm.workflows.quickstart import QuickstartConfig, quickstart
 
-    monkeypatch.setattr(budget, "step_seconds", lambda *a, **k: 600.0)  # a very slow (or busy) machine
+    monkeypatch.setattr(loop, "time_step", lambda *a, **k: 600.0)  # a very slow (or busy) machine
     monkeypatch.setattr(devices, "cpu_has_native_bf16", lambda: False)  # precision "auto" picks fp32 there
-    report = quickstart(QuickstartConfig(data=str(lung), out=str(tmp_path / "qs"), model="lightm_unet_2d_tiny",
-                                         epochs=2, iterations_per_epoch=3, target_spacing=1.0, patch_size=64,
-                                         batch_size=2, val_cases=1, val_every=1, progress=False))
+    small = dict(data=str(lung), model="lightm_unet_2d_tiny", epochs=2, iterations_per_epoch=3, target_spacing=1.0,
+                 patch_size=64, batch_size=2, val_cases=1, val_every=1, progress=False)
+    monkeypatch.setattr(qs, "WORKLOAD", ())  # this small job stands for the default one
+    report = quickstart(QuickstartConfig(out=str(tmp_path / "qs"), **small))
     out = capsys.readouterr().out
-    assert "slower or busier: the job takes longer, it does not do less" in out
+    assert "slower or busier: the job takes longer, it does not do less" in out and "idle 2-core CPU" in out
     assert "recipe short, fp32;" in out
     log = json.loads((tmp_path / "qs" / "run" / "log.json").read_text())
     assert [r["epoch"] for r in log] == [1, 2]
@@ -199,6 +206,11 @@ def test_quickstart_does_its_fixed_work_on_a_slow_machine(lung, tmp_path, capsys
     assert timings["iterations_per_epoch"] == 3 and timings["expected_min"] > 5
     held_out = json.loads((tmp_path / "qs" / "run" / "splits.json").read_text())[0]["val"]
     assert json.loads((report / "summary.json").read_text())["n_cases"] == len(held_out)
+    monkeypatch.undo()
+    monkeypatch.setattr(loop, "time_step", lambda *a, **k: 600.0)
+    quickstart(QuickstartConfig(out=str(tmp_path / "qs2"), **{**small, "epochs": 1, "val_every": 1}))
+    out = capsys.readouterr().out  # another job than the default: no idle reference to compare with
+    assert "expected" in out and "idle 2-core CPU" not in out and "slower or busier" not in out
 
 
 def test_too_few_cases_for_five_folds_writes_nothing(data_root, tmp_path):

@@ -1,10 +1,12 @@
-"""What both trainers share: seeding, the optimisation step, when to validate, and how an epoch ends
-(checkpoints, log, curves, one printed line). A trainer for each task differs in its loop only.
+"""The pieces of a training loop below the trainer (:mod:`.trainer`): seeding, one optimisation step,
+the step timer the budget planner and the quickstart use, and how an epoch ends (checkpoints, log,
+curves, one printed line).
 
-Example (inside a trainer):
+Example:
     >>> seed_everything(cfg.seed)
     >>> loss = train_step(ddp_model, images, labels, loss_fn, optimizer, scheduler, grad_clip=12.0)
-    >>> recorder.end_epoch(row, improved, model, evaluated, optimizer=optimizer, scheduler=scheduler)
+    >>> seconds = time_step(model, lambda: (images, labels), loss_fn, device, "bf16")
+    >>> recorder.end_epoch(row, epochs, improved, model, evaluated, optimizer=optimizer, scheduler=scheduler)
 """
 
 from __future__ import annotations
@@ -14,19 +16,17 @@ import random
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
 
 from ..devices import autocast
-from ..files import write_json
 from ..runs import checkpoint_folder, save_checkpoint
 from . import distributed
-from .budget import epoch_iterations, refit
 from .history import History
-from .schedules import set_total_steps
 
-__all__ = ["seed_everything", "grad_scaler", "backward_and_step", "train_step", "validation_due", "refit_budget",
+__all__ = ["seed_everything", "grad_scaler", "backward_and_step", "train_step", "time_step", "call_seconds",
            "EpochRecorder"]
 
 
@@ -75,27 +75,47 @@ def train_step(model: torch.nn.Module, image: torch.Tensor, label: torch.Tensor,
     return float(loss.detach())
 
 
-def validation_due(epoch: int, epochs: int, every: int) -> bool:
-    """Validate after epoch ``epoch`` (1-based) of ``epochs``: every ``every`` epochs and after the last."""
-    return epoch == epochs or (every > 0 and epoch % every == 0)
+def _synchronize(device: torch.device) -> None:
+    """Wait for the device's queued kernels (a clock read before would stop too early on a GPU)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
 
 
-def refit_budget(run: Path, budget: dict, scheduler, *, epoch: int, main: bool, **measured) -> dict:
-    """A budgeted run after epoch ``epoch`` (not the last): the plan refitted to what the epoch took
-    (decided on rank 0, followed by every rank; ``measured`` as :func:`~medssm.engine.budget.refit`
-    takes it), the schedule stretched or shortened to the new total, ``budget.json``, and a line
-    when the steps of an epoch change."""
-    before, epochs = epoch_iterations(budget, epoch + 1), budget["epochs"]
-    due = sum(validation_due(e, epochs, budget["val_every"]) for e in range(epoch + 1, epochs + 1))
-    budget = distributed.broadcast(refit(budget, epoch=epoch, steps_done=scheduler.last_epoch, validations_left=due,
-                                         **measured) if main else None)
-    after = budget["refit"]["iterations_per_epoch"]
-    set_total_steps(scheduler, scheduler.last_epoch + (epochs - epoch) * after)
-    if main:
-        write_json(run / "budget.json", budget, default=str)
-        if after != before:
-            print(f"budget: {budget['refit']['reason']}", flush=True)
-    return budget
+def call_seconds(fn: Callable[[], object], device: torch.device | str = "cpu") -> float:
+    """Seconds of one call of ``fn`` on ``device`` (after a first, uncounted one), its kernels finished."""
+    device = torch.device(device)
+    fn()
+    _synchronize(device)
+    start = time.perf_counter()
+    fn()
+    _synchronize(device)
+    return time.perf_counter() - start
+
+
+def time_step(model: torch.nn.Module, next_batch: Callable[[], tuple[torch.Tensor, torch.Tensor]], loss_fn,
+              device: torch.device | str = "cpu", precision: str = "fp32", steps: int = 2) -> float:
+    """Seconds of one training step of ``model`` as the trainer takes it (the batch from ``next_batch``,
+    forward under the run's precision, loss, backward, Adam update) on ``device``, its kernels
+    finished: the best of ``steps`` after a first, uncounted one (it compiles the scan kernels). This
+    process alone: the budget is timed on rank 0 while the other ranks wait."""
+    device = torch.device(device)
+    model.train()
+    optimizer = torch.optim.Adam(model.parameters(), 1e-4)
+    scaler = grad_scaler(device, precision)
+    times = []
+    for _ in range(steps + 1):
+        _synchronize(device)
+        start = time.perf_counter()
+        image, label = next_batch()
+        optimizer.zero_grad(set_to_none=True)
+        with autocast(device, precision):
+            loss = loss_fn(model(image.to(device)), label.to(device))
+        backward_and_step(loss, model, optimizer, scaler)
+        _synchronize(device)
+        times.append(time.perf_counter() - start)
+    return min(times[1:])
 
 
 class EpochRecorder:
@@ -107,7 +127,6 @@ class EpochRecorder:
                  score: str = "val_score"):
         self.run, self.metadata, self.main, self.score = Path(run), metadata, main, score
         self.history = History(self.run, resume=resume_epoch is not None, resume_epoch=resume_epoch)
-        self.started = time.perf_counter()
 
     def end_epoch(self, row: dict, epochs: int, improved: bool, model: torch.nn.Module, evaluated: torch.nn.Module,
                   *, optimizer, scheduler=None, scaler=None, extra_state: dict | None = None) -> None:

@@ -13,7 +13,7 @@ from .base import SPLITS, ClassificationSource, Subset, class_weights, split_ind
 from .dataset import ClassificationDataset, match_channels, random_flip, random_resized_crop, resize
 
 __all__ = ["SPLITS", "ClassificationSource", "Subset", "ClassificationDataset", "classification_format",
-           "open_classification_data", "random_resized_crop", "resize", "random_flip", "match_channels",
+           "open_classification_data", "open_training_data", "random_resized_crop", "resize", "random_flip", "match_channels",
            "split_indices", "class_weights"]
 
 
@@ -64,3 +64,18 @@ def open_classification_data(data: str | os.PathLike, split: str = "train", *, r
     if p.is_dir() or folders.is_image_file(p):
         return folders.UnlabelledImages(p, classes=classes, in_chans=in_chans)
     raise ValueError(f"{p}: not a dataset medssm can read (.npz, .csv, image folder, image or volume file)")
+
+
+def open_training_data(data: str | os.PathLike, limit: int | None = None, seed: int = 0,
+                       **options) -> tuple[ClassificationSource, ClassificationSource]:
+    """The ``train`` and ``val`` splits of a labelled dataset, checked for training (a label on every
+    sample, at least two classes, val's labels among train's classes), each cut to about ``limit``
+    samples (seeded, stratified). ``options``: as :func:`open_classification_data` takes them."""
+    train = open_classification_data(data, "train", seed=seed, **options)
+    val = open_classification_data(data, "val", classes=train.classes, in_chans=train.in_chans, seed=seed, **options)
+    if not train.has_labels or not val.has_labels:
+        raise ValueError(f"{data}: training needs a label for every train and val sample")
+    if len(train.classes) < 2:
+        raise ValueError(f"{data}: found {len(train.classes)} class(es); classification needs at least 2")
+    val.check_labels(len(train.classes), "the training data")
+    return train.limited(limit, seed), val.limited(limit, seed)

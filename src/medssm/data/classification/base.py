@@ -53,6 +53,12 @@ class ClassificationSource:
     def subset(self, indices: Sequence[int]) -> "Subset":
         return Subset(self, indices)
 
+    def limited(self, n: int | None, seed: int) -> "ClassificationSource":
+        """At most about ``n`` samples (None: all), the same share of every class (at least one each), seeded."""
+        if n is None or n >= len(self):
+            return self
+        return self.subset(split_indices(len(self), n / len(self), seed, self.labels, at_least=1)[1])
+
     def check_labels(self, num_classes: int, what: str = "the model") -> None:
         """Raise a clear error if a known label is not a class index of ``num_classes`` classes."""
         bad = np.flatnonzero((self.labels >= num_classes) | (self.labels < -1))
@@ -99,21 +105,35 @@ def empty_classes_message(where: str, k: int, empty: list[int], searched: str) -
             "indices 0..K-1, each with samples")
 
 
-def split_indices(n: int, fraction: float, seed: int, labels: np.ndarray | None = None) -> tuple[list[int], list[int]]:
+def split_indices(n: int, fraction: float, seed: int, labels: np.ndarray | None = None,
+                  at_least: int = 0) -> tuple[list[int], list[int]]:
     """Split ``range(n)`` (samples in sorted order) into (kept, held-out) with a fixed seed,
-    stratified by ``labels`` when given, each part sorted."""
+    stratified by ``labels`` when given (``at_least`` held out of each class), each part sorted."""
     rng = np.random.default_rng(seed)
     held: list[int] = []
     groups = [np.arange(n)] if labels is None else [np.flatnonzero(labels == c) for c in np.unique(labels)]
     for g in groups:
         g = rng.permutation(g)
-        held.extend(g[: int(round(len(g) * fraction))].tolist())
+        held.extend(g[: max(at_least, int(round(len(g) * fraction)))].tolist())
     held_set = set(held)
     return [i for i in range(n) if i not in held_set], sorted(held)
 
 
-def class_weights(labels: np.ndarray, num_classes: int) -> torch.Tensor:
-    """'Balanced' cross-entropy weights: ``n / (K * count_c)`` (absent classes get weight 0)."""
-    counts = np.bincount(labels[labels >= 0], minlength=num_classes).astype(np.float64)
-    w = np.divide(counts.sum(), num_classes * counts, out=np.zeros_like(counts), where=counts > 0)
-    return torch.tensor(w, dtype=torch.float32)
+def class_weights(spec: str, labels: np.ndarray, num_classes: int) -> torch.Tensor | None:
+    """Cross-entropy weights as ``--class-weights`` gives them: ``none`` (None), ``balanced``
+    (``n / (K * count_c)`` from ``labels``; absent classes get weight 0) or one number per class."""
+    spec = spec.strip().lower()
+    if spec in ("", "none"):
+        return None
+    if spec == "balanced":
+        counts = np.bincount(labels[labels >= 0], minlength=num_classes).astype(np.float64)
+        w = np.divide(counts.sum(), num_classes * counts, out=np.zeros_like(counts), where=counts > 0)
+        return torch.tensor(w, dtype=torch.float32)
+    try:
+        weights = [float(v) for v in spec.split(",")]
+    except ValueError:
+        raise ValueError(f"--class-weights: expected none, balanced or {num_classes} comma-separated numbers, "
+                         f"got {spec!r}") from None
+    if len(weights) != num_classes:
+        raise ValueError(f"--class-weights: {len(weights)} weights for {num_classes} classes")
+    return torch.tensor(weights, dtype=torch.float32)

@@ -2,7 +2,8 @@
 torchvision) and a ``Dataset`` over any source.
 
 Training: random-resized crop (scale 0.08-1, aspect 3/4-4/3) and horizontal flip; evaluation: a
-plain resize; then normalisation to [-1, 1] (mean 0.5, std 0.5).
+plain resize; then the model's normalisation (its card's ``normalize``; MedMamba's: mean 0.5, std 0.5,
+to [-1, 1]).
 """
 
 from __future__ import annotations
@@ -88,17 +89,20 @@ class ClassificationDataset(torch.utils.data.Dataset):
         in_chans: channels the model takes (grey/RGB converted to match); default the source's.
         crop_scale, crop_ratio: the random-resized crop's ranges.
         hflip, vflip: flip the last / second-to-last spatial axis with probability 0.5 (training).
+        normalize: ``(mean, std)`` applied to the [0, 1] image (the model card's ``normalize``).
     """
 
     def __init__(self, source: ClassificationSource, input_size: int, train: bool = False,
                  in_chans: int | None = None, crop_scale: Sequence[float] = (0.08, 1.0),
-                 crop_ratio: Sequence[float] = (3 / 4, 4 / 3), hflip: bool = True, vflip: bool = False):
+                 crop_ratio: Sequence[float] = (3 / 4, 4 / 3), hflip: bool = True, vflip: bool = False,
+                 normalize: Sequence[float] = (0.5, 0.5)):
         self.source = source
         self.size = (int(input_size),) * source.spatial_dims
         self.train = train
         self.in_chans = in_chans or source.in_chans
         self.crop_scale, self.crop_ratio = tuple(crop_scale), tuple(crop_ratio)
         self.flip_axes = ([-1] if hflip else []) + ([-2] if vflip else [])
+        self.mean, self.std = (float(v) for v in normalize)
 
     def __len__(self) -> int:
         return len(self.source)
@@ -111,4 +115,4 @@ class ClassificationDataset(torch.utils.data.Dataset):
             x = random_flip(x, self.flip_axes)
         else:
             x = resize(x, self.size)
-        return (x - 0.5) / 0.5, int(self.source.labels[i]), i
+        return (x - self.mean) / self.std, int(self.source.labels[i]), i

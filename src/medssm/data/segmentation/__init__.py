@@ -1,19 +1,19 @@
 """Segmentation data: nnU-Net raw datasets, their integrity check, planning, preprocessing, splits,
 patch sampling and augmentation."""
 
-from .nnunet import Case, DatasetError, NnUNetDataset, find_cases, read_case_images, verify_dataset
+from .nnunet import Case, DatasetError, NnUNetDataset, find_cases, read_case_images, resolve_data, verify_dataset
 from .normalization import SCHEMES, normalize, scheme_for_channel
 from .plan import Fingerprint, Plan, make_plan, parse_overrides, plan_dataset
 from .preprocess import Cache, build_cache, load_cache, preprocess_case, revert_to_original
 from .sampling import PatchSampler
-from .splits import load_or_create_splits, make_splits
+from .splits import make_splits, read_or_make_splits, save_splits
 
 __all__ = [
-    "Case", "DatasetError", "NnUNetDataset", "find_cases", "read_case_images", "verify_dataset",
+    "Case", "DatasetError", "NnUNetDataset", "find_cases", "read_case_images", "resolve_data", "verify_dataset",
     "SCHEMES", "normalize", "scheme_for_channel",
     "Fingerprint", "Plan", "make_plan", "parse_overrides", "plan_dataset",
     "Cache", "build_cache", "load_cache", "preprocess_case", "revert_to_original",
-    "PatchSampler", "load_or_create_splits", "make_splits", "training_transforms",
+    "PatchSampler", "make_splits", "read_or_make_splits", "save_splits", "training_transforms",
 ]
 
 

@@ -260,6 +260,17 @@ def _check_values(case, files, channels, label_path, label, allowed) -> list:
     return problems
 
 
+def resolve_data(data: str | os.PathLike) -> Path:
+    """A dataset folder, or a dataset name under ``$MEDSSM_DATA``."""
+    p = Path(data)
+    root = os.environ.get("MEDSSM_DATA")
+    if not p.is_dir() and root and (Path(root) / data).is_dir():
+        p = Path(root) / data
+    if not p.is_dir():
+        raise FileNotFoundError(f"{data}: no such dataset folder (nor under $MEDSSM_DATA)")
+    return p
+
+
 def verify_dataset(root: str | os.PathLike) -> NnUNetDataset:
     """Check every training case (as nnU-Net's ``--verify_dataset_integrity``): missing label or
     channel, image/label shape or geometry mismatch, undeclared label values, NaN/Inf, unreadable

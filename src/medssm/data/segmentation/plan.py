@@ -278,3 +278,21 @@ def parse_overrides(items: list[str]) -> dict:
         out[key.strip()] = ([value(t.strip()) for t in text.split(",")] if "," in text and not
                             text.startswith(("[", "{")) else value(text))
     return out
+
+
+def plans_at_scales(dataset: NnUNetDataset, fingerprint: Fingerprint, divisor: int, scales=(2.0, 4.0),
+                    **overrides) -> dict[float, Plan]:
+    """``{1: the plan, 2: the plan at half the resolution, ...}``: the plan with ``overrides``, and
+    the same at ``scale`` times its target spacing for each of ``scales`` while the median image
+    stays at least 4 patches of ``divisor`` wide (a given patch size shrinks with the scale; a given
+    target spacing is kept, so it has no coarser plans). The budget planner's candidates."""
+    plans = {1.0: make_plan(dataset, divisor=divisor, fingerprint=fingerprint, **overrides)}
+    full = plans[1.0]
+    for scale in () if "target_spacing" in overrides else scales:
+        if min(full.median_shape) < 4 * scale * divisor:
+            break
+        coarser = {**overrides, "target_spacing": [scale * s for s in full.target_spacing]}
+        if "patch_size" in overrides:
+            coarser["patch_size"] = [max(divisor, round(p / scale / divisor) * divisor) for p in full.patch_size]
+        plans[scale] = make_plan(dataset, divisor=divisor, fingerprint=fingerprint, **coarser)
+    return plans

@@ -11,8 +11,11 @@ import numpy as np
 
 from ...files import atomic_path
 
+N_FOLDS = 5
+SEED = 12345  # nnU-Net's
 
-def make_splits(cases, n_folds: int = 5, seed: int = 12345) -> list[dict[str, list[str]]]:
+
+def make_splits(cases, n_folds: int = N_FOLDS, seed: int = SEED) -> list[dict[str, list[str]]]:
     """``n_folds`` folds of ``sorted(cases)``; identical to scikit-learn's shuffled KFold (and so to
     nnU-Net's ``splits_final.json``). Lists within a fold are sorted."""
     cases = sorted(cases)
@@ -33,15 +36,12 @@ def make_splits(cases, n_folds: int = 5, seed: int = 12345) -> list[dict[str, li
     return splits
 
 
-def load_or_create_splits(path: str | os.PathLike, cases, n_folds: int = 5, seed: int = 12345) -> list[dict]:
-    """Read ``path`` if it exists (every case it names must be in ``cases``), else make the splits
-    and write them there atomically."""
+def read_or_make_splits(path: str | os.PathLike, cases, n_folds: int = N_FOLDS, seed: int = SEED) -> list[dict]:
+    """The splits saved at ``path`` when it exists (every case it names must be in ``cases``), else
+    :func:`make_splits` (not written: :func:`save_splits` does that)."""
     path = Path(path)
     if not path.exists():
-        splits = make_splits(cases, n_folds, seed)
-        with atomic_path(path) as tmp:
-            tmp.write_text(json.dumps(splits, indent=1))
-        return splits
+        return make_splits(cases, n_folds, seed)
     try:
         splits = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as e:
@@ -53,3 +53,10 @@ def load_or_create_splits(path: str | os.PathLike, cases, n_folds: int = 5, seed
         raise ValueError(f"{path}: names cases not in the dataset: {unknown[:10]}"
                          + (f" and {len(unknown) - 10} more" if len(unknown) > 10 else ""))
     return splits
+
+
+def save_splits(path: str | os.PathLike, splits: list[dict]) -> Path:
+    """Write ``splits`` to ``path`` atomically (nnU-Net's ``splits_final.json`` format)."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(splits, indent=1))
+    return Path(path)

@@ -19,8 +19,11 @@ The plan, nnU-Net style but for time instead of memory:
   sampling, augmentation and logging the timed one does not, a first epoch warms up, a machine gets
   busier): the later epochs get as many steps as the rest of the budget holds.
 
-Everything measured comes in through ``measure(candidate)``, so the planning itself is plain
-arithmetic (and is tested with a fake clock).
+Everything measured comes in through ``measure(candidate)`` (the trainer times a real training
+step, in the run's precision, on the run's device), so the planning itself is plain arithmetic (and
+is tested with a fake clock). The result is one typed :class:`BudgetPlan`, from the plan to the
+report: the trainer refits it, a run keeps it in ``budget.json`` (``load_run(RUN).budget``), and
+``medssm compare`` reports it.
 
 Example:
     >>> plan = plan_budget(600, [Candidate(1.0, 8), Candidate(2.0, 8)], measure)  # doctest: +SKIP
@@ -32,11 +35,12 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Sequence
 
-__all__ = ["parse_duration", "Candidate", "Timing", "BudgetPlan", "BudgetTooShort", "plan_budget",
-           "refit", "epoch_iterations", "VALIDATION_SHARE", "MIN_SAMPLES", "GOOD_SAMPLES", "GOOD_STEPS", "MIN_BATCH"]
+__all__ = ["parse_duration", "format_duration", "validation_due", "Candidate", "Timing", "Refit", "BudgetPlan",
+           "BudgetTooShort", "plan_budget", "VALIDATION_SHARE", "MIN_SAMPLES", "GOOD_SAMPLES", "GOOD_STEPS",
+           "MIN_BATCH"]
 
 VALIDATION_SHARE = 0.15  # of the budget, at most
 MAX_VALIDATIONS = 5
@@ -63,6 +67,18 @@ def parse_duration(text: str | float | int) -> float:
     return seconds
 
 
+def format_duration(seconds: float) -> str:
+    """``"45 s"``, ``"12.5 min"``, ``"2.1 h"``: a duration as people read it."""
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    return f"{seconds / 60:.1f} min" if seconds < 5400 else f"{seconds / 3600:.1f} h"
+
+
+def validation_due(epoch: int, epochs: int, every: int) -> bool:
+    """Validate after epoch ``epoch`` (1-based) of ``epochs``: every ``every`` epochs and after the last."""
+    return epoch == epochs or (every > 0 and epoch % every == 0)
+
+
 @dataclass(frozen=True)
 class Candidate:
     """One resolution to train at: ``scale`` 1 is the dataset's own spacing, 2 half the resolution."""
@@ -85,33 +101,119 @@ class BudgetTooShort(ValueError):
     """The minimum training does not fit the budget on this machine (the message says what would)."""
 
 
-@dataclass
+@dataclass(frozen=True)
+class Refit:
+    """The plan as refitted after epoch ``after_epoch`` to the step as that epoch took it."""
+
+    after_epoch: int
+    iterations_per_epoch: int  # of every later epoch
+    step_s: float  # one step, as the epoch took it
+    validation_s: float  # one validation, as last measured (or the plan's estimate)
+    elapsed_s: float  # since the run started (planning, calibration and preprocessing included)
+    reason: str
+
+
+@dataclass(frozen=True)
 class BudgetPlan:
-    """How a run fits its budget, and why."""
+    """How a run fits its budget, and why: made by :func:`plan_budget`, refitted after every epoch
+    (:meth:`refitted`), closed with the time it really took (:meth:`finished`); ``budget.json`` of a
+    run holds :meth:`to_dict` (read back with :meth:`from_dict`, or ``load_run(RUN).budget``)."""
 
     budget_s: float
     candidate: Candidate
     timing: Timing
     epochs: int
-    iterations_per_epoch: int
+    iterations_per_epoch: int  # as planned; a refit changes the later epochs'
     val_every: int
     val_cases: int  # 0: all
     validations: int
     samples: int
     expected_s: float
     over_budget: bool = False
-    reasons: list[str] = field(default_factory=list)
+    reasons: tuple[str, ...] = ()
+    calibration_s: float = 0.0  # spent timing the candidates, inside the budget
+    refit: Refit | None = None
+    actual_s: float | None = None  # the whole run, once finished
 
-    def as_dict(self) -> dict:
+    def iterations(self, epoch: int) -> int:
+        """Steps of epoch ``epoch`` (1-based) when it is about to run: the plan's, or the last
+        refit's (which follows the epoch before)."""
+        if self.refit and epoch > self.refit.after_epoch:
+            return self.refit.iterations_per_epoch
+        return self.iterations_per_epoch
+
+    @property
+    def step_s(self) -> float:
+        """One training step: as the last refitted epoch took it, else as timed."""
+        return self.refit.step_s if self.refit else self.timing.step
+
+    @property
+    def steps(self) -> int:
+        """Optimiser steps in all (as planned or refitted)."""
+        return self.samples // self.candidate.batch_size
+
+    def validations_after(self, epoch: int) -> int:
+        """Validations still due after epoch ``epoch``: every ``val_every`` epochs and after the last."""
+        return sum(validation_due(e, self.epochs, self.val_every) for e in range(epoch + 1, self.epochs + 1))
+
+    def refitted(self, *, epoch: int, steps_done: int, step_s: float, elapsed_s: float,
+                 validation_s: float | None = None, held_out: int = 0, most: int | None = None) -> "BudgetPlan":
+        """This plan refitted after epoch ``epoch``: every later epoch gets as many steps as the rest
+        of the budget holds at ``step_s``, the step as that epoch took it.
+
+        Args:
+            steps_done: optimiser steps taken so far.
+            elapsed_s: seconds since the run started (planning and preprocessing included).
+            validation_s: one validation as measured in this epoch, or None: the last one measured,
+                else an estimate from the plan's timing and ``held_out`` (the cases one validation scores).
+            most: at most this many steps an epoch (a classification epoch is one pass over the data).
+
+        Never fewer than ``MIN_SAMPLES`` training samples in all (within ``most``), nor more than
+        twice the planned steps an epoch.
+        """
+        planned, batch, left = self.iterations_per_epoch, self.candidate.batch_size, self.epochs - epoch
+        if validation_s is None:  # the last one measured, else the plan's estimate
+            validation_s = (self.refit.validation_s if self.refit else 0.0) or (
+                (self.val_cases or held_out) * self.timing.validation_case)
+        validations_left = self.validations_after(epoch)
+        left_s = self.budget_s * (1 - MARGIN) - elapsed_s - validations_left * validation_s
+        fit = int(max(left_s, 0.0) // (max(step_s, 1e-9) * left))
+        least = max(1, math.ceil((math.ceil(MIN_SAMPLES / batch) - steps_done) / left))
+        iterations = min(max(least, min(fit, 2 * planned)), most or 2 * planned)
+        reason = (f"after epoch {epoch} ({elapsed_s:.0f} s since the start): a step took {step_s:.3f} s against "
+                  f"{self.timing.step:.3f} s timed; epochs {epoch + 1}-{self.epochs} take {iterations} steps each "
+                  f"(planned {planned})" + (f", the minimum of {MIN_SAMPLES} samples" if fit < least else ""))
+        return dataclasses.replace(
+            self, samples=(steps_done + left * iterations) * batch,
+            expected_s=elapsed_s + left * iterations * step_s + validations_left * validation_s,
+            refit=Refit(epoch, iterations, step_s, validation_s, elapsed_s, reason))
+
+    def finished(self, actual_s: float) -> "BudgetPlan":
+        """The plan with the time the whole run took."""
+        return dataclasses.replace(self, actual_s=round(actual_s, 1))
+
+    def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict, source: str = "budget") -> "BudgetPlan":
+        """The plan of :meth:`to_dict` (``budget.json``); a malformed one is a one-line error naming ``source``."""
+        try:
+            refit = d.get("refit")
+            return cls(**{**d, "candidate": Candidate(**{**d["candidate"],
+                                                         "patch_size": tuple(d["candidate"].get("patch_size") or ())}),
+                          "timing": Timing(**d["timing"]), "reasons": tuple(d.get("reasons", ())),
+                          "refit": Refit(**refit) if refit else None})
+        except (KeyError, TypeError, AttributeError) as e:
+            raise ValueError(f"{source}: not a medssm budget plan ({type(e).__name__}: {e})") from None
 
     def __str__(self) -> str:
         c = self.candidate
-        head = (f"budget {self.budget_s / 60:.1f} min: {self.epochs} epochs x {self.iterations_per_epoch} steps of "
+        head = (f"budget {format_duration(self.budget_s)}: {self.epochs} epochs x {self.iterations_per_epoch} steps of "
                 f"batch {c.batch_size}" + (f", patch {list(c.patch_size)}" if c.patch_size else "")
                 + (f" at 1/{c.scale:g} resolution" if c.scale != 1 else "")
                 + f"; {self.validations} validation(s) of {self.val_cases or 'all'} held-out cases; "
-                f"expected {self.expected_s / 60:.1f} min")
+                f"expected {format_duration(self.expected_s)}")
         return "\n".join([head, *(f"  - {r}" for r in self.reasons)])
 
 
@@ -169,7 +271,7 @@ def plan_budget(budget_s: float, candidates: Sequence[Candidate], measure: Calla
     planned_over = False
     if steps < min_steps:
         needed = (t.fixed + validation_s + min_steps * t.step) / (1 - MARGIN)
-        message = (f"a budget of {budget_s / 60:.1f} min is too short on this machine: {steps} steps fit, the "
+        message = (f"a budget of {format_duration(budget_s)} is too short on this machine: {steps} steps fit, the "
                    f"minimum is {min_steps} ({MIN_SAMPLES} samples); ask for at least {math.ceil(needed / 60)} min")
         if not over_budget:
             raise BudgetTooShort(message + ", or pass --over-budget to train the minimum anyway")
@@ -188,7 +290,7 @@ def plan_budget(budget_s: float, candidates: Sequence[Candidate], measure: Calla
                    f"(at most {VALIDATION_SHARE:.0%} of the budget)")
     expected = t.fixed + validation_s + epochs * iterations * t.step
     return BudgetPlan(budget_s, cand, t, epochs, iterations, val_every, val_cases, validations,
-                      epochs * iterations * cand.batch_size, expected, planned_over, reasons)
+                      epochs * iterations * cand.batch_size, expected, planned_over, tuple(reasons))
 
 
 def smaller_batch(batch: int, steps: int, multiple: int = 1) -> int | None:
@@ -199,78 +301,3 @@ def smaller_batch(batch: int, steps: int, multiple: int = 1) -> int | None:
     floor = max(MIN_BATCH, multiple)
     smaller = max(floor, math.ceil(batch * max(steps, 1) / GOOD_STEPS / multiple) * multiple)
     return smaller if smaller < batch else None
-
-
-def refit(budget: dict, *, epoch: int, steps_done: int, validations_left: int, step_s: float, elapsed_s: float,
-          validation_s: float | None = None, held_out: int = 0, most: int | None = None) -> dict:
-    """The budget (``BudgetPlan.as_dict()``) refitted after epoch ``epoch``: every later epoch gets as
-    many steps as the rest of the budget holds at ``step_s``, the step as that epoch took it.
-
-    Args:
-        steps_done: optimiser steps taken so far.
-        validations_left: validations still to come after this epoch.
-        elapsed_s: seconds since the run started (planning and preprocessing included).
-        validation_s: one validation as measured in this epoch, or None: the last one measured, else
-            an estimate from the plan's timing and ``held_out`` (the cases one validation scores).
-        most: at most this many steps an epoch (a classification epoch is one pass over the data).
-
-    Never fewer than ``MIN_SAMPLES`` training samples in all (within ``most``), nor more than twice
-    the planned steps an epoch. Returns the budget with ``refit``: the epoch it followed, the steps of
-    every later epoch, the step time and why.
-    """
-    epochs, planned, batch = budget["epochs"], budget["iterations_per_epoch"], budget["candidate"]["batch_size"]
-    if validation_s is None:  # the last one measured, else the plan's estimate
-        validation_s = budget.get("refit", {}).get("validation_s") or (
-            (budget["val_cases"] or held_out) * budget["timing"]["validation_case"])
-    left = epochs - epoch
-    left_s = budget["budget_s"] * (1 - MARGIN) - elapsed_s - validations_left * validation_s
-    fit = int(max(left_s, 0.0) // (max(step_s, 1e-9) * left))
-    least = max(1, math.ceil((math.ceil(MIN_SAMPLES / batch) - steps_done) / left))
-    iterations = min(max(least, min(fit, 2 * planned)), most or 2 * planned)
-    reason = (f"after epoch {epoch} ({elapsed_s:.0f} s since the start): a step took {step_s:.3f} s against "
-              f"{budget['timing']['step']:.3f} s timed; epochs {epoch + 1}-{epochs} take {iterations} steps each "
-              f"(planned {planned})" + (f", the minimum of {MIN_SAMPLES} samples" if fit < least else ""))
-    return {**budget, "samples": (steps_done + left * iterations) * batch,
-            "expected_s": elapsed_s + left * iterations * step_s + validations_left * validation_s,
-            "refit": {"after_epoch": epoch, "iterations_per_epoch": iterations, "step_s": step_s,
-                      "validation_s": validation_s, "elapsed_s": elapsed_s, "reason": reason}}
-
-
-def epoch_iterations(budget: dict, epoch: int) -> int:
-    """Steps of epoch ``epoch`` (1-based) of a budgeted run, when it is about to run: the plan's, or
-    the last refit's (which follows the epoch before)."""
-    refit = budget.get("refit")
-    return refit["iterations_per_epoch"] if refit and epoch > refit["after_epoch"] else budget["iterations_per_epoch"]
-
-
-# ----------------------------------------------------------------------------------------------
-# Measuring on this machine.
-
-
-def step_seconds(model, inputs, targets, loss_fn, steps: int = 2) -> float:
-    """Seconds of one training step (forward, loss, backward, Adam update) of ``model`` on one batch:
-    the best of ``steps`` after a first, uncounted one (it compiles the scan kernels)."""
-    import time
-
-    import torch
-
-    model.train()
-    optimizer = torch.optim.Adam(model.parameters(), 1e-4)
-    times = []
-    for _ in range(steps + 1):
-        start = time.perf_counter()
-        optimizer.zero_grad(set_to_none=True)
-        loss_fn(model(inputs), targets).backward()
-        optimizer.step()
-        times.append(time.perf_counter() - start)
-    return min(times[1:])
-
-
-def call_seconds(fn) -> float:
-    """Seconds of one call of ``fn`` (after a first, uncounted one)."""
-    import time
-
-    fn()
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start

@@ -1,4 +1,4 @@
-"""Small real subsets of the shared segmentation sets, for end-to-end tests (copied, never modified in place)."""
+"""Small real subsets of the shared data sets, for end-to-end tests (copied, never modified in place)."""
 
 from __future__ import annotations
 
@@ -40,6 +40,22 @@ def hippocampus_subset(data_root: Path, dest: Path, n: int = 5) -> Path:
         shutil.copy(src / "imagesTr" / f"{case}_0000.nii.gz", dest / "imagesTr")
         shutil.copy(src / "labelsTr" / f"{case}.nii.gz", dest / "labelsTr")
     (dest / "dataset.json").write_text(json.dumps({**meta, "numTraining": len(cases)}, indent=1))
+    return dest
+
+
+def medmnist_subset(data_root: Path, name: str, dest: Path, counts: dict[str, int]) -> Path:
+    """``counts[split]`` real images of ``name``.npz per split, the first of each of the two classes in
+    equal shares, as a .npz of the official layout at ``dest``."""
+    import numpy as np
+
+    with np.load(data_root / "medmnist" / f"{name}.npz") as z:
+        arrays = {}
+        for split, n in counts.items():
+            y = z[f"{split}_labels"][:, 0]
+            idx = np.sort(np.r_[np.flatnonzero(y == 0)[: n // 2], np.flatnonzero(y == 1)[: n - n // 2]])
+            arrays[f"{split}_images"], arrays[f"{split}_labels"] = z[f"{split}_images"][idx], z[f"{split}_labels"][idx]
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    np.savez(dest, **arrays)
     return dest
 
 

@@ -23,26 +23,32 @@ Example:
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..budget import BudgetPlan, BudgetTooShort
+from ..engine.options import DEFAULT_MODELS
 from ..figures import pyplot, save_figure
 from ..files import read_json, write_json
-from ..nets.registry import get_model_card
+from ..nets.registry import get_model_card, list_models
+from ..runs import Run, has_checkpoint, load_run
 
-__all__ = ["CompareConfig", "compare", "DEFAULT_MODELS"]
+__all__ = ["CompareConfig", "compare", "default_models"]
 
-# The comparison a user most likely wants, by task and dimensionality: the Mamba model, its No-Mamba
-# ablation and the CNNs it is measured against.
-DEFAULT_MODELS = {
-    ("segmentation", 2): ("lightm_unet_2d", "lightm_unet_2d_nomamba", "monai:SegResNet", "monai:UNet", "monai:DynUNet"),
-    ("segmentation", 3): ("lightm_unet_3d", "lightm_unet_3d_nomamba", "monai:SegResNet", "monai:DynUNet"),
-    ("classification", 2): ("medmamba_t", "medmamba_t_nomamba", "monai:resnet18"),
-    ("classification", 3): ("medmamba_t", "medmamba_t_nomamba", "monai:resnet18"),
-}
+# The CNNs a Mamba model is measured against, by task and dimensionality.
+BASELINES = {("segmentation", 2): ("monai:SegResNet", "monai:UNet", "monai:DynUNet"),
+             ("segmentation", 3): ("monai:SegResNet", "monai:DynUNet"),
+             ("classification", 2): ("monai:resnet18",), ("classification", 3): ("monai:resnet18",)}
+
+
+def default_models(task: str, spatial_dims: int) -> list[str]:
+    """The comparison a user most likely wants: the model ``medssm train`` trains by default, its
+    ablations (the cards that say they are one of it) and the CNN baselines."""
+    model = DEFAULT_MODELS[task, spatial_dims]
+    ablations = [n for n in list_models(task=task, spatial_dims=spatial_dims) if get_model_card(n).ablation_of == model]
+    return [model, *ablations, *BASELINES[task, spatial_dims]]
 
 
 @dataclass
@@ -72,13 +78,13 @@ class CompareConfig:
 
 def compare(cfg: CompareConfig) -> Path:
     """Run every model not yet complete, then write the report; returns the output folder."""
-    from ..data.classification import classification_format
-    from ..data.segmentation.nnunet import NnUNetDataset
-    from .segmentation import resolve_data
+    from ..data.classification import classification_format, open_classification_data
+    from ..data.segmentation.nnunet import NnUNetDataset, resolve_data
 
     task = "classification" if classification_format(cfg.data) else "segmentation"
-    dims = NnUNetDataset(resolve_data(cfg.data)).spatial_dims if task == "segmentation" else 2
-    names = [m.strip() for m in cfg.models.split(",") if m.strip()] if cfg.models else list(DEFAULT_MODELS[task, dims])
+    dims = (NnUNetDataset(resolve_data(cfg.data)).spatial_dims if task == "segmentation"
+            else open_classification_data(cfg.data, "train").spatial_dims)
+    names = [m.strip() for m in cfg.models.split(",") if m.strip()] if cfg.models else default_models(task, dims)
     for name in names:
         card = get_model_card(name)  # an unknown name fails here, before anything runs
         if card.task != task:
@@ -103,20 +109,17 @@ def compare(cfg: CompareConfig) -> Path:
 
 def run_one(cfg: CompareConfig, task: str, name: str, folder: Path) -> dict:
     """Train ``name`` to the budget, evaluate its best checkpoint, measure its cost: its result row."""
-    from ..runs import has_checkpoint, load_run
-    from .budget import BudgetTooShort
-
     start = time.perf_counter()
     common = dict(data=cfg.data, out=str(folder / "run"), model=name, budget=cfg.budget, recipe=cfg.recipe,
                   over_budget=cfg.over_budget, seed=cfg.seed, device=cfg.device, scan_backend=cfg.scan_backend,
                   progress=cfg.progress, resume=has_checkpoint(folder / "run"))
     try:
         if task == "segmentation":
-            from .segmentation import TrainConfig, train
+            from ..engine.segmentation import TrainConfig, train
 
             run_dir = train(TrainConfig(fold=cfg.fold, **common))
         else:
-            from .classification import ClassifierTrainConfig, train_classifier
+            from ..engine.classification import ClassifierTrainConfig, train_classifier
 
             run_dir = train_classifier(ClassifierTrainConfig(**common))
     except BudgetTooShort as e:
@@ -125,13 +128,11 @@ def run_one(cfg: CompareConfig, task: str, name: str, folder: Path) -> dict:
     run = load_run(run_dir)
     scores = (evaluate_segmentation_run(cfg, run, folder) if task == "segmentation"
               else evaluate_classification_run(cfg, run, folder))
-    budget = read_json(run_dir / "budget.json", "budget plan")
+    budget = run.budget
     card = get_model_card(name)
     return {"model": name, "status": "complete", "ablation_of": card.ablation_of, "recipe": run.description["recipe"],
             "scores": scores, "cost": measure_cost(run, budget), "train_s": round(train_s, 1),
-            "budget": {k: budget.get(k) for k in ("budget_s", "epochs", "iterations_per_epoch", "refit", "samples",
-                                                   "expected_s", "over_budget", "reasons", "actual_s")},
-            "curve": validation_curve(json.loads((run_dir / "log.json").read_text()), task)}
+            "budget": budget.to_dict(), "curve": validation_curve(run.log, task)}
 
 
 def validation_curve(log: list[dict], task: str) -> list[tuple[float, float]]:
@@ -148,12 +149,12 @@ def validation_curve(log: list[dict], task: str) -> list[tuple[float, float]]:
 def evaluate_segmentation_run(cfg: CompareConfig, run, folder: Path) -> dict:
     """Dice, IoU, HD95 of the best checkpoint on the held-out fold (and the test set), at the images'
     own resolution, through ``medssm predict`` and ``medssm evaluate``."""
+    from ..data.segmentation.nnunet import resolve_data
     from ..inference.segmentation import PredictConfig, predict
     from ..metrics.evaluate_segmentation import EvaluateConfig, evaluate
-    from .segmentation import resolve_data
 
     data = resolve_data(cfg.data)
-    held_out = json.loads((run.path / "splits.json").read_text())[cfg.fold]["val"]
+    held_out = run.splits[cfg.fold]["val"]
     sets = {"held_out": (data / "imagesTr", data / "labelsTr", tuple(held_out))}
     if cfg.test:
         sets["test"] = (Path(cfg.test[0]), Path(cfg.test[1]), None)
@@ -193,20 +194,19 @@ def evaluate_classification_run(cfg: CompareConfig, run, folder: Path) -> dict:
     return scores
 
 
-def measure_cost(run, budget: dict) -> dict:
+def measure_cost(run: Run, budget: BudgetPlan) -> dict:
     """Parameters, MACs and scan FLOPs of one forward at the training input (batch 1), the peak
     activation memory of that forward, and the training step time (as the last refitted epoch took it)."""
     from ..nets.info import model_info
 
     model = run.load_model("best")
-    patch = budget["candidate"]["patch_size"] or ()
+    patch = budget.candidate.patch_size
     size = tuple(patch) if patch else (run.description["input_size"],) * run.description.get("spatial_dims", 2)
     info = model_info(model, size)
     return {"parameters": info.parameters, "gmacs": info.macs / 1e9, "scan_gflops": info.scan_flops / 1e9,
             "gflops": info.flops / 1e9, "peak_forward_mib": info.peak_activation_bytes / 2**20,
             "input": list(info.input_size),
-            "step_s": budget["refit"]["step_s"] if budget.get("refit") else budget["timing"]["step"],
-            "batch_size": budget["candidate"]["batch_size"]}
+            "step_s": budget.step_s, "batch_size": budget.candidate.batch_size}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -241,7 +241,7 @@ def write_report(out: Path, cfg: CompareConfig, task: str, results: list[dict]) 
             + [cell(r, s, m) for s in sets for m in metric]
             + [f"{c['parameters']:,}", f"{c['gmacs']:.2f}", f"{c['scan_gflops']:.2f}", f"{c['step_s']:.3f}",
                str(c["batch_size"]), f"{c['peak_forward_mib']:.0f}", f"{r['train_s'] / 60:.1f}",
-               str(r["budget"]["samples"])]) + " |")
+               str(BudgetPlan.from_dict(r["budget"]).samples)]) + " |")
     for r in results:
         if r["status"] != "complete":
             lines.append(f"| {r['model']} | not run: {r['reason']} |")
@@ -254,16 +254,15 @@ def write_report(out: Path, cfg: CompareConfig, task: str, results: list[dict]) 
               "own resolution, through `medssm predict` and `medssm evaluate`. Each model's run, predictions "
               "and evaluation (with overlays) are under `models/`.", ""]
     for r in done:
-        lines += [f"- **{r['model']}**: {epochs_text(r['budget'], r['cost']['batch_size'])}; "
-                  f"{r['recipe'].get('source', '')}"]
+        lines += [f"- **{r['model']}**: {epochs_text(BudgetPlan.from_dict(r['budget']))}; {r['recipe'].get('source', '')}"]
     (out / "report.md").write_text("\n".join(lines) + "\n")
 
 
-def epochs_text(budget: dict, batch_size: int) -> str:
+def epochs_text(budget: BudgetPlan) -> str:
     """``10 epochs x 40 steps``, or ``10 epochs, 372 steps (planned 10 x 40)`` when refitted on the way."""
-    epochs, planned, steps = budget["epochs"], budget["iterations_per_epoch"], budget["samples"] // batch_size
-    if steps != epochs * planned:
-        return f"{epochs} epochs, {steps} steps (planned {epochs} x {planned})"
+    epochs, planned = budget.epochs, budget.iterations_per_epoch
+    if budget.steps != epochs * planned:
+        return f"{epochs} epochs, {budget.steps} steps (planned {epochs} x {planned})"
     return f"{epochs} epochs x {planned} steps"
 
 

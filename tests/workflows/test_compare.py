@@ -6,7 +6,7 @@ import numpy as np
 
 from medssm.cli import main
 
-from .seg_data import lung_subset
+from ..subsets import lung_subset
 
 
 def test_segmentation_comparison_and_resume(data_root, tmp_path, capsys):

@@ -73,8 +73,11 @@ class QuickstartConfig:
     progress: bool = True
 
 
-# What the default job takes on an idle 2-core CPU of the CI's kind (measured: see the docs page).
+# What the default job takes on an idle 2-core CPU of the CI's kind (measured: see the docs page), and the
+# options that decide that work.
 REFERENCE_MINUTES = 12.6
+WORKLOAD = ("model", "recipe", "epochs", "iterations_per_epoch", "target_spacing", "patch_size", "batch_size", "lr",
+            "augmentation", "val_every", "val_cases")
 # Real training steps against the timed one (sampling, augmentation, logging, checkpoints): measured
 # 1.07-1.12 in runs of the default job on that machine.
 PIPELINE_OVERHEAD = 1.12
@@ -90,21 +93,22 @@ def find_lung_data(data: str | None) -> Path:
     raise FileNotFoundError(f"no {LUNG} under {candidates[0]}: pass --data or set MEDSSM_DATA")
 
 
-def estimate_seconds(cfg: QuickstartConfig, held_out: int) -> dict:
-    """Seconds this machine will take, from a training step and a prediction timed now."""
+def estimate_seconds(cfg: QuickstartConfig, held_out: int, mirror: bool) -> dict:
+    """Seconds this machine will take, from a training step and a prediction timed now as the job
+    takes them (the run's precision; the prediction mirrored when the recipe predicts so)."""
     from ..devices import autocast
+    from ..engine.loop import call_seconds, time_step
+    from ..engine.losses import make_loss
     from ..inference.sliding import sliding_window_probabilities
     from ..nets.registry import build_for_data
-    from .budget import call_seconds, step_seconds
-    from .losses import make_loss
 
-    patch = (cfg.patch_size,) * 2
+    cpu, patch = torch.device("cpu"), (cfg.patch_size,) * 2
     model = build_for_data(cfg.model, spatial_dims=2, in_channels=1, num_classes=2, patch_size=patch)
-    x, y = torch.randn(cfg.batch_size, 1, *patch), torch.randint(0, 2, (cfg.batch_size, 1, *patch))
-    with autocast(torch.device("cpu"), cfg.precision):
-        step = step_seconds(model, x, y, make_loss("dice_ce"))
+    batch = torch.randn(cfg.batch_size, 1, *patch), torch.randint(0, 2, (cfg.batch_size, 1, *patch))
+    step = time_step(model, lambda: batch, make_loss("dice_ce"), cpu, cfg.precision)
     image = torch.randn(1, *patch)  # a preprocessed case is one patch at this resolution
-    case = call_seconds(lambda: sliding_window_probabilities(model, image, patch))
+    with autocast(cpu, cfg.precision):
+        case = call_seconds(lambda: sliding_window_probabilities(model, image, patch, mirror=mirror))
     validations = -(-cfg.epochs // cfg.val_every)
     return {"s_per_step": step, "s_per_case": case,
             "train_s": cfg.epochs * cfg.iterations_per_epoch * step * PIPELINE_OVERHEAD
@@ -117,9 +121,10 @@ def quickstart(cfg: QuickstartConfig) -> Path:
     from ..data.segmentation.nnunet import NnUNetDataset
     from ..data.segmentation.splits import make_splits
     from ..devices import cpu_has_native_bf16
+    from ..engine.options import named_recipe
+    from ..engine.segmentation import TrainConfig, train
     from ..inference.segmentation import PredictConfig, predict
     from ..metrics.evaluate_segmentation import EvaluateConfig, evaluate
-    from .segmentation import TrainConfig, train
 
     t0 = time.perf_counter()
     if cfg.precision == "auto":
@@ -132,16 +137,17 @@ def quickstart(cfg: QuickstartConfig) -> Path:
     dataset = NnUNetDataset(data)
     splits = make_splits(dataset.cases)  # the same splits train writes to run/splits.json
     held_out = splits[cfg.fold]["val"]
-    estimate = estimate_seconds(cfg, len(held_out))
+    estimate = estimate_seconds(cfg, len(held_out), named_recipe(cfg.recipe).mirror_tta)
     expected = (estimate["train_s"] + estimate["predict_and_evaluate_s"]) / 60
     plan_txt = (f"{cfg.epochs} epochs x {cfg.iterations_per_epoch} steps of batch {cfg.batch_size}, patch "
                 f"{cfg.patch_size}² at target spacing {cfg.target_spacing}, recipe {cfg.recipe}, {cfg.precision}; "
                 f"then all {len(held_out)} held-out cases predicted and evaluated")
     print(f"quickstart: {plan_txt}")
-    slower = expected > 1.2 * REFERENCE_MINUTES
+    default_job = all(getattr(cfg, f) == getattr(QuickstartConfig(), f) for f in WORKLOAD)
+    slower = default_job and expected > 1.2 * REFERENCE_MINUTES
     print(f"quickstart: expected {expected:.0f} min on this machine ({estimate['s_per_step']:.2f} s a step, measured "
-          f"now; about {REFERENCE_MINUTES:.0f} min on an idle 2-core CPU)"
-          + ("; this machine is slower or busier: the job takes longer, it does not do less" if slower else ""),
+          "now" + (f"; the default job takes about {REFERENCE_MINUTES:.0f} min on an idle 2-core CPU" if default_job else "")
+          + ")" + ("; this machine is slower or busier: the job takes longer, it does not do less" if slower else ""),
           flush=True)
 
     t_train = time.perf_counter()

@@ -5,9 +5,10 @@ import json
 import pytest
 import torch
 
-from medssm.engine.budget import (GOOD_SAMPLES, GOOD_STEPS, MIN_BATCH, MIN_SAMPLES, VALIDATION_SHARE, BudgetTooShort,
-                                  Candidate, Timing, epoch_iterations, parse_duration, plan_budget, refit)
+from medssm.budget import (GOOD_SAMPLES, GOOD_STEPS, MIN_BATCH, MIN_SAMPLES, VALIDATION_SHARE, BudgetPlan,
+                           BudgetTooShort, Candidate, Timing, format_duration, parse_duration, plan_budget)
 from medssm.engine.schedules import make_scheduler, set_total_steps
+from medssm.runs import load_run
 
 
 def test_durations():
@@ -78,36 +79,53 @@ def test_classification_epochs_are_passes_over_the_data():
 
 
 def test_the_plan_is_refitted_to_what_an_epoch_took():
-    plan = plan_budget(600, [Candidate(1.0, 4)], clock({1.0: 0.5}, case=0.1), held_out=10).as_dict()
-    epochs, planned, validations = plan["epochs"], plan["iterations_per_epoch"], plan["validations"]
-    assert epochs > 2 and plan["val_every"] == 2  # epoch 1 is not validated, epoch 2 is
+    plan = plan_budget(600, [Candidate(1.0, 4)], clock({1.0: 0.5}, case=0.1), held_out=10)
+    epochs, planned, validations = plan.epochs, plan.iterations_per_epoch, plan.validations
+    assert epochs > 2 and plan.val_every == 2  # epoch 1 is not validated, epoch 2 is
+    assert plan.validations_after(1) == validations and plan.validations_after(2) == validations - 1
 
     def after_first(step, **kw):
-        return refit(plan, epoch=1, steps_done=planned, validations_left=validations, step_s=step,
-                     elapsed_s=planned * step, held_out=10, **kw)
+        return plan.refitted(epoch=1, steps_done=planned, step_s=step, elapsed_s=planned * step, held_out=10, **kw)
 
     def spent(budget, step):  # the whole run at the real step
-        return planned * step + (epochs - 1) * budget["refit"]["iterations_per_epoch"] * step + validations * 10 * 0.1
+        return planned * step + (epochs - 1) * budget.refit.iterations_per_epoch * step + validations * 10 * 0.1
 
     slower = after_first(0.65)  # the real step is 1.3x the timed one
-    later = slower["refit"]["iterations_per_epoch"]
+    later = slower.refit.iterations_per_epoch
     assert later < planned and 0.9 * 600 <= spent(slower, 0.65) <= 600
-    assert epoch_iterations(slower, 1) == planned and epoch_iterations(slower, epochs) == later
-    assert slower["samples"] == (planned + (epochs - 1) * later) * 4
-    assert "0.650 s against 0.500 s" in slower["refit"]["reason"]
+    assert slower.iterations(1) == planned and slower.iterations(epochs) == later
+    assert slower.samples == (planned + (epochs - 1) * later) * 4 and slower.steps == planned + (epochs - 1) * later
+    assert slower.step_s == 0.65 and plan.step_s == 0.5
+    assert "0.650 s against 0.500 s" in slower.refit.reason
     faster = after_first(0.4)
-    assert planned < faster["refit"]["iterations_per_epoch"] <= 2 * planned and spent(faster, 0.4) <= 600
-    assert after_first(0.4, most=planned)["refit"]["iterations_per_epoch"] == planned  # one pass at most
+    assert planned < faster.refit.iterations_per_epoch <= 2 * planned and spent(faster, 0.4) <= 600
+    assert after_first(0.4, most=planned).refit.iterations_per_epoch == planned  # one pass at most
     crawling = after_first(60.0)
-    assert crawling["samples"] >= MIN_SAMPLES and "the minimum" in crawling["refit"]["reason"]
-    assert after_first(0.65, validation_s=30.0)["refit"]["iterations_per_epoch"] < later  # validation costs more
+    assert crawling.samples >= MIN_SAMPLES and "the minimum" in crawling.refit.reason
+    assert after_first(0.65, validation_s=30.0).refit.iterations_per_epoch < later  # validation costs more
 
     # Refitted again after epoch 2 of the slow run, which went at the timed speed after all: the rest
     # of the budget is shared out again, the later epochs get more than the first refit gave them.
-    again = refit(slower, epoch=2, steps_done=planned + later, validations_left=validations - 1, step_s=0.5,
-                  elapsed_s=planned * 0.65 + later * 0.5, held_out=10)
-    assert later < again["refit"]["iterations_per_epoch"] == epoch_iterations(again, 3)
-    assert again["refit"]["validation_s"] == slower["refit"]["validation_s"]  # the estimate, kept
+    again = slower.refitted(epoch=2, steps_done=planned + later, step_s=0.5, elapsed_s=planned * 0.65 + later * 0.5,
+                            held_out=10)
+    assert later < again.refit.iterations_per_epoch == again.iterations(3)
+    assert again.refit.validation_s == slower.refit.validation_s  # the estimate, kept
+
+
+def test_a_plan_survives_its_json_and_says_what_is_wrong_with_a_damaged_one():
+    plan = plan_budget(600, [Candidate(2.0, 4, (32, 32))], clock({2.0: 0.5}, case=0.1), held_out=10)
+    plan = plan.refitted(epoch=1, steps_done=plan.iterations_per_epoch, step_s=0.6, elapsed_s=70, held_out=10)
+    done = plan.finished(612.34)
+    assert BudgetPlan.from_dict(json.loads(json.dumps(done.to_dict()))) == done
+    assert done.actual_s == 612.3 and done.candidate.patch_size == (32, 32)
+    with pytest.raises(ValueError, match=r"budget.json: not a medssm budget plan"):
+        BudgetPlan.from_dict({"epochs": 3}, "budget.json")
+
+
+def test_durations_read_as_people_say_them():
+    assert format_duration(1) == "1 s" and format_duration(600) == "10.0 min" and format_duration(9000) == "2.5 h"
+    with pytest.raises(BudgetTooShort, match="a budget of 1 s is too short"):
+        plan_budget(1, [Candidate(1.0, 2)], clock({1.0: 5.0}), held_out=10)
 
 
 def test_a_refitted_schedule_resumes_with_its_new_length():
@@ -132,7 +150,7 @@ def test_a_refitted_schedule_resumes_with_its_new_length():
 def test_a_budgeted_run_writes_its_plan_and_keeps_to_it(data_root, tmp_path):
     from medssm.engine.segmentation import TrainConfig, train
 
-    from .seg_data import lung_subset
+    from .subsets import lung_subset
 
     lung = lung_subset(data_root, tmp_path / "Dataset001_LungXray", n=6, size=64)
     run = train(TrainConfig(data=str(lung), out=str(tmp_path / "run"), model="lightm_unet_2d_tiny", budget="15s",
@@ -145,5 +163,10 @@ def test_a_budgeted_run_writes_its_plan_and_keeps_to_it(data_root, tmp_path):
     state = torch.load(run / "checkpoints" / "last" / "training_state.pt", weights_only=True)
     steps = state["scheduler"]["last_epoch"]  # every optimiser step of the run
     assert budget["samples"] == steps * 2 and state["scheduler"]["lr_lambdas"][0]["total_steps"] == steps
+    assert load_run(run).budget == BudgetPlan.from_dict(budget)
     with pytest.raises(ValueError, match="leave out --epochs"):
         train(TrainConfig(data=str(lung), out=str(tmp_path / "x"), budget="1m", epochs=3))
+    for empty in ("", " "):  # --budget= is not "no budget"
+        with pytest.raises(ValueError, match="--budget: expected a duration"):
+            train(TrainConfig(data=str(lung), out=str(tmp_path / "x"), budget=empty))
+    assert not (tmp_path / "x").exists()
