@@ -141,8 +141,14 @@ def test_plan_preprocess_train_predict_with_stock_nnunet(tmp_path, data_root):
     fold = results / "Dataset501_LungTiny" / "nnUNetTrainerLightMUNetTest__nnUNetPlans__2d" / "fold_0"
     assert (fold / "checkpoint_final.pth").is_file()
     summary = json.loads((fold / "validation" / "summary.json").read_text())
-    assert 0.0 <= summary["foreground_mean"]["Dice"] <= 1.0  # validated on the held-out case
-    assert (fold / "validation" / f"{CASES[3]}.png").is_file()
+    # Validated on the held-out case: nnU-Net's Dice is that of its prediction file, as medssm scores it,
+    # and the network found lung there (a network that predicted only background would score 0).
+    from medssm.data.io import read_image
+    from medssm.metrics.segmentation import case_metrics
+
+    pred, ref = (read_image(d / f"{CASES[3]}.png")[0] for d in (fold / "validation", dataset / "labelsTr"))
+    ours = case_metrics(pred, ref, {"lung": 1})["lung"]["dice"]
+    assert summary["foreground_mean"]["Dice"] == pytest.approx(ours, abs=1e-6) and ours > 0
 
     # Prediction with stock nnU-Net finds the trainer again and rebuilds the network from the plans.
     out = tmp_path / "pred"

@@ -3,9 +3,9 @@
 ``export_onnx(model, "model.onnx")`` traces the network with a pure-PyTorch selective scan, writes
 an opset >= 17 graph with a dynamic batch axis and (for every registered architecture) dynamic
 spatial axes, then runs the file in onnxruntime (CPU) on random inputs, at the traced size and at
-a second size and batch, and raises :class:`ExportParityError` if any output differs from
-PyTorch's by more than ``rtol`` (default 1e-4) relative to the output's largest magnitude. The file
-only appears at its path once that check has passed.
+a second size and batch, and raises :class:`ExportParityError` if any output's norm-wise relative
+error ``||ort - torch||_2 / ||torch||_2`` exceeds ``rtol`` (default 1e-4), or its shape differs from
+PyTorch's. The file only appears at its path once that check has passed.
 
 ``medssm export RUN_OR_MODEL --onnx out.onnx`` does the same from the command line
 (:class:`ExportConfig`, :func:`export_cli`).
@@ -206,7 +206,7 @@ def onnx_parity(session, model: nn.Module, x: torch.Tensor) -> dict:
     got = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
     if got.shape != ref.shape:
         return {"shape": tuple(x.shape), "output_shape": tuple(got.shape), "max_abs_error": math.inf,
-                "max_rel_error": math.inf, "error": f"output shape {got.shape}, PyTorch gives {ref.shape}"}
+                "rel_error": math.inf, "error": f"output shape {got.shape}, PyTorch gives {ref.shape}"}
     diff = got.astype(np.float64) - ref
     abs_err = float(np.max(np.abs(diff))) if ref.size else 0.0
     norm = float(np.linalg.norm(ref))

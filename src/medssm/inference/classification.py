@@ -2,7 +2,7 @@
 
 The input can be a split of a MedMNIST ``.npz``, of image folders or of a CSV, a folder of images,
 or one image or volume. Images are read with the model's channels (grey/RGB converted), resized to
-its input size and normalised as in training. The CSV (:func:`medssm.metrics.evaluate_classification.write_predictions`)
+its input size and normalised as in training (``model.json``'s ``normalize``, from the model's card). The CSV (:func:`medssm.metrics.evaluate_classification.write_predictions`)
 has one row per sample: ``path``, the predicted ``label`` (index) and ``label_name``, the
 ``target`` index when the input is labelled, and one ``prob_<class>`` column per class. It is
 written atomically, never over an input, and replaces an existing file only with ``--overwrite``.
@@ -96,7 +96,9 @@ def _predict(cfg: ClassifierPredictConfig) -> Path:
         return out
     device = resolve_device(cfg.device, prefer=meta.get("device"))
     model = run.load_model(cfg.checkpoint, device=device)
-    dataset = ClassificationDataset(source, meta["input_size"], train=False, in_chans=meta.get("in_chans"))
+    norm = meta.get("normalize") or dict(zip(("mean", "std"), run.card.normalize))  # as the model was trained
+    dataset = ClassificationDataset(source, meta["input_size"], train=False, in_chans=meta.get("in_chans"),
+                                    normalize=(norm["mean"], norm["std"]))
     probs = predict_proba(model, dataset, batch_size=cfg.batch_size, device=device, progress=cfg.progress)
     names = [source.name(i) for i in range(len(source))]
     targets = source.labels if (source.labels >= 0).any() else None
