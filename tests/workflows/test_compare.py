@@ -51,3 +51,16 @@ def test_classification_comparison(data_root, tmp_path):
     assert all(r["scores"]["test"]["cases"] == 16 for r in rows)
     for r in rows:  # refitted after every epoch, never past one pass over the 48 samples
         assert r["budget"]["epochs"] == 1 or r["budget"]["refit"]["iterations_per_epoch"] <= 24
+
+
+def test_the_default_comparison_follows_the_data_and_the_cards(data_root, tmp_path):
+    from medssm.workflows.compare import default_models, task_of
+
+    volumes = np.random.default_rng(0).integers(0, 255, (4, 8, 8, 8), dtype=np.uint8)
+    np.savez(tmp_path / "cubes3d.npz", **{f"{s}_{k}": v for s in ("train", "val", "test")
+                                          for k, v in (("images", volumes), ("labels", np.array([[0], [1], [0], [1]])))})
+    assert task_of(str(tmp_path / "cubes3d.npz")) == ("classification", 3)
+    assert task_of(str(data_root / "Dataset002_Hippocampus")) == ("segmentation", 3)
+    assert default_models("classification", 3) == ["medmamba_t", "medmamba_t_nomamba", "monai:resnet18"]
+    assert default_models("segmentation", 2) == ["lightm_unet_2d", "lightm_unet_2d_nomamba", "monai:SegResNet",
+                                                 "monai:UNet", "monai:DynUNet"]

@@ -1,17 +1,9 @@
-"""``medssm train`` for classification: the task plug-in of the one trainer (:mod:`.trainer`) for a
-MedMNIST file, image folders or a CSV.
+"""``medssm train`` for classification: the task plug-in of the one trainer (:mod:`.trainer`) for a MedMNIST
+file, image folders or a CSV: the train and val splits, random-resized crops and flips, the model card's input
+normalisation, cross-entropy, validation by AUC. What the options do: docs/how-to/classification.md.
 
-The model's recipe is the default (MedMamba's: Adam at 1e-4, constant rate, cross-entropy, batch
-32, 100 epochs), with random-resized crop and horizontal flip, inputs normalised as the model's card
-says; options add AdamW, a cosine schedule with warm-up, label smoothing, class weights and
-gradient clipping. Every epoch is validated (the samples shared out over the processes); the model
-with the best validation AUC is ``checkpoints/best``. The run folder is laid out as
-:mod:`medssm.runs` describes.
-
-Examples:
-    >>> cfg = ClassifierTrainConfig(data="pneumoniamnist", model="medmamba_t", out="runs/pneumonia",
-    ...                             input_size=28, epochs=100)
-    >>> train_classifier(cfg)           # CLI: medssm train --data pneumoniamnist.npz --out runs/pneumonia
+Example:
+    >>> train_classifier(ClassifierTrainConfig(data="pneumoniamnist", model="medmamba_t", out="runs/pneumonia"))
 """
 
 from __future__ import annotations

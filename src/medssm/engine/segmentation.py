@@ -1,11 +1,6 @@
-"""``medssm train`` for segmentation: the task plug-in of the one trainer (:mod:`.trainer`) for an
-nnU-Net raw dataset.
-
-Check the dataset (nothing is written if it fails) → plan (``plan.json``) → splits (the sorted cases,
-5 folds, ``splits.json``) → preprocess once into a cache → patches, a third foreground-oversampled →
-augmentation (MONAI) → the model's recipe → validation on the held-out fold (sliding-window Dice,
-the cases shared out over the processes). The run folder is laid out as :mod:`medssm.runs`
-describes, plus ``plan.json`` and the preprocessing cache ``preprocessed/``.
+"""``medssm train`` for segmentation: the task plug-in of the one trainer (:mod:`.trainer`) for an nnU-Net raw
+dataset: its check, plan (``plan.json``), folds (``splits.json``), preprocessing cache, foreground-oversampled
+patches, augmentation and sliding-window validation. What the steps do: docs/how-to/train-segmentation.md.
 
 Example:
     medssm train --data ../shared/data/Dataset001_LungXray --model lightm_unet_2d -o runs/lung --epochs 100

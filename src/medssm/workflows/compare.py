@@ -76,14 +76,20 @@ class CompareConfig:
     progress: bool = True
 
 
-def compare(cfg: CompareConfig) -> Path:
-    """Run every model not yet complete, then write the report; returns the output folder."""
+def task_of(data: str) -> tuple[str, int]:
+    """(task, spatial dimensions) of a dataset: a classification dataset's from its images, an nnU-Net
+    dataset's from its first case."""
     from ..data.classification import classification_format, open_classification_data
     from ..data.segmentation.nnunet import NnUNetDataset, resolve_data
 
-    task = "classification" if classification_format(cfg.data) else "segmentation"
-    dims = (NnUNetDataset(resolve_data(cfg.data)).spatial_dims if task == "segmentation"
-            else open_classification_data(cfg.data, "train").spatial_dims)
+    if classification_format(data):
+        return "classification", open_classification_data(data, "train").spatial_dims
+    return "segmentation", NnUNetDataset(resolve_data(data)).spatial_dims
+
+
+def compare(cfg: CompareConfig) -> Path:
+    """Run every model not yet complete, then write the report; returns the output folder."""
+    task, dims = task_of(cfg.data)
     names = [m.strip() for m in cfg.models.split(",") if m.strip()] if cfg.models else default_models(task, dims)
     for name in names:
         card = get_model_card(name)  # an unknown name fails here, before anything runs
