@@ -17,7 +17,7 @@ from medssm.cli import main as cli
 from medssm.data.segmentation.nnunet import DatasetError
 from medssm.engine import trainer as trainer_mod
 from medssm.engine.segmentation import TrainConfig, train
-from medssm.metrics.segmentation import dice_per_class
+from medssm.metrics.segmentation import dice_of_masks
 from medssm.nets import build_for_data
 from medssm.runs import load_run
 
@@ -61,9 +61,9 @@ def test_run_layout(lung_run, lung):
     run = load_run(lung_run)
     cache = load_cache({c: lung_run / "preprocessed" / f"{c}.npz" for c in splits[0]["val"]})
     model = run.load_model("last")
-    dice = [dice_per_class(sliding_window_probabilities(model, torch.as_tensor(cache[c]["image"]),
-                                                        run.plan.patch_size).argmax(0),
-                           torch.as_tensor(cache[c]["label"]), run.plan.num_classes) for c in splits[0]["val"]]
+    dice = [dice_of_masks(sliding_window_probabilities(model, torch.as_tensor(cache[c]["image"]),
+                                                       run.plan.patch_size).argmax(0).numpy()[None] == 1,
+                          cache[c]["label"][None] == 1) for c in splits[0]["val"]]
     assert log[-1]["val_dice"] == pytest.approx(float(np.mean(dice)), abs=1e-6)
 
 

@@ -3,6 +3,7 @@
 import json
 
 import numpy as np
+import pytest
 
 from medssm.cli import main
 
@@ -64,3 +65,17 @@ def test_the_default_comparison_follows_the_data_and_the_cards(data_root, tmp_pa
     assert default_models("classification", 3) == ["medmamba_t", "medmamba_t_nomamba", "monai:resnet18"]
     assert default_models("segmentation", 2) == ["lightm_unet_2d", "lightm_unet_2d_nomamba", "monai:SegResNet",
                                                  "monai:UNet", "monai:DynUNet"]
+
+
+def test_a_region_dataset_is_compared_per_region(data_root, tmp_path):
+    from ..synthetic import lung_regions
+
+    regions = lung_regions(lung_subset(data_root, tmp_path / "lung", n=6, size=64), tmp_path / "Dataset005_LungRegions")
+    out = tmp_path / "cmp"
+    assert main(["compare", "-d", str(regions), "--models", "lightm_unet_2d_tiny", "--budget", "5s", "--over-budget",
+                 "--recipe", "short", "-o", str(out), "--no-progress"]) == 0
+    row = json.loads((out / "compare.json").read_text())["results"][0]
+    per = row["scores"]["held_out"]["per_structure"]
+    assert list(per) == ["lungs", "right lung"]
+    assert row["scores"]["held_out"]["dice"] == pytest.approx(np.mean([per[n]["dice"] for n in per]))
+    assert "| model | lungs | right lung |" in (out / "report.md").read_text()

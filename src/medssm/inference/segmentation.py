@@ -41,7 +41,8 @@ class PredictConfig:
         "mirror test-time augmentation (2^d flips) (default: as the run's recipe says: off for LightM-UNet's, on for "
         "SegMamba's, nnU-Net's and the short recipe)")})
     save_probabilities: bool = dataclasses.field(default=False, metadata={
-        "help": "also write {case}.npz with the class probabilities on the image's grid"})
+        "help": "also write {case}.npz with the probabilities on the image's grid: of each class, or of each region "
+                "(with their names)"})
     overwrite: bool = dataclasses.field(default=False, metadata={"help": "replace existing outputs"})
     skip_existing: bool = dataclasses.field(default=False, metadata={
         "help": "keep existing outputs and predict the rest (outputs are written atomically: existing ones are complete)"})
@@ -81,14 +82,17 @@ def plan_outputs(cfg: PredictConfig) -> dict[str, tuple[list[Path], list[Path]]]
 
 def predict_case(model: torch.nn.Module, plan, image: np.ndarray, geometry, *, mirror: bool = False,
                  overlap: float = 0.5, batch_size: int = 1, device="cpu") -> np.ndarray:
-    """Class probabilities ``(K, *S)`` on the image's own grid for one image ``(C, *S)``."""
+    """Probabilities ``(K, *S)`` on the image's own grid for one image ``(C, *S)``: of each class, or of
+    each region (``plan.label_set.to_label_map`` makes the label map of either)."""
     from ..data.segmentation.preprocess import preprocess_case, revert_to_original
     from .sliding import sliding_window_probabilities
 
+    labels = plan.label_set
     image_pp, _, props = preprocess_case(image, geometry, plan)
     probs = sliding_window_probabilities(model, torch.from_numpy(image_pp), plan.patch_size, overlap=overlap,
-                                         mirror=mirror, batch_size=batch_size, device=device)
-    return revert_to_original(probs.numpy(), props)
+                                         mirror=mirror, batch_size=batch_size, device=device,
+                                         activation=labels.activation)
+    return revert_to_original(probs.numpy(), props, background=not labels.has_regions)
 
 
 def predict(cfg: PredictConfig) -> Path:
@@ -114,17 +118,19 @@ def _predict(cfg: PredictConfig) -> Path:
     mirror = cfg.mirror if cfg.mirror is not None else bool(run.description.get("recipe", {}).get("mirror_tta"))
     out = Path(cfg.output)
     out.mkdir(parents=True, exist_ok=True)
-    dtype = np.uint8 if plan.num_classes <= 256 else np.uint16
+    labels = plan.label_set
+    dtype = np.uint8 if max(labels.values) < 256 else np.uint16
+    names = list(labels.structures) if labels.has_regions else ["background", *labels.structures]
     for case, (files, targets) in tqdm(jobs.items(), desc="predict", unit="case", disable=not cfg.progress):
         image, geometry = read_case_images(files, case)
         if image.shape[0] != plan.num_channels:
             raise ValueError(f"{files[0]}: {image.shape[0]} channel(s), the model was trained on {plan.num_channels}")
         probs = predict_case(model, plan, image, geometry, mirror=mirror, overlap=cfg.overlap,
                              batch_size=cfg.batch_size, device=device)
-        write_image(probs.argmax(0).astype(dtype), geometry, targets[0])
+        write_image(labels.to_label_map(probs).astype(dtype), geometry, targets[0])
         if cfg.save_probabilities:
             with atomic_path(targets[1]) as tmp, open(tmp, "wb") as f:
-                np.savez_compressed(f, probabilities=probs.astype(np.float32), labels=np.array(list(plan.labels)))
+                np.savez_compressed(f, probabilities=probs.astype(np.float32), labels=np.array(names))
     print(f"{len(jobs)} case(s) predicted with {run.checkpoint(cfg.checkpoint)} on {device}"
           f"{' with mirroring' if mirror else ''} -> {out}")
     return out

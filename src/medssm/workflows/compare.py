@@ -171,10 +171,12 @@ def evaluate_segmentation_run(cfg: CompareConfig, run, folder: Path) -> dict:
                               skip_existing=True, device=cfg.device, scan_backend=cfg.scan_backend,
                               progress=cfg.progress))
         evaluation = folder / f"evaluation_{which}"
-        evaluate(EvaluateConfig(pred=str(pred), ref=str(labels), out=str(evaluation), images=str(images),
+        evaluate(EvaluateConfig(pred=str(pred), ref=str(labels), out=str(evaluation), images=str(images), cases=cases,
                                 overwrite=True, max_overlays=8, progress=cfg.progress))
         summary = read_json(evaluation / "summary.json", "evaluation summary")
-        scores[which] = {**{k: summary["mean"][k] for k in ("dice", "iou", "hd95")}, "cases": summary["n_cases"]}
+        scores[which] = {**{k: summary["mean"][k] for k in ("dice", "iou", "hd95")}, "cases": summary["n_cases"],
+                         "per_structure": {name: {k: m[k] for k in ("dice", "iou", "hd95")}
+                                           for name, m in summary["per_class"].items()}}
     return scores
 
 
@@ -231,8 +233,7 @@ def write_report(out: Path, cfg: CompareConfig, task: str, results: list[dict]) 
         plot_scores(out / "scores.png", done, metric[0] if task == "segmentation" else "auc", sets)
 
     def cell(r, s, m):
-        v = r["scores"].get(s, {}).get(m)
-        return "n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.4f}"
+        return cell_of(r["scores"].get(s, {}).get(m))
 
     header = ["model"] + [f"{s.replace('_', '-')} {m.upper()}" for s in sets for m in metric] + [
         "parameters", "GMACs", "scan GFLOPs", "step (s)", "batch", "peak fwd (MiB)", "train (min)", "samples"]
@@ -261,7 +262,19 @@ def write_report(out: Path, cfg: CompareConfig, task: str, results: list[dict]) 
               "and evaluation (with overlays) are under `models/`.", ""]
     for r in done:
         lines += [f"- **{r['model']}**: {epochs_text(BudgetPlan.from_dict(r['budget']))}; {r['recipe'].get('source', '')}"]
+    if task == "segmentation" and done:
+        lines += ["", "Each class or region of the held-out set (Dice / HD95):", ""]
+        names = list(done[0]["scores"]["held_out"]["per_structure"])
+        lines += ["| model | " + " | ".join(names) + " |", "|" + "---|" * (len(names) + 1)]
+        for r in done:
+            per = r["scores"]["held_out"]["per_structure"]
+            lines.append(f"| {r['model']} | " + " | ".join(
+                f"{cell_of(per[n]['dice'])} / {cell_of(per[n]['hd95'], 2)}" for n in names) + " |")
     (out / "report.md").write_text("\n".join(lines) + "\n")
+
+
+def cell_of(value, digits: int = 4) -> str:
+    return "n/a" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.{digits}f}"
 
 
 def epochs_text(budget: BudgetPlan) -> str:
