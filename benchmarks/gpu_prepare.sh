@@ -24,6 +24,7 @@ py=${PYTHON:-python3}
 wheels=benchmarks/wheels
 data=${MEDSSM_DATA:-/work/shared/data}
 mkdir -p "$wheels" benchmarks/gpu_data
+rm -f "$wheels"/*.tmp  # an interrupted repack's leftover would travel too
 
 # 1. The wheels (the versions of this project's development environment).
 "$py" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
