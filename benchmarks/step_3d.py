@@ -27,7 +27,8 @@ import torch
 
 import medssm
 from medssm.engine.loop import train_step
-from medssm.engine.losses import DiceCELoss
+from medssm.engine.losses import make_loss
+from medssm.labels import LabelSet
 
 
 def names_argument(fn, argument: str) -> bool:
@@ -82,7 +83,7 @@ def main() -> None:
     ]
     result = {"device": torch.cuda.get_device_name() if cuda else "cpu", "torch": torch.__version__,
               "tiny": args.tiny, "precision": precision, "input": [batch, 4, *size], "classes": 4,
-              "loss": "Dice + CE (medssm DiceCELoss)", "optimizer": "AdamW lr 1e-4 wd 1e-5, grad clip 12",
+              "loss": "Dice + CE (medssm's dice_ce)", "optimizer": "AdamW lr 1e-4 wd 1e-5, grad clip 12",
               "timed_steps": repeats, "rows": []}
 
     def write() -> None:
@@ -102,7 +103,7 @@ def main() -> None:
                              torch.randint(0, 4, (batch, 1, *shape), device=device))
         return inputs[shape]
 
-    loss_fn = DiceCELoss()
+    loss_fn = make_loss("dice_ce", LabelSet.classes(4))
     supported = None  # medssm's checkpointing, found out on the first SegMamba row
     for label, name, kwargs, kind, checkpointing in rows_to_run:
         row = {"model": label, "name": name, "kwargs": dict(kwargs),

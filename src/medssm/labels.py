@@ -89,6 +89,11 @@ class LabelSet:
                 fail("the 'ignore' label must be one integer, higher than every other label")
         return labels_
 
+    @classmethod
+    def classes(cls, count: int) -> LabelSet:
+        """``count`` integer classes, background included, named by their values (``"1"``, ``"2"``, ...)."""
+        return cls({"background": 0, **{str(v): v for v in range(1, count)}})
+
     def _entries(self):
         return [(k, _values(v)) for k, v in self.labels.items()]
 
