@@ -79,3 +79,16 @@ def test_a_region_dataset_is_compared_per_region(data_root, tmp_path):
     assert list(per) == ["lungs", "right lung"]
     assert row["scores"]["held_out"]["dice"] == pytest.approx(np.mean([per[n]["dice"] for n in per]))
     assert "| model | lungs | right lung |" in (out / "report.md").read_text()
+
+
+def test_a_multi_label_dataset_is_compared_by_mean_auc(tmp_path):
+    from ..synthetic import chestmnist_like
+
+    chest = chestmnist_like(tmp_path / "chestmnist.npz")
+    out = tmp_path / "cmp"
+    assert main(["compare", "-d", str(chest), "--models", "medmamba_tiny", "--budget", "5s", "--over-budget",
+                 "-o", str(out), "--no-progress"]) == 0
+    row = json.loads((out / "compare.json").read_text())["results"][0]
+    metrics = json.loads((out / "models" / "medmamba_tiny" / "evaluation_test" / "metrics.json").read_text())
+    assert metrics["multi_label"] and row["scores"]["test"]["auc"] == metrics["auc"]
+    assert row["scores"]["test"]["cases"] == 32 and {"held_out", "test"} <= set(row["scores"])
