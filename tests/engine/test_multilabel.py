@@ -109,6 +109,6 @@ def test_rare_findings_weigh_more_and_single_label_options_are_refused(chest, tm
     loss = ClassifierTrainConfig(data=str(chest), pos_weight="balanced").make_loss(labels, 14)
     assert isinstance(loss, torch.nn.BCEWithLogitsLoss) and torch.equal(loss.pos_weight, weights)
     with pytest.raises(ValueError, match="--class-weights apply to one class per sample; this data is multi-label"):
-        ClassificationTask(ClassifierTrainConfig(data=str(chest), class_weights="balanced")).open()
+        ClassificationTask(ClassifierTrainConfig(data=str(chest), class_weights="balanced")).open(tmp_path / "run")
     with pytest.raises(ValueError, match="--pos-weight applies to multi-label data only"):
         ClassifierTrainConfig(data="x", pos_weight="balanced").make_loss(np.array([0, 1, 1]), 2)

@@ -34,7 +34,11 @@ class ClassificationTask(Task):
 
     name, score, default_val_every = "classification", "val_auc", 1
 
-    def open(self) -> Path:
+    def run_folder(self) -> Path:
+        model = self.cfg.model or DEFAULT_MODELS[self.name, 2]  # MedMamba-T whatever the dimensionality
+        return Path(self.cfg.out) if self.cfg.out else Path("runs") / f"{Path(str(self.cfg.data)).stem}_{model.replace(':', '_')}"
+
+    def open(self, run: Path) -> None:
         cfg = self.cfg
         self.train_src, self.val_src = open_training_data(cfg.data, cfg.limit, cfg.seed, root=cfg.data_root, size=cfg.size,
                                                           download=cfg.download, val_fraction=cfg.val_fraction,
@@ -47,7 +51,6 @@ class ClassificationTask(Task):
         native = self.train_src.native_size or self.card.input_size
         self.input_size = int(cfg.input_size or native[0])
         self.held_out = len(self.val_src)
-        return Path(cfg.out) if cfg.out else Path("runs") / f"{Path(str(cfg.data)).stem}_{self.card.name.replace(':', '_')}"
 
     def prepare(self, run: Path, resuming: bool, progress: bool) -> None:
         self.batch_size = self.recipe.batch_size or 32

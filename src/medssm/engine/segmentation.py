@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from ..budget import Candidate, Timing
-from ..data.segmentation.nnunet import resolve_data, verify_dataset
+from ..data.segmentation.nnunet import NnUNetDataset, resolve_data, verify_dataset
 from ..data.segmentation.plan import Plan, plan_dataset, plans_at_scales
 from ..data.segmentation.splits import read_or_make_splits, save_splits
 from ..devices import autocast
@@ -33,7 +33,14 @@ class SegmentationTask(Task):
 
     name, score, default_val_every = "segmentation", "val_dice", 5
 
-    def open(self) -> Path:
+    def run_folder(self) -> Path:
+        if self.cfg.out:
+            return Path(self.cfg.out)
+        dataset = NnUNetDataset(resolve_data(self.cfg.data))
+        model = self.cfg.model or DEFAULT_MODELS[self.name, dataset.spatial_dims]
+        return Path("runs") / f"{dataset.name}_{model.replace(':', '_')}_fold{self.cfg.fold}"
+
+    def open(self, run: Path) -> None:
         cfg = self.cfg
         root = resolve_data(cfg.data)
         self.dataset = verify_dataset(root)  # DatasetError listing every bad case; nothing written yet
@@ -42,13 +49,10 @@ class SegmentationTask(Task):
         if self.card.task == "segmentation" and dims not in self.card.spatial_dims:
             raise ValueError(f"{self.card.name} takes {'/'.join(f'{d}D' for d in self.card.spatial_dims)} input; "
                              f"{root} is {dims}D (try {DEFAULT_MODELS[self.name, dims]})")
-        run = Path(cfg.out) if cfg.out else (
-            Path("runs") / f"{self.dataset.name}_{self.card.name.replace(':', '_')}_fold{cfg.fold}")
         # Too few cases for 5 folds, or a splits.json naming other cases: refused before anything is written.
         self.splits = read_or_make_splits(run / "splits.json", self.dataset.cases)
         held_out = self.splits[cfg.fold]["val"]
         self.held_out = min(cfg.val_cases, len(held_out)) if cfg.val_cases else len(held_out)
-        return run
 
     def prepare(self, run: Path, resuming: bool, progress: bool) -> None:
         self.plans = {}

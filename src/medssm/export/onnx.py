@@ -30,7 +30,7 @@ import torch
 import torch.nn as nn
 
 from ..extras import require
-from ..files import atomic_path
+from ..files import atomic_path, guard_outputs
 from ..nets.registry import create_model, get_model_card, list_models, parse_model_kwargs
 from ..runs import load_run
 from ..progress import stage
@@ -43,8 +43,9 @@ EXPORT_BACKEND = "chunked"  # its traced graph holds at any length
 MIN_OPSET = 17
 
 
-class ExportParityError(RuntimeError):
-    """onnxruntime's output differs from PyTorch's by more than the tolerance."""
+class ExportParityError(ValueError):
+    """onnxruntime's output differs from PyTorch's by more than the tolerance (a one-line error: the
+    command line reports it with exit code 2)."""
 
 
 def _movedim_symbolic(g, self, source, destination):
@@ -391,9 +392,11 @@ class ExportConfig:
     check: bool = dataclasses.field(default=True, metadata={"help": "run the onnxruntime parity check"})
     model_kwargs: str = dataclasses.field(
         default="", metadata={"help": "JSON arguments for a registered model name, e.g. '{\"out_channels\": 3}'"})
+    overwrite: bool = dataclasses.field(default=False, metadata={"help": "replace an existing .onnx file"})
 
 
 def export_cli(cfg: ExportConfig) -> int:
+    guard_outputs([Path(cfg.onnx)], [Path(cfg.model)] if Path(cfg.model).exists() else [], overwrite=cfg.overwrite)
     model, what = load_for_export(cfg.model, parse_model_kwargs(cfg.model_kwargs))
     with use_backend(cfg.scan_backend):
         result = export_onnx(model, cfg.onnx, cfg.input_size, cfg.batch_size, cfg.opset, cfg.dynamic_batch,

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from ..devices import cpu_threads, resolve_device
-from ..files import atomic_path, guard_outputs
+from ..files import atomic_path, guard_outputs, output_folder
 from ..runs import load_run
 from ..ssm import use_backend
 
@@ -46,6 +46,9 @@ class PredictConfig:
     overwrite: bool = dataclasses.field(default=False, metadata={"help": "replace existing outputs"})
     skip_existing: bool = dataclasses.field(default=False, metadata={
         "help": "keep existing outputs and predict the rest (outputs are written atomically: existing ones are complete)"})
+    skip_bad: bool = dataclasses.field(default=False, metadata={"help": (
+        "predict the cases that can be read and list the others at the end (exit 2) instead of checking every "
+        "input first and predicting nothing when one is bad")})
     overlap: float = dataclasses.field(default=0.5, metadata={"help": "sliding-window overlap"})
     batch_size: int = dataclasses.field(default=1, metadata={"help": "windows per forward pass"})
     cases: tuple[str, ...] | None = dataclasses.field(default=None, metadata={
@@ -95,6 +98,21 @@ def predict_case(model: torch.nn.Module, plan, image: np.ndarray, geometry, *, m
     return revert_to_original(probs.numpy(), props, background=not labels.has_regions)
 
 
+def read_input(case: str, files: list[Path], plan) -> tuple[tuple, list]:
+    """``((image, geometry), [])`` of a case to predict, or ``((None, None), problems)`` when it cannot be
+    read or has another number of channels than the model's."""
+    from ..data.segmentation.nnunet import DatasetError, read_case_images
+
+    try:
+        image, geometry = read_case_images(files, case)
+    except DatasetError as e:
+        return (None, None), e.problems
+    if image.shape[0] != plan.num_channels:
+        return (None, None), [(case, str(files[0]), f"{image.shape[0]} channel(s); the model was trained on "
+                                                    f"{plan.num_channels}")]
+    return (image, geometry), []
+
+
 def predict(cfg: PredictConfig) -> Path:
     """Predict every case; returns the output folder."""
     with use_backend(cfg.scan_backend), cpu_threads(cfg.threads):
@@ -105,7 +123,7 @@ def _predict(cfg: PredictConfig) -> Path:
     from tqdm import tqdm
 
     from ..data.io import write_image
-    from ..data.segmentation.nnunet import read_case_images
+    from ..data.segmentation.nnunet import DatasetError
 
     run = load_run(cfg.model)
     if run.task != "segmentation":
@@ -116,23 +134,31 @@ def _predict(cfg: PredictConfig) -> Path:
     device = resolve_device(cfg.device, prefer=run.description.get("device"))
     model = run.load_model(cfg.checkpoint, device=device)
     mirror = cfg.mirror if cfg.mirror is not None else bool(run.description.get("recipe", {}).get("mirror_tta"))
-    out = Path(cfg.output)
-    out.mkdir(parents=True, exist_ok=True)
+    if not cfg.skip_bad:  # every input checked before the first prediction: all bad files in one error
+        problems = [p for case, (files, _) in tqdm(jobs.items(), desc="check inputs", unit="case", leave=False,
+                                                   disable=not cfg.progress) for p in read_input(case, files, plan)[1]]
+        if problems:
+            raise DatasetError(cfg.input, problems)
+    out = output_folder(cfg.output, "the predictions' folder")
     labels = plan.label_set
     dtype = np.uint8 if max(labels.values) < 256 else np.uint16
     names = list(labels.structures) if labels.has_regions else ["background", *labels.structures]
+    failed = []
     for case, (files, targets) in tqdm(jobs.items(), desc="predict", unit="case", disable=not cfg.progress):
-        image, geometry = read_case_images(files, case)
-        if image.shape[0] != plan.num_channels:
-            raise ValueError(f"{files[0]}: {image.shape[0]} channel(s), the model was trained on {plan.num_channels}")
+        (image, geometry), problems = read_input(case, files, plan)
+        if problems:
+            failed += problems
+            continue
         probs = predict_case(model, plan, image, geometry, mirror=mirror, overlap=cfg.overlap,
                              batch_size=cfg.batch_size, device=device)
         write_image(labels.to_label_map(probs).astype(dtype), geometry, targets[0])
         if cfg.save_probabilities:
             with atomic_path(targets[1]) as tmp, open(tmp, "wb") as f:
                 np.savez_compressed(f, probabilities=probs.astype(np.float32), labels=np.array(names))
-    print(f"{len(jobs)} case(s) predicted with {run.checkpoint(cfg.checkpoint)} on {device}"
-          f"{' with mirroring' if mirror else ''} -> {out}")
+    print(f"{len(jobs) - len({c for c, _, _ in failed})} case(s) predicted with {run.checkpoint(cfg.checkpoint)} on "
+          f"{device}{' with mirroring' if mirror else ''} -> {out}")
+    if failed:
+        raise DatasetError(cfg.input, failed)  # --skip-bad: the good cases are written, the bad ones listed
     return out
 
 

@@ -162,6 +162,8 @@ def evaluate_classifier(cfg: ClassifierEvaluateConfig) -> dict:
         raise ValueError(f"{pred_path}, row for {names[bad]!r}: label {int(targets[bad])} is out of range for "
                          f"{len(classes)} classes")
     out = Path(cfg.out) if cfg.out else pred_path.with_name(pred_path.stem + "_evaluation")
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"{out}: is a file, not a folder (the evaluation's folder); choose another --out")
     if (out / "metrics.json").exists() and not cfg.overwrite:
         raise FileExistsError(f"{out}: already holds an evaluation; pass --overwrite to replace it")
     if missing:

@@ -150,6 +150,8 @@ def evaluate(cfg: EvaluateConfig) -> Path:
                                 + "; predict them, choose the cases with --cases, or pass --allow-missing")
     if out.resolve() in (pred_dir.resolve(), ref_dir.resolve()):
         raise ValueError(f"{out}: the output folder must differ from the prediction and reference folders")
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"{out}: is a file, not a folder (the evaluation's folder); choose another --out")
     if (out / "summary.json").exists() and not cfg.overwrite:
         raise FileExistsError(f"{out / 'summary.json'} exists; pass --overwrite to replace it")
     try:

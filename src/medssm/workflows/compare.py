@@ -12,8 +12,10 @@ evaluation commands a user runs, and its cost is measured. Then one report:
     OUT/scores.png      the held-out (and test) scores side by side
     OUT/models/NAME/    each model's run, predictions and evaluation; result.json when complete
 
-A model whose ``result.json`` exists is not run again: an interrupted comparison is finished by
-running the same command again.
+A model whose ``result.json`` holds a complete result of the same settings (data, budget, recipe, fold,
+seed, test set) is not run again: an interrupted comparison is finished by running the same command
+again. A result of other settings is refused (another ``-o``, or remove that model's folder); a model
+that was not run (its budget too short) is run again.
 
 Example:
     medssm compare -d $MEDSSM_DATA/Dataset001_LungXray --models lightm_unet_2d,lightm_unet_2d_nomamba,monai:SegResNet \\
@@ -31,7 +33,7 @@ from pathlib import Path
 from ..budget import BudgetPlan, BudgetTooShort
 from ..engine.options import DEFAULT_MODELS
 from ..figures import pyplot, save_figure
-from ..files import read_json, write_json
+from ..files import output_folder, read_json, write_json
 from ..nets.registry import get_model_card, list_models
 from ..runs import Run, has_checkpoint, load_run
 
@@ -90,27 +92,44 @@ def task_of(data: str) -> tuple[str, int]:
 def compare(cfg: CompareConfig) -> Path:
     """Run every model not yet complete, then write the report; returns the output folder."""
     task, dims = task_of(cfg.data)
-    names = [m.strip() for m in cfg.models.split(",") if m.strip()] if cfg.models else default_models(task, dims)
+    names = [m.strip() for m in cfg.models.split(",") if m.strip()] if cfg.models is not None else default_models(task, dims)
+    if not names:
+        raise ValueError(f"--models {cfg.models!r}: no models given (names separated by commas)")
     for name in names:
         card = get_model_card(name)  # an unknown name fails here, before anything runs
         if card.task != task:
             raise ValueError(f"{name} is a {card.task} model; {cfg.data} is a {task} dataset")
     if cfg.test is not None and (task != "segmentation" or len(cfg.test) != 2):
         raise ValueError("--test takes the IMAGES and LABELS folders of a segmentation test set")
-    out = Path(cfg.out)
+    out = output_folder(cfg.out, "the comparison's folder")
+    settings = settings_of(cfg)
+    found = {name: read_json(f, "comparison result") for name in names
+             if (f := out / "models" / name.replace(":", "_") / "result.json").is_file()}
+    other = {n: r for n, r in found.items() if r.get("settings") != settings}
+    if other:
+        name, r = next(iter(other.items()))
+        raise ValueError(f"{out}: {len(other)} model(s) were compared with other settings, e.g. {name} with "
+                         f"{r.get('settings', 'settings not recorded')}; this comparison asks for {settings}: choose "
+                         "another -o, or remove their folders under models/")
     results = []
     for i, name in enumerate(names, start=1):
         folder = out / "models" / name.replace(":", "_")
-        done = folder / "result.json"
-        if done.is_file():
-            print(f"[{i}/{len(names)}] {name}: complete, not run again ({done})")
+        if found.get(name, {}).get("status") == "complete":
+            print(f"[{i}/{len(names)}] {name}: complete, not run again ({folder / 'result.json'})")
         else:
             print(f"[{i}/{len(names)}] {name}: training for {cfg.budget} ...", flush=True)
-            write_json(done, run_one(cfg, task, name, folder), default=str)
-        results.append(read_json(done, "comparison result"))
+            found[name] = {**run_one(cfg, task, name, folder), "settings": settings}
+            write_json(folder / "result.json", found[name], default=str)
+        results.append(found[name])
     write_report(out, cfg, task, results)
     print(f"report: {out / 'report.md'}")
     return out
+
+
+def settings_of(cfg: CompareConfig) -> dict:
+    """What a result depends on: the settings under which a model's result can be reused."""
+    return {"data": str(cfg.data), "budget": cfg.budget, "recipe": cfg.recipe, "fold": cfg.fold, "seed": cfg.seed,
+            "test": list(cfg.test) if cfg.test else None}
 
 
 def run_one(cfg: CompareConfig, task: str, name: str, folder: Path) -> dict:

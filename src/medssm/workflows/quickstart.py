@@ -134,6 +134,8 @@ def quickstart(cfg: QuickstartConfig) -> Path:
     data = find_lung_data(cfg.data)
     out = Path(cfg.out)
     run, pred_dir, report = out / "run", out / "predictions", out / "report"
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"{out}: is a file, not a folder (the quickstart's folder); choose another --out")
     if not cfg.resume and out.exists() and any(out.iterdir()):
         raise FileExistsError(f"{out} is not empty; pass --resume to continue it or choose another --out")
     dataset = NnUNetDataset(data)
