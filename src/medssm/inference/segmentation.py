@@ -14,12 +14,13 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from ..devices import cpu_threads, resolve_device
+from ..devices import autocast, check_precision, cpu_threads, resolve_device
 from ..files import atomic_path, guard_outputs, output_folder
 from ..runs import load_run
 from ..ssm import use_backend
@@ -49,8 +50,14 @@ class PredictConfig:
     skip_bad: bool = dataclasses.field(default=False, metadata={"help": (
         "predict the cases that can be read and list the others at the end (exit 2) instead of checking every "
         "input first and predicting nothing when one is bad")})
+    mirror_axes: tuple[int, ...] | None = dataclasses.field(default=None, metadata={"help": (
+        "with mirroring, the spatial axes to flip, numpy order (e.g. 1 2: not the first; default: all)")})
     overlap: float = dataclasses.field(default=0.5, metadata={"help": "sliding-window overlap"})
     batch_size: int = dataclasses.field(default=1, metadata={"help": "windows per forward pass"})
+    precision: str = dataclasses.field(default="fp32", metadata={"help": (
+        "fp32, bf16 or fp16 (the network under autocast; bf16 pays on CPUs with AVX512-BF16 or AMX, fp16 on GPUs)")})
+    accumulate: str = dataclasses.field(default="float32", metadata={"help": (
+        "dtype of the case-sized accumulator of the sliding window: float32, or float16 to halve it (large 3D cases)")})
     cases: tuple[str, ...] | None = dataclasses.field(default=None, metadata={
         "help": "predict only these case ids (default: all in the input folder)"})
     device: str = dataclasses.field(default="auto", metadata={
@@ -84,7 +91,8 @@ def plan_outputs(cfg: PredictConfig) -> dict[str, tuple[list[Path], list[Path]]]
 
 
 def predict_case(model: torch.nn.Module, plan, image: np.ndarray, geometry, *, mirror: bool = False,
-                 overlap: float = 0.5, batch_size: int = 1, device="cpu") -> np.ndarray:
+                 mirror_axes=None, overlap: float = 0.5, batch_size: int = 1, device="cpu", precision: str = "fp32",
+                 accumulate: torch.dtype = torch.float32, progress: bool = False) -> np.ndarray:
     """Probabilities ``(K, *S)`` on the image's own grid for one image ``(C, *S)``: of each class, or of
     each region (``plan.label_set.to_label_map`` makes the label map of either)."""
     from ..data.segmentation.preprocess import preprocess_case, revert_to_original
@@ -92,9 +100,11 @@ def predict_case(model: torch.nn.Module, plan, image: np.ndarray, geometry, *, m
 
     labels = plan.label_set
     image_pp, _, props = preprocess_case(image, geometry, plan)
-    probs = sliding_window_probabilities(model, torch.from_numpy(image_pp), plan.patch_size, overlap=overlap,
-                                         mirror=mirror, batch_size=batch_size, device=device,
-                                         activation=labels.activation)
+    with autocast(torch.device(device), precision):
+        probs = sliding_window_probabilities(model, torch.from_numpy(image_pp), plan.patch_size, overlap=overlap,
+                                             mirror=mirror, mirror_axes=mirror_axes, batch_size=batch_size,
+                                             device=device, activation=labels.activation, accumulate=accumulate,
+                                             progress=progress)
     return revert_to_original(probs.numpy(), props, background=not labels.has_regions)
 
 
@@ -125,6 +135,8 @@ def _predict(cfg: PredictConfig) -> Path:
     from ..data.io import write_image
     from ..data.segmentation.nnunet import DatasetError
 
+    if cfg.accumulate not in ("float32", "float16"):
+        raise ValueError(f"--accumulate must be float32 or float16, got {cfg.accumulate!r}")
     run = load_run(cfg.model)
     if run.task != "segmentation":
         raise ValueError(f"{run.path}: a {run.task} run; segmentation prediction needs a segmentation run")
@@ -132,6 +144,9 @@ def _predict(cfg: PredictConfig) -> Path:
     plan = run.plan
     jobs = plan_outputs(cfg)
     device = resolve_device(cfg.device, prefer=run.description.get("device"))
+    check_precision(cfg.precision, device)
+    if cfg.mirror_axes and not set(cfg.mirror_axes) <= set(range(plan.spatial_dims)):
+        raise ValueError(f"--mirror-axes {' '.join(map(str, cfg.mirror_axes))}: the axes are 0..{plan.spatial_dims - 1}")
     model = run.load_model(cfg.checkpoint, device=device)
     mirror = cfg.mirror if cfg.mirror is not None else bool(run.description.get("recipe", {}).get("mirror_tta"))
     if not cfg.skip_bad:  # every input checked before the first prediction: all bad files in one error
@@ -143,20 +158,26 @@ def _predict(cfg: PredictConfig) -> Path:
     labels = plan.label_set
     dtype = np.uint8 if max(labels.values) < 256 else np.uint16
     names = list(labels.structures) if labels.has_regions else ["background", *labels.structures]
-    failed = []
-    for case, (files, targets) in tqdm(jobs.items(), desc="predict", unit="case", disable=not cfg.progress):
+    failed, started = [], time.perf_counter()
+    bar = tqdm(jobs.items(), desc="predict", unit="case", disable=not cfg.progress)
+    for case, (files, targets) in bar:
         (image, geometry), problems = read_input(case, files, plan)
         if problems:
             failed += problems
             continue
-        probs = predict_case(model, plan, image, geometry, mirror=mirror, overlap=cfg.overlap,
-                             batch_size=cfg.batch_size, device=device)
+        t0, large = time.perf_counter(), np.prod(image.shape[1:]) > 2 * np.prod(plan.patch_size)  # many windows
+        probs = predict_case(model, plan, image, geometry, mirror=mirror, mirror_axes=cfg.mirror_axes,
+                             overlap=cfg.overlap, batch_size=cfg.batch_size, device=device, precision=cfg.precision,
+                             accumulate=getattr(torch, cfg.accumulate), progress=cfg.progress and large)
+        if large or time.perf_counter() - t0 > 30:  # a case that takes a while says so
+            bar.write(f"{case}: {image.shape[1:]} voxels in {time.perf_counter() - t0:.0f} s")
         write_image(labels.to_label_map(probs).astype(dtype), geometry, targets[0])
         if cfg.save_probabilities:
             with atomic_path(targets[1]) as tmp, open(tmp, "wb") as f:
                 np.savez_compressed(f, probabilities=probs.astype(np.float32), labels=np.array(names))
-    print(f"{len(jobs) - len({c for c, _, _ in failed})} case(s) predicted with {run.checkpoint(cfg.checkpoint)} on "
-          f"{device}{' with mirroring' if mirror else ''} -> {out}")
+    done = len(jobs) - len({c for c, _, _ in failed})
+    print(f"{done} case(s) predicted with {run.checkpoint(cfg.checkpoint)} on {device}"
+          f"{' with mirroring' if mirror else ''} in {time.perf_counter() - started:.0f} s -> {out}")
     if failed:
         raise DatasetError(cfg.input, failed)  # --skip-bad: the good cases are written, the bad ones listed
     return out

@@ -26,12 +26,16 @@ def mirror_axes_sets(spatial_dims: int, axes: Sequence[int] | None = None) -> li
 def sliding_window_probabilities(model: torch.nn.Module, image: torch.Tensor, patch_size: Sequence[int], *,
                                  overlap: float = 0.5, mirror: bool = False, mirror_axes: Sequence[int] | None = None,
                                  batch_size: int = 1, device: torch.device | str | None = None,
-                                 activation: str = "softmax", progress: bool = False) -> torch.Tensor:
+                                 activation: str = "softmax", accumulate: torch.dtype = torch.float32,
+                                 progress: bool = False) -> torch.Tensor:
     """Probabilities ``(K, *S)`` (float32, on the CPU) of one image ``(C, *S)``: the softmax over the
     classes, or with ``activation="sigmoid"`` one probability per region (:mod:`medssm.labels`).
 
-    Windows of ``patch_size`` overlap by ``overlap``; their logits are blended with a Gaussian
-    weight; images smaller than a patch are padded and cropped back. With ``mirror=True`` the
+    Windows of ``patch_size`` overlap by ``overlap``, ``batch_size`` of them a forward pass; their
+    logits are blended with a Gaussian weight into one accumulator of the image's size, of dtype
+    ``accumulate`` (``torch.float16`` halves it, as nnU-Net's option does); images smaller than a patch
+    are padded and cropped back. Memory: the accumulator, its weights and the image, the probabilities
+    summed over flips, and one batch of windows through the network. With ``mirror=True`` the
     probabilities are averaged over all flips of the spatial axes (``mirror_axes`` to restrict them).
     """
     if activation not in ("softmax", "sigmoid"):
@@ -46,7 +50,7 @@ def sliding_window_probabilities(model: torch.nn.Module, image: torch.Tensor, pa
     model.eval()
     x = image[None].to(device=device, dtype=torch.float32)  # (1, C, *S)
     def predictor(patch: torch.Tensor) -> torch.Tensor:  # MONAI hands over MetaTensors; networks get tensors
-        return model(patch.as_tensor() if hasattr(patch, "as_tensor") else patch)
+        return model(patch.as_tensor() if hasattr(patch, "as_tensor") else patch).to(accumulate)
 
     flips = mirror_axes_sets(len(patch_size), mirror_axes) if mirror else [()]
     total = None
@@ -57,11 +61,13 @@ def sliding_window_probabilities(model: torch.nn.Module, image: torch.Tensor, pa
             logits = sliding_window_inference(xi, roi_size=tuple(int(p) for p in patch_size), sw_batch_size=batch_size,
                                               predictor=predictor, overlap=overlap, mode="gaussian", sigma_scale=0.125,
                                               padding_mode="constant", cval=0.0, progress=progress)
-            logits = logits.as_tensor() if hasattr(logits, "as_tensor") else logits
-            probs = logits.float().softmax(1) if activation == "softmax" else logits.float().sigmoid()
+            logits = (logits.as_tensor() if hasattr(logits, "as_tensor") else logits).float()
+            probs = logits.softmax(1) if activation == "softmax" else logits.sigmoid_()
+            del logits
             if dims:
                 probs = probs.flip(dims)
-            total = probs if total is None else total + probs
+            total = probs if total is None else total.add_(probs)
+            del probs
     finally:
         model.train(was_training)
-    return (total / len(flips))[0].cpu()
+    return total.div_(len(flips))[0].cpu()
