@@ -4,7 +4,9 @@ sliding window, optional mirror test-time augmentation and optional probabilitie
 
 Never writes into IN; an existing output is replaced only with ``--overwrite`` or kept with
 ``--skip-existing`` (checked for every case before the first prediction); each output is written
-atomically, so an interrupted prediction leaves only complete files.
+atomically, so an interrupted prediction leaves only complete files. Beside the label maps,
+``OUT/predictions.json`` records the run, checkpoint and mirroring that made them (``medssm evaluate``
+names them in its summary and report).
 
 Example:
     medssm predict -i ../shared/data/Dataset002_Hippocampus/imagesTr -o preds -m runs/hippo --mirror
@@ -13,6 +15,7 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import os
 from pathlib import Path
 
@@ -20,7 +23,7 @@ import numpy as np
 import torch
 
 from ..devices import cpu_threads, resolve_device
-from ..files import atomic_path, guard_outputs
+from ..files import atomic_path, guard_outputs, write_json
 from ..runs import load_run
 from ..ssm import use_backend
 
@@ -125,6 +128,10 @@ def _predict(cfg: PredictConfig) -> Path:
         if cfg.save_probabilities:
             with atomic_path(targets[1]) as tmp, open(tmp, "wb") as f:
                 np.savez_compressed(f, probabilities=probs.astype(np.float32), labels=np.array(list(plan.labels)))
+    write_json(out / "predictions.json", {  # what made these label maps, for evaluate's summary and report
+        "run": str(run.path.resolve()), "model": run.model_name, "checkpoint": cfg.checkpoint, "mirror": mirror,
+        "input": str(Path(cfg.input).resolve()),
+        "created": datetime.datetime.now().astimezone().isoformat(timespec="seconds")})
     print(f"{len(jobs)} case(s) predicted with {run.checkpoint(cfg.checkpoint)} on {device}"
           f"{' with mirroring' if mirror else ''} -> {out}")
     return out

@@ -3,12 +3,15 @@
 Reads a predictions CSV (from ``medssm predict``); the true labels come from its ``target``
 column or from ``--reference`` (a .npz, image folders or CSV, matched by path). Writes
 ``metrics.json`` (accuracy, AUC, macro F1, precision, sensitivity, specificity, per class and
-averaged, in the MedMNIST v2 convention), ``confusion_matrix.png`` and ``roc.png``.
+averaged, in the MedMNIST v2 convention), ``confusion_matrix.png``, ``roc.png``, ``cases.csv`` (every
+sample with its target and probabilities, in the predictions CSV format) and ``report.html``
+(:mod:`.html_report`).
 """
 
 from __future__ import annotations
 
 import csv
+import datetime
 import io
 import json
 import os
@@ -20,6 +23,7 @@ import numpy as np
 
 from ..files import atomic_path
 from ..progress import stage
+from .html_report import write_html_report
 from .classification import (classification_metrics, format_metrics, plot_confusion_matrix, plot_roc,
                              predict_labels)
 
@@ -41,6 +45,8 @@ class ClassifierEvaluateConfig:
     size: int = field(default=28, metadata={"help": "MedMNIST image size when --reference is a name"})
     data_root: str | None = field(default=None, metadata={"help": "folder of MedMNIST files for names"})
     overwrite: bool = field(default=False, metadata={"help": "replace an existing evaluation"})
+    html: bool = field(default=True, metadata={
+        "help": "write report.html: the metrics, confusion matrix, ROC curves and a sortable table of the samples"})
     progress: bool = field(default=True, metadata={"help": "print each stage and its time (on stderr)"})
 
 
@@ -88,14 +94,15 @@ def read_predictions(path: str | os.PathLike) -> tuple[list[str], np.ndarray, np
 
 
 def evaluate_predictions(y_true, probs, classes: Sequence[str], out: str | os.PathLike | None = None,
-                         title: str = "") -> dict:
-    """Metrics of ``probs`` against ``y_true``; with ``out``, also metrics.json and the two PNGs."""
+                         title: str = "", about: dict | None = None) -> dict:
+    """Metrics of ``probs`` against ``y_true``; with ``out``, also metrics.json (with ``about``: what
+    was evaluated) and the two PNGs."""
     m = classification_metrics(y_true, probs, classes)
     if out is not None:
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)
         with atomic_path(out / "metrics.json") as tmp:
-            tmp.write_text(json.dumps(m, indent=2))
+            tmp.write_text(json.dumps({**m, **(about or {})}, indent=2))
         plot_confusion_matrix(m["confusion_matrix"], classes, out / "confusion_matrix.png", title=title)
         plot_roc(y_true, probs, classes, out / "roc.png", title=title)
     return m
@@ -127,8 +134,14 @@ def evaluate_classifier(cfg: ClassifierEvaluateConfig) -> dict:
     out = Path(cfg.out) if cfg.out else pred_path.with_name(pred_path.stem + "_evaluation")
     if (out / "metrics.json").exists() and not cfg.overwrite:
         raise FileExistsError(f"{out}: already holds an evaluation; pass --overwrite to replace it")
+    about = {"predictions": str(pred_path.resolve()), "reference": cfg.reference and str(cfg.reference),
+             "split": cfg.split if cfg.reference else None,
+             "created": datetime.datetime.now().astimezone().isoformat(timespec="seconds")}
     with stage("scoring and drawing the confusion matrix and ROC curves", cfg.progress):
-        m = evaluate_predictions(targets, probs, classes, out, title=pred_path.stem)
+        m = evaluate_predictions(targets, probs, classes, out, title=pred_path.stem, about=about)
+        write_predictions(out / "cases.csv", names, probs, classes, targets)
     print(format_metrics(m))
-    print(f"metrics.json, confusion_matrix.png, roc.png -> {out}")
+    print(f"metrics.json, confusion_matrix.png, roc.png, cases.csv -> {out}")
+    if cfg.html:
+        print(f"report: {write_html_report(out)}")
     return m

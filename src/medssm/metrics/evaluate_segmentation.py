@@ -1,5 +1,5 @@
-"""``medssm evaluate PRED REF``: per case and per class Dice, IoU and HD95, a CSV, a summary JSON
-and overlay PNGs.
+"""``medssm evaluate PRED REF``: per case and per class Dice, IoU and HD95, a CSV, a summary JSON,
+overlay PNGs and ``report.html`` (metrics, cases, and a viewer of each case: :mod:`.html_report`).
 
 Example:
     medssm evaluate runs/lung/predictions ../shared/data/Dataset001_LungXray/labelsTr -o runs/lung/evaluation
@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import datetime
 import io
 import json
 import math
@@ -18,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from ..files import atomic_path, read_json
+from .html_report import write_html_report
 from .segmentation import case_metrics, summarize
 
 
@@ -38,6 +40,8 @@ class EvaluateConfig:
     overlays: bool = dataclasses.field(default=True, metadata={"help": "write overlay PNGs"})
     max_overlays: int = dataclasses.field(default=0, metadata={"help": "at most this many overlays (0: all)"})
     overwrite: bool = dataclasses.field(default=False, metadata={"help": "replace an existing evaluation"})
+    html: bool = dataclasses.field(default=True, metadata={
+        "help": "write report.html: the metrics, a sortable table of the cases and a viewer of each"})
     progress: bool = True
 
 
@@ -120,13 +124,14 @@ def evaluate(cfg: EvaluateConfig) -> Path:
     image_files = first_channel_files(images) if cfg.overlays else {}
     without_image, drawn = [], 0
 
-    rows = []
+    rows, classes = [], {}
     for case in tqdm(preds, desc="evaluate", unit="case", disable=not cfg.progress):
         pred, pred_geometry = read_image(preds[case])
         ref, ref_geometry = read_image(refs[case])
         if pred.shape != ref.shape:
             raise ValueError(f"{preds[case]}: shape {pred.shape} differs from the reference {refs[case]} {ref.shape}")
         case_labels = labels or {f"label_{int(v)}": int(v) for v in np.unique(ref) if v > 0}
+        classes.update({name: v for name, v in case_labels.items() if int(v) > 0})
         for name, m in case_metrics(pred, ref, case_labels, ref_geometry.spacing).items():
             rows.append({"case": case, "class": name, **{k: m[k] for k in ("dice", "iou", "hd95", "n_pred", "n_ref")}})
         if cfg.overlays and (cfg.max_overlays <= 0 or drawn < cfg.max_overlays):
@@ -148,6 +153,10 @@ def evaluate(cfg: EvaluateConfig) -> Path:
         print(f"overlays: no image of the same shape for {len(without_image)} of {drawn} cases {where}; drawn "
               "without it (pass --images FOLDER)")
     summary = {**summarize(rows), "pred": str(pred_dir), "ref": str(ref_dir), "labels": labels,
+               "classes": classes, "images": str(images.resolve()) if images and images.is_dir() else None,
+               "predictions": read_json(pred_dir / "predictions.json", "prediction record")
+               if (pred_dir / "predictions.json").is_file() else None,
+               "created": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
                "metrics": {"dice": "MONAI compute_dice", "iou": "MONAI compute_iou",
                            "hd95": "MONAI compute_hausdorff_distance(percentile=95), in the images' spacing units",
                            "empty": "absent from both: 1/1/0; absent from one: 0/0/NaN (NaN left out of means)"}}
@@ -156,6 +165,8 @@ def evaluate(cfg: EvaluateConfig) -> Path:
         tmp.write_text(json.dumps(_json_safe(summary), indent=2))
     mean = summary["mean"]
     print(f"{len(preds)} cases: Dice {mean['dice']:.4f}  IoU {mean['iou']:.4f}  HD95 {mean['hd95']:.3f}  -> {out}")
+    if cfg.html:
+        print(f"report: {write_html_report(out)}")
     return out
 
 
