@@ -30,9 +30,10 @@ from pathlib import Path
 # The flags a headless Chromium needs as root on a machine with no display, no GPU and no network
 # beyond the package registries: no sandbox (root), no GPU process, no first-run, sync, component
 # or background connections (they would be refused, and must not count as the page's requests).
-FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--no-default-browser-check",
-         "--disable-background-networking", "--disable-component-update", "--disable-sync", "--disable-extensions",
-         "--disable-dev-shm-usage", "--mute-audio", "--hide-scrollbars", "--force-device-scale-factor=1")
+FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+         "--no-default-browser-check", "--disable-background-networking", "--disable-component-update",
+         "--disable-sync", "--disable-extensions", "--disable-dev-shm-usage", "--mute-audio", "--hide-scrollbars",
+         "--force-device-scale-factor=1")
 
 
 def chromium_path() -> str | None:
@@ -207,7 +208,8 @@ class Browser:
                     " e.scrollIntoView({block: 'center', inline: 'nearest'}); const r = e.getBoundingClientRect();"
                     " let [x0, y0, x1, y1] = [r.left, r.top, r.right, r.bottom];"
                     " for (let a = e.parentElement; a; a = a.parentElement) {"
-                    "   const s = getComputedStyle(a); if (s.overflowX === 'visible' && s.overflowY === 'visible') continue;"
+                    "   const s = getComputedStyle(a);"
+                    "   if (s.overflowX === 'visible' && s.overflowY === 'visible') continue;"
                     "   const q = a.getBoundingClientRect(); x0 = Math.max(x0, q.left); y0 = Math.max(y0, q.top);"
                     "   x1 = Math.min(x1, q.right); y1 = Math.min(y1, q.bottom); }"
                     " x1 = Math.min(x1, innerWidth); y1 = Math.min(y1, innerHeight);"

@@ -186,15 +186,17 @@ def test_lung_quickstart_page(lung_quickstart, browser_path, shots):
         assert table_cases(b) == [c for c in sorted(dice) if some[-6:] in c]
         b.js("(() => { const i = document.querySelector('#cases .filter-text'); i.value = ''; "
              "i.dispatchEvent(new Event('input')); })()")
-        # click the worst case: it is shown, one 2D plane, no slice slider
+        # the page opens on the worst case; a click shows another: one 2D plane, no slice slider
+        assert b.js("document.querySelector('.viewer-title').dataset.case") == min(dice, key=dice.get)
         b.click("#cases th[data-key='dice']")  # lowest first again
-        worst = min(dice, key=dice.get)
+        worst, best = min(dice, key=dice.get), max(dice, key=dice.get)
         assert table_cases(b)[0] == worst
-        b.click(f"#cases tbody tr[data-case='{worst}']")
-        b.wait_for(f"document.querySelector('.viewer-title').dataset.case === '{worst}'")
+        b.click(f"#cases tbody tr[data-case='{best}']")
+        b.wait_for(f"document.querySelector('.viewer-title').dataset.case === '{best}'")
+        assert b.js("document.querySelector('#cases tr.selected').dataset.case") == best
         assert b.js("document.querySelectorAll('canvas.plane').length") == 1
         assert b.js("document.querySelector('.slice-bar').offsetParent === null")  # hidden for 2D
-        assert f"Dice {dice[worst]:.4f}" in b.js("document.querySelector('.panel-title').textContent")
+        assert f"Dice {dice[best]:.4f}" in b.js("document.querySelector('.panel-title').textContent")
         canvas = "canvas.plane[data-plane='axial']"
         shown = pixels(b.screenshot(canvas, path=shots / "lung_case.png"))
         assert shown.std() > 10  # an image, not an empty canvas
@@ -203,9 +205,9 @@ def test_lung_quickstart_page(lung_quickstart, browser_path, shots):
         without = pixels(b.screenshot(canvas))
         b.click("#show-prediction")
         assert np.abs(without - shown).max() > 0 and np.array_equal(pixels(b.screenshot(canvas)), shown)
-        # the next case in the table's order
-        b.click(".case-nav button:nth-child(2)")
-        second = sorted(dice, key=dice.get)[1]
+        # previous: the case before it in the table's order
+        b.click(".case-nav button:nth-child(1)")
+        second = sorted(dice, key=dice.get)[-2]
         b.wait_for(f"document.querySelector('.viewer-title').dataset.case === '{second}'")
         # the training curves show their values on hover
         point = b.rect("#training circle")  # the first point of the first curve
@@ -222,8 +224,9 @@ def test_hippocampus_page_scrolls_in_three_planes_in_the_image_spacing(hippocamp
     folder = hippocampus_evaluation
     page = folder / "report.html"
     dice = case_dice(folder)
-    case = min(dice, key=dice.get)
-    image, geometry = read_image(Path(json.loads((folder / "summary.json").read_text())["images"]) / f"{case}_0000.nii.gz")
+    case = max(dice, key=dice.get)  # not the one the page opens on
+    images = Path(json.loads((folder / "summary.json").read_text())["images"])
+    image, geometry = read_image(images / f"{case}_0000.nii.gz")
     assert canonical_axes(geometry.direction)[0] == (0, 1, 2)  # these volumes need no axis swapped
     (Z, Y, X), (sz, sy, sx) = image.shape, geometry.spacing
     assert (sx, sy, sz) == SPACING_XYZ
@@ -232,11 +235,12 @@ def test_hippocampus_page_scrolls_in_three_planes_in_the_image_spacing(hippocamp
         assert sorted(table_cases(b)) == sorted(dice) and len(dice) == 5
         b.click(f"#cases tbody tr[data-case='{case}']")
         b.wait_for(f"document.querySelector('.viewer-title').dataset.case === '{case}'")
-        sizes = b.js("Object.fromEntries([...document.querySelectorAll('canvas.plane')].map(c => "
-                     "[c.dataset.plane, [c.getBoundingClientRect().width, c.getBoundingClientRect().height, c.width, c.height]]))")
+        sizes = b.js("Object.fromEntries([...document.querySelectorAll('canvas.plane')].map(c => [c.dataset.plane, "
+                     "[c.getBoundingClientRect().width, c.getBoundingClientRect().height, c.width, c.height]]))")
         assert set(sizes) == {"axial", "coronal", "sagittal"}
         # voxels drawn in their spacing, one scale for the three planes: (width, height) in mm
-        expected = {"axial": (X * sx, Y * sy, X, Y), "coronal": (X * sx, Z * sz, X, Z), "sagittal": (Y * sy, Z * sz, Y, Z)}
+        expected = {"axial": (X * sx, Y * sy, X, Y), "coronal": (X * sx, Z * sz, X, Z),
+                    "sagittal": (Y * sy, Z * sz, Y, Z)}
         scale = sizes["axial"][0] / expected["axial"][0]
         for plane, (w, h, cols, rows) in expected.items():
             assert sizes[plane][2:] == [cols, rows], plane
@@ -260,7 +264,8 @@ def test_hippocampus_page_scrolls_in_three_planes_in_the_image_spacing(hippocamp
         assert b.js("document.querySelector('.slice-label').textContent") == f"{start + step + 1} / {Z}"
         after = {p: pixels(b.screenshot(f"canvas.plane[data-plane='{p}']")) for p in sizes}
         assert np.abs(after["axial"] - before["axial"]).max() > 0
-        assert np.array_equal(after["coronal"], before["coronal"]) and np.array_equal(after["sagittal"], before["sagittal"])
+        assert np.array_equal(after["coronal"], before["coronal"])
+        assert np.array_equal(after["sagittal"], before["sagittal"])
         # scrolling over the coronal plane moves its slice
         coronal = int(b.js("document.querySelector('#slice-coronal').value"))
         r = b.rect("canvas.plane[data-plane='coronal']")

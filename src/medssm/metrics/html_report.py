@@ -296,13 +296,13 @@ def _read_case(case: str, files: dict, predictions: dict[str, dict], classes) ->
 def _metric_table(summary: dict) -> dict:
     per_class = summary.get("per_class", {})
     keys = [k for k in ("dice", "iou", "hd95") if k in summary.get("mean", {})]
-    columns = [{"label": "class"}] + [{"label": k.upper() if k != "dice" else "Dice", "digits": 3 if k == "hd95" else 4}
-                                      for k in keys] + [{"label": "cases", "digits": 0},
-                                                        {"label": "HD95 undefined", "digits": 0}]
+    names = {"dice": "Dice", "iou": "IoU", "hd95": "HD95"}
+    columns = [{"label": "class"}, *[{"label": names[k], "digits": 3 if k == "hd95" else 4} for k in keys],
+               {"label": "cases", "digits": 0}, {"label": "HD95 undefined", "digits": 0}]
     rows = [[name, *[m.get(k) for k in keys], m.get("n_cases"), m.get("n_hd95_undefined")]
             for name, m in per_class.items()]
     rows.append(["mean", *[summary["mean"].get(k) for k in keys], summary.get("n_cases"), None])
-    return {"type": "table", "id": "metrics", "title": "Metrics", "columns": columns, "rows": rows,
+    return {"type": "table", "id": "metrics", "title": "Metrics", "columns": columns, "rows": rows, "half": True,
             "note": "Mean over cases per class; the last row is the mean over classes. HD95 in the images' "
                     "spacing units (mm for NIfTI, pixels for PNG); NaN values (a structure absent from one "
                     "side) are left out of the means and counted."}
@@ -355,7 +355,8 @@ def _segmentation_page(folder: Path) -> tuple[str, list[dict], dict]:
             ["classes" if not summary.get("regions") else "regions", ", ".join(n for n, _ in classes)],
             ["evaluated", _when(folder / "summary.json", summary.get("created"))]]
     sections = [_metric_table(summary),
-                {"type": "facts", "title": "What was evaluated", "items": what + _run_facts(run, source)}]
+                {"type": "facts", "title": "What was evaluated", "items": what + _run_facts(run, source),
+                 "half": True}]
     columns, case_rows = _case_rows(rows, classes, voxel)
     sections.append({"type": "cases", "id": "cases", "title": "Cases", "columns": columns, "rows": case_rows,
                      "sort": "dice", "viewer": {"panels": ["prediction"], "classes": _class_styles(classes)},
@@ -430,7 +431,7 @@ def _classification_page(folder: Path) -> tuple[str, list[dict], dict]:
     sections = [{"type": "table", "id": "metrics", "title": "Metrics",
                  "columns": [{"label": k.replace("_", " ").upper() if len(k) <= 3 else k.replace("_", " "),
                               "digits": 4} for k in averages] + [{"label": "samples", "digits": 0}],
-                 "rows": [[m[k] for k in averages] + [m.get("n")]],
+                 "rows": [[m[k] for k in averages] + [m.get("n")]], "half": True,
                  "note": "Averages over classes (macro), in the MedMNIST v2 convention."}]
     per_class = m.get("per_class") or []
     if per_class:
@@ -443,7 +444,7 @@ def _classification_page(folder: Path) -> tuple[str, list[dict], dict]:
     what = [["predictions", m.get("predictions", "")], ["reference", m.get("reference") or "the CSV's target column"],
             ["samples", m.get("n")], ["classes", ", ".join(classes)],
             ["evaluated", _when(folder / "metrics.json", m.get("created"))]]
-    sections.append({"type": "facts", "title": "What was evaluated", "items": what})
+    sections.insert(1, {"type": "facts", "title": "What was evaluated", "items": what, "half": True})
     if m.get("confusion_matrix"):
         sections.append({"type": "confusion", "id": "confusion", "title": "Confusion matrix",
                          "matrices": [{"title": "", "classes": classes, "matrix": m["confusion_matrix"]}]})
@@ -496,10 +497,9 @@ def _compare_page(folder: Path) -> tuple[str, list[dict], dict]:
     sets = [s for s in ("held_out", "test") if any(s in r.get("scores", {}) for r in done)]
     columns = [{"label": "model"}] + [{"label": f"{s.replace('_', '-')} {m.upper() if m != 'dice' else 'Dice'}",
                                        "digits": 3 if m == "hd95" else 4} for s in sets for m in metric]
-    columns += [{"label": "train (min)", "digits": 1}, {"label": "steps", "digits": 0}, {"label": "epochs", "digits": 0},
-                {"label": "samples", "digits": 0}, {"label": "parameters", "digits": 0}, {"label": "GMACs", "digits": 2},
-                {"label": "step (s)", "digits": 3}, {"label": "batch", "digits": 0},
-                {"label": "peak fwd (MiB)", "digits": 0}, {"label": "status"}]
+    columns += [{"label": label, "digits": digits} for label, digits in (
+        ("train (min)", 1), ("steps", 0), ("epochs", 0), ("samples", 0), ("parameters", 0), ("GMACs", 2),
+        ("step (s)", 3), ("batch", 0), ("peak fwd (MiB)", 0))] + [{"label": "status"}]
     rows = []
     for r in results:
         name = r["model"] + (f" (ablation of {r['ablation_of']})" if r.get("ablation_of") else "")
@@ -531,7 +531,8 @@ def _compare_page(folder: Path) -> tuple[str, list[dict], dict]:
                "series": [{"name": r["model"], "points": r.get("curve") or []} for r in done if r.get("curve")]},
               {"title": f"held-out {label} against the whole time (training, min)", "kind": "scatter",
                "x": "training time (min)", "y": f"held-out {label}",
-               "series": [{"name": r["model"], "points": [[r.get("train_s", 0) / 60, r["scores"]["held_out"].get(score)]]}
+               "series": [{"name": r["model"],
+                           "points": [[r.get("train_s", 0) / 60, r["scores"]["held_out"].get(score)]]}
                           for r in done if r["scores"].get("held_out", {}).get(score) is not None]}]
     sections.append({"type": "charts", "id": "charts", "title": "Scores and time", "charts": charts})
     volumes = {}
@@ -541,8 +542,8 @@ def _compare_page(folder: Path) -> tuple[str, list[dict], dict]:
             sections.append(section)
     elif done:
         sections += _compare_classification(folder, done)
-    links = [(f"{r['model']}: its evaluation page", f"models/{r['model'].replace(':', '_')}/evaluation_held_out/report.html")
-             for r in done if (folder / "models" / r["model"].replace(":", "_") / "evaluation_held_out" / "report.html").is_file()]
+    pages = {r["model"]: f"models/{r['model'].replace(':', '_')}/evaluation_held_out/report.html" for r in done}
+    links = [(f"{model}: its evaluation page", page) for model, page in pages.items() if (folder / page).is_file()]
     sections.append(_files_section(folder, links))
     best = max(done, key=lambda r: r["scores"].get("held_out", {}).get(score) or -1, default=None)
     sub = f"{len(done)} models" + (f", best held-out {label} {best['model']}" if best else "")
@@ -604,8 +605,8 @@ def _compare_classification(folder: Path, done: list[dict]) -> list[dict]:
             for s in _roc_series(t, probs, cls, name=model):
                 by_class.setdefault(s["class"], []).append(s)
         sections.append({"type": "charts", "id": "roc", "title": "ROC per class (held-out)",
-                         "charts": [_roc_chart(f"ROC: {c}" + (" (positive class)" if len(classes) == 2 else " vs rest"), s)
-                                    for c, s in by_class.items()]})
+                         "charts": [_roc_chart(f"ROC: {c}" + (" (positive class)" if len(classes) == 2 else " vs rest"),
+                                               s) for c, s in by_class.items()]})
         same = all(len(p) == len(names) and t.tolist() == targets.tolist() for _, p, t, _ in scored.values())
         if same:
             sections.append(_samples_section(names, targets, classes, {m: p for m, (_, p, _, _) in scored.items()}))
@@ -633,7 +634,8 @@ def render_page(title: str, sections: list[dict], volumes: dict | None = None) -
     from .. import __version__
 
     data = {"title": title, "sections": sections, "volumes": volumes or {},
-            "generated": _dt.datetime.now().astimezone().isoformat(timespec="seconds"), "generator": f"medssm {__version__}"}
+            "generated": _dt.datetime.now().astimezone().isoformat(timespec="seconds"),
+            "generator": f"medssm {__version__}"}
     return ("<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n"
             "<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">\n"
             # Nothing may be fetched: no connection, no frame, no form leaves the file.

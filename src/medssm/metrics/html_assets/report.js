@@ -62,7 +62,12 @@
                       nav);
     const main = el("main", {});
     document.body.append(header, main);
-    for (const s of sections) main.append(section(s));
+    let row = null;  // consecutive "half" sections side by side
+    for (const s of sections) {
+      if (!s.half) { row = null; main.append(section(s)); continue; }
+      if (!row) { row = el("div", {class: "row"}); main.append(row); }
+      row.append(section(s));
+    }
   }
 
   function section(s) {
@@ -177,6 +182,7 @@
       };
     }
     for (const input of [text, column, low, high]) input.addEventListener("input", () => t.draw());
+    if (viewer && t.shown().length) setTimeout(() => { if (selected === null) open(t.shown()[0]); }, 0);  // the first row (the worst) to start with
     const controls = el("div", {class: "filters"}, text, el("label", {}, "where ", column), low, high, count);
     const left = el("div", {class: "cases-table"}, controls, el("div", {class: "table-scroll"}, t.table));
     return el("div", {class: viewer ? "cases-layout" : ""}, left, viewer ? viewer.root : null);
