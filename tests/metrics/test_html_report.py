@@ -9,11 +9,13 @@ Screenshots go to $MEDSSM_SCREENSHOTS when it is set (to look at them), else to 
 
 from __future__ import annotations
 
+import base64
 import csv
 import io
 import json
 import os
 import re
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -89,6 +91,41 @@ def test_encode_volume_orients_and_strides_with_the_spacing():
     v2 = encode_volume(np.ones((3, 32, 48)), (1.0, 1.0), np.eye(2), {"reference": np.zeros((32, 48), np.uint8)},
                        [("a", 1)])
     assert v2["dims"] == 2 and v2["shape"] == [1, 32, 48] and v2["channels"] == 3  # an RGB picture in colour
+
+
+def page_data(page: Path) -> dict:
+    """The JSON report.html draws from."""
+    return json.loads(re.search(r'<script id="medssm-data" type="application/json">(.*?)</script>', page.read_text(),
+                                re.S).group(1))
+
+
+def test_regions_and_their_names_come_from_the_files(tmp_path):
+    """An evaluation of nnU-Net regions (named, overlapping label sets), as summary.json and metrics.csv
+    will hold it: the page names the regions and draws each as its own bit."""
+    from medssm.data.io import write_image
+
+    ref = np.zeros((16, 16), np.uint8)
+    ref[2:10, 2:10], ref[4:8, 4:8] = 1, 2
+    for folder in ("pred", "ref"):
+        write_image(ref, None, tmp_path / folder / "case_a.png")
+    ev = tmp_path / "eval"
+    ev.mkdir()
+    (ev / "summary.json").write_text(json.dumps({
+        "mean": {"dice": 1.0, "iou": 1.0, "hd95": 0.0}, "n_cases": 1, "pred": str(tmp_path / "pred"),
+        "ref": str(tmp_path / "ref"), "images": None, "classes": {"whole": [1, 2], "core": [2]}, "regions": True,
+        "per_class": {r: {"dice": 1.0, "iou": 1.0, "hd95": 0.0, "n_cases": 1} for r in ("whole", "core")}}))
+    (ev / "metrics.csv").write_text("case,class,dice,iou,hd95,n_pred,n_ref\n"
+                                    "case_a,whole,1.0,1.0,0.0,64,64\ncase_a,core,1.0,1.0,0.0,16,16\n")
+    data = page_data(write_html_report(ev))
+    sections = {s["title"]: s for s in data["sections"]}
+    assert [r[0] for r in sections["Metrics"]["rows"]] == ["whole", "core", "mean"]
+    cases = sections["Cases"]
+    assert [c["name"] for c in cases["viewer"]["classes"]] == ["whole", "core"]
+    assert {"dice:whole", "dice:core", "vref:core"} <= {c["key"] for c in cases["columns"]}
+    assert ["regions", "whole, core"] in sections["What was evaluated"]["items"]
+    volume = data["volumes"]["case_a"]
+    bits = np.frombuffer(zlib.decompress(base64.b64decode(volume["labels"]["reference"])), np.uint8).reshape(16, 16)
+    assert bits[0, 0] == 0 and bits[3, 3] == 0b01 and bits[5, 5] == 0b11  # the core inside the whole
 
 
 # ----------------------------------------------------------------------------------------------

@@ -391,7 +391,7 @@
       if (this.showRef && ref) {  // the reference's outline: a voxel of the class with a neighbour outside it
         for (const c of this.classes) {
           if (!c.on) continue;
-          const line = c.rgb.map(x => Math.round(x + (255 - x) * 0.35));
+          const line = c.rgb.map(x => Math.round(x + (255 - x) * 0.6));  // lighter than the fill, to show over it
           for (let r = 0; r < rows; r++) {
             for (let cc = 0; cc < cols; cc++) {
               const j = r * cols + cc;
