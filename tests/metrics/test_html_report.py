@@ -264,7 +264,8 @@ def test_hippocampus_page_scrolls_in_three_planes_in_the_image_spacing(hippocamp
     case = max(dice, key=dice.get)  # not the one the page opens on
     images = Path(json.loads((folder / "summary.json").read_text())["images"])
     image, geometry = read_image(images / f"{case}_0000.nii.gz")
-    assert canonical_axes(geometry.direction)[0] == (0, 1, 2)  # these volumes need no axis swapped
+    # these volumes need no axis swapped, their y and x axes flipped (LPS: towards posterior and left)
+    assert canonical_axes(geometry.direction) == ((0, 1, 2), (False, True, True))
     (Z, Y, X), (sz, sy, sx) = image.shape, geometry.spacing
     assert (sx, sy, sz) == SPACING_XYZ
     with Browser(browser_path) as b:
@@ -290,6 +291,17 @@ def test_hippocampus_page_scrolls_in_three_planes_in_the_image_spacing(hippocamp
         expected_image = _to_uint8(image)[tuple(slice(None, None, -1) if f else slice(None) for f in flips)]
         assert np.array_equal(np.asarray(decoded, np.uint8).reshape(Z, Y, X), expected_image)
         b.screenshot(path=shots / "hippocampus_case.png")
+        # hovering names the voxel of the file (its y and x axes were flipped for the canonical view)
+        reference = read_image(folder.parent / "Dataset002_Hippocampus" / "labelsTr" / f"{case}.nii.gz")[0]
+        names = {0: "background", 1: "anterior", 2: "posterior"}
+        k = int(b.js("document.querySelector('#slice-axial').value"))
+        hits = np.argwhere(reference[k, ::-1, ::-1] > 0)  # a voxel of the hippocampus on this slice, as drawn
+        r, c = hits[len(hits) // 2]
+        box = b.rect("canvas.plane[data-plane='axial']")
+        b.move(box["x"] + (c + 0.5) * box["width"] / X, box["y"] + (r + 0.5) * box["height"] / Y)
+        readout = b.wait_for("document.querySelector('.readout').textContent")
+        assert readout.startswith(f"voxel ({X - 1 - c}, {Y - 1 - r}, {k}) of the file")
+        assert f"reference: {names[int(reference[k, Y - 1 - r, X - 1 - c])]}" in readout
         # moving the axial slider (keys, as a person would) draws another slice; the other planes stay
         b.js("document.querySelector('#slice-axial').focus()")
         start = int(b.js("document.querySelector('#slice-axial').value"))

@@ -121,6 +121,7 @@ def encode_volume(image: np.ndarray | None, spacing, direction, labels: dict[str
         if image.shape[-dims:] != first.shape:
             image, channels = None, 1
     spacing = [float(s) for s in spacing]
+    order, flips = (0, 1, 2), (False, False, False)
     if dims == 3:
         order, flips = canonical_axes(direction)
 
@@ -144,7 +145,7 @@ def encode_volume(image: np.ndarray | None, spacing, direction, labels: dict[str
     fg = np.argwhere(next(iter(bits.values())) > 0)
     centre = ((fg.min(0) + fg.max(0)) // 2) if len(fg) else np.array(shape) // 2
     out = {"dims": dims, "shape": shape, "spacing": spacing, "stride": stride, "centre": [int(c) for c in centre],
-           "channels": channels, "bits": str(next(iter(bits.values())).dtype), "image": None,
+           "order": list(order), "flips": list(flips), "file_shape": list(first.shape), "channels": channels, "bits": str(next(iter(bits.values())).dtype), "image": None,
            "labels": {k: _pack(v) for k, v in bits.items()}}
     if image is not None:
         pixels = orient(_to_uint8(image[cut]))  # (Z, Y, X) or (3, 1, H, W)

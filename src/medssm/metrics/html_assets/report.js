@@ -226,6 +226,7 @@
     const image = v.image ? unpredict(await inflate(v.image), Y, X) : null;
     const out = {...v, Z, Y, X, labels, image};
     decoded.set(id, out);
+    if (decoded.size > 8) decoded.delete(decoded.keys().next().value);  // keep the last few cases opened
     return out;
   }
 
@@ -235,6 +236,16 @@
     coronal: {axis: 1, size: v => [v.Z, v.X], sp: v => [v.spacing[0], v.spacing[2]], at: (v, k, r, c) => ((v.Z - 1 - r) * v.Y + k) * v.X + c},
     sagittal: {axis: 2, size: v => [v.Z, v.Y], sp: v => [v.spacing[0], v.spacing[1]], at: (v, k, r, c) => ((v.Z - 1 - r) * v.Y + c) * v.X + k},
   };
+
+  function fileVoxel(v, p) {  // the voxel's indices in the file, in ITK order (x, y, z) as viewers show them
+    const idx = [0, 0, 0];
+    for (let i = 0; i < 3; i++) {
+      const q = v.flips[i] ? v.shape[i] - 1 - p[i] : p[i];
+      idx[v.order[i]] = q * (v.dims === 3 || i > 0 ? v.stride : 1);
+    }
+    const axes = v.dims === 3 ? idx : idx.slice(1);  // numpy order (z, y, x) or (y, x)
+    return "(" + axes.slice().reverse().join(", ") + ")";
+  }
 
   class Viewer {
     constructor(spec) {
@@ -346,7 +357,7 @@
         const v = this.volume, p = voxel(...where(e)), i = (p[0] * v.Y + p[1]) * v.X + p[2];
         const names = bits => this.classes.filter(c => bits & c.bit).map(c => c.name).join("+") || "background";
         const grey = v.image ? v.image[i] : null;
-        this.readout.textContent = `voxel (z ${p[0]}, y ${p[1]}, x ${p[2]})` + (grey !== null ? `  display value ${grey}` : "") +
+        this.readout.textContent = `voxel ${fileVoxel(v, p)} of the file` + (grey !== null ? `, shown as ${grey}` : "") +
           `  reference: ${names(v.labels.reference[i])}` + (v.labels[panel] ? `  ${panel}: ${names(v.labels[panel][i])}` : "");
       });
     }
