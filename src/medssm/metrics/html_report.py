@@ -530,7 +530,7 @@ def _compare_page(folder: Path) -> tuple[str, list[dict], dict]:
               {"title": f"validation {label} against training time", "kind": "line",
                "x": "training time (min, this machine)", "y": f"validation {label}",
                "series": [{"name": r["model"], "points": r.get("curve") or []} for r in done if r.get("curve")]},
-              {"title": f"held-out {label} against the whole time (training, min)", "kind": "scatter",
+              {"title": f"held-out {label} and training time", "kind": "scatter",
                "x": "training time (min)", "y": f"held-out {label}",
                "series": [{"name": r["model"],
                            "points": [[r.get("train_s", 0) / 60, r["scores"]["held_out"].get(score)]]}

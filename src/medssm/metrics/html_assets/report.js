@@ -468,9 +468,14 @@
     const all = c.series.flatMap(s => s.points).filter(p => !missing(p[0]) && !missing(p[1]));
     const box = el("div", {class: "chart"}, svg);
     if (!all.length) { svg.append(sv("text", {x: W / 2, y: H / 2, "text-anchor": "middle", class: "tick"}, "no values")); return box; }
-    const X = ticks(c.xmin ?? Math.min(...all.map(p => p[0])), c.xmax ?? Math.max(...all.map(p => p[0])), 6,
-                    all.every(p => Number.isInteger(p[0])));
-    const Y = ticks(c.ymin ?? Math.min(...all.map(p => p[1])), c.ymax ?? Math.max(...all.map(p => p[1])), 5);
+    const range = (i, lo, hi) => {  // a scatter's points kept off the edges
+      lo = lo ?? Math.min(...all.map(p => p[i])); hi = hi ?? Math.max(...all.map(p => p[i]));
+      if (c.kind !== "scatter") return [lo, hi];
+      const pad = (hi - lo) * 0.12 || Math.abs(hi) * 0.05 || 1;
+      return [lo - pad, hi + pad];
+    };
+    const X = ticks(...range(0, c.xmin, c.xmax), 6, all.every(p => Number.isInteger(p[0])));
+    const Y = ticks(...range(1, c.ymin, c.ymax), 5);
     const fx = x => m.l + (x - X.lo) / (X.hi - X.lo) * (W - m.l - m.r);
     const fy = y => H - m.b - (y - Y.lo) / (Y.hi - Y.lo) * (H - m.t - m.b);
     yAxis(svg, m, W, H, Y, fy);
