@@ -196,7 +196,7 @@ def check_page_is_offline(page: Path, b: Browser) -> None:
     assert b.requests == [page.resolve().as_uri()]  # the page itself, nothing else
 
 
-def test_lung_quickstart_page(lung_quickstart, browser_path, shots):
+def test_lung_quickstart_page(browser_path, lung_quickstart, shots):
     page = lung_quickstart / "report.html"
     assert page.is_file()
     summary = json.loads((lung_quickstart / "summary.json").read_text())
@@ -257,7 +257,7 @@ def test_lung_quickstart_page(lung_quickstart, browser_path, shots):
         check_page_is_offline(page, b)
 
 
-def test_hippocampus_page_scrolls_in_three_planes_in_the_image_spacing(hippocampus_evaluation, browser_path, shots):
+def test_hippocampus_page_scrolls_in_three_planes_in_the_image_spacing(browser_path, hippocampus_evaluation, shots):
     folder = hippocampus_evaluation
     page = folder / "report.html"
     dice = case_dice(folder)
@@ -325,7 +325,7 @@ def test_hippocampus_page_scrolls_in_three_planes_in_the_image_spacing(hippocamp
         check_page_is_offline(page, b)
 
 
-def test_classification_page(data_root, tmp_path, browser_path, shots, capsys):
+def test_classification_page(browser_path, data_root, tmp_path, shots, capsys):
     from medssm.metrics.evaluate_classification import (ClassifierEvaluateConfig, evaluate_classifier,
                                                         write_predictions)
 
