@@ -145,7 +145,8 @@ def encode_volume(image: np.ndarray | None, spacing, direction, labels: dict[str
     fg = np.argwhere(next(iter(bits.values())) > 0)
     centre = ((fg.min(0) + fg.max(0)) // 2) if len(fg) else np.array(shape) // 2
     out = {"dims": dims, "shape": shape, "spacing": spacing, "stride": stride, "centre": [int(c) for c in centre],
-           "order": list(order), "flips": list(flips), "file_shape": list(first.shape), "channels": channels, "bits": str(next(iter(bits.values())).dtype), "image": None,
+           "order": list(order), "flips": list(flips), "file_shape": list(first.shape), "channels": channels,
+           "bits": str(next(iter(bits.values())).dtype), "image": None,
            "labels": {k: _pack(v) for k, v in bits.items()}}
     if image is not None:
         pixels = orient(_to_uint8(image[cut]))  # (Z, Y, X) or (3, 1, H, W)
