@@ -58,7 +58,6 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--root", default=None, help="MedMNIST folder (default $MEDSSM_DATA/medmnist, else ../shared/data/medmnist)")
     ap.add_argument("--size", type=int, default=28, help="which MedMNIST file: 28, 64, 128, 224")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0], help="one run per seed; the table adds mean ± sd")
-    ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--runs", default="runs/benchmark_classification", help="where the training runs go")
     ap.add_argument("--resume", action="store_true", help="continue runs already in --runs")
     ap.add_argument("--no-progress", action="store_true")
@@ -68,15 +67,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.set_defaults(model="medmamba_t", input_size=None, epochs=ClassifierTrainConfig.epochs, crop_scale=(0.5, 1.0),
                     device="auto")  # read back below; the others take the config's defaults
     args = ap.parse_args(argv)
-
     import torch
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
     root = Path(args.root) if args.root else Path(os.environ.get(
         "MEDSSM_DATA", Path(__file__).resolve().parents[2] / "shared" / "data")) / "medmnist"
     results = {"settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-               "torch_threads": torch.get_num_threads(), "datasets": {}}
+               "torch_threads": getattr(args, "threads", None) or torch.get_num_threads(), "datasets": {}}
     t_all = time.perf_counter()
     for name in args.datasets:
         runs = []
@@ -110,13 +106,10 @@ def main(argv: list[str] | None = None) -> int:
 def train_and_test(args: argparse.Namespace, name: str, seed: int, root: Path) -> dict:
     """Train one run, keep its best epoch by validation AUC, and score it on the test split."""
     from medssm.cli import config_from_args
-    from medssm.data.classification import ClassificationDataset
-    from medssm.data.classification.medmnist import open_medmnist
-    from medssm.devices import resolve_device
     from medssm.engine.classification import ClassifierTrainConfig, train_classifier
     from medssm.files import read_json
-    from medssm.inference.classification import predict_proba
-    from medssm.metrics.evaluate_classification import evaluate_predictions, write_predictions
+    from medssm.inference.classification import ClassifierPredictConfig, predict_classifier
+    from medssm.metrics.evaluate_classification import ClassifierEvaluateConfig, evaluate_classifier
     from medssm.runs import has_checkpoint, load_run
 
     t0 = time.perf_counter()
@@ -125,15 +118,13 @@ def train_and_test(args: argparse.Namespace, name: str, seed: int, root: Path) -
         **vars(args), "data": name, "data_root": str(root), "out": str(run), "seed": seed,
         "resume": args.resume and has_checkpoint(run), "progress": not args.no_progress}))
     train_classifier(cfg)
-    device = resolve_device(args.device)
     trained = load_run(run)
-    model, meta = trained.load_model("best", device), trained.description
-    best = read_json(trained.checkpoint("best") / "model.json")
-    test = open_medmnist(name, "test", root=root, size=args.size)
-    probs = predict_proba(model, ClassificationDataset(test, meta["input_size"]), batch_size=128, device=device)
-    write_predictions(run / "test_predictions.csv", [test.name(i) for i in range(len(test))], probs,
-                      meta["classes"], test.labels)
-    m = evaluate_predictions(test.labels, probs, meta["classes"], run / "test_evaluation", title=f"{name} test")
+    meta, best = trained.description, read_json(trained.checkpoint("best") / "model.json")
+    predictions = predict_classifier(ClassifierPredictConfig(
+        model=str(run), input=name, split="test", size=args.size, data_root=str(root), output=str(run / "test_predictions.csv"),
+        overwrite=True, device=args.device, batch_size=128, progress=not args.no_progress))
+    m = evaluate_classifier(ClassifierEvaluateConfig(predictions=str(predictions), out=str(run / "test_evaluation"),
+                                                     overwrite=True, progress=False))
     return {"seed": seed, "test_acc": m["acc"], "test_auc": m["auc"], "test_f1": m["f1"],
             "best_epoch": best["epoch"], "val_auc": best["val_auc"], "train_samples": meta["train_samples"],
             "test_samples": m["n"], "wall_s": round(time.perf_counter() - t0, 1), "run": str(run)}

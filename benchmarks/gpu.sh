@@ -34,7 +34,8 @@ import torch.nn.functional as F
 import medssm
 from medssm.devices import autocast
 from medssm.engine.loop import train_step
-from medssm.engine.losses import DiceCELoss
+from medssm.engine.losses import make_loss
+from medssm.labels import LabelSet
 from medssm.nets import build_for_data
 from medssm.ssm import available_backends, resolve_backend, selective_scan
 
@@ -129,7 +130,7 @@ for label, name, kwargs, shape in MODELS:
     x = torch.randn(*shape, device=device)
     labels = torch.randint(0, 2, (shape[0], 1, *shape[2:]), device=device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=1e-5)
-    loss = DiceCELoss()
+    loss = make_loss("dice_ce", LabelSet.classes(2))
     for precision in ("fp32", "bf16"):
         def step():
             model.train()

@@ -80,7 +80,8 @@ def step_parts(key: str, precision: str):
     import torch.nn.functional as F
 
     from medssm.devices import autocast
-    from medssm.engine.losses import DiceCELoss
+    from medssm.engine.losses import make_loss
+    from medssm.labels import LabelSet
     from medssm.engine.loop import train_step
 
     torch.manual_seed(0)
@@ -88,7 +89,7 @@ def step_parts(key: str, precision: str):
     shape = CASES[key][4]
     x = torch.randn(*shape)
     labels = torch.randint(0, classes(task), (shape[0],) if task == "classification" else (shape[0], 1, *shape[2:]))
-    loss_fn = F.cross_entropy if task == "classification" else DiceCELoss()
+    loss_fn = F.cross_entropy if task == "classification" else make_loss("dice_ce", LabelSet.classes(classes(task)))
     optimiser = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=1e-5)
     cpu = torch.device("cpu")
 

@@ -10,7 +10,7 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "medssm"
 
 # Lower number = lower layer; a module may import its own layer or any lower one.
 LAYERS = {"files": 0, "devices": 0, "progress": 0, "figures": 0, "extras": 0,
-          "budget": 0, "ssm": 1, "nets": 2, "data": 2, "runs": 3, "metrics": 4, "inference": 5, "engine": 6,
+          "budget": 0, "labels": 0, "ssm": 1, "nets": 2, "data": 2, "runs": 3, "metrics": 4, "inference": 5, "engine": 6,
           "export": 7, "integrations": 7, "workflows": 8, "cli": 9, "__init__": 10, "__main__": 10}
 SIDEWAYS = {("nets", "data"), ("data", "nets")}  # same layer, independent of each other
 

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from medssm.budget import (GOOD_SAMPLES, GOOD_STEPS, MIN_BATCH, MIN_SAMPLES, VALIDATION_SHARE, BudgetPlan,
-                           BudgetTooShort, Candidate, Timing, format_duration, parse_duration, plan_budget)
+                           BudgetTooShort, Candidate, Timing, format_duration, parse_duration, plan_budget,
+                           validation_due)
 from medssm.engine.schedules import make_scheduler, set_total_steps
 from medssm.runs import load_run
 
@@ -73,7 +74,11 @@ def test_a_smaller_batch_when_too_few_steps_fit():
 
 def test_classification_epochs_are_passes_over_the_data():
     plan = plan_budget(600, [Candidate(1.0, 32)], clock({1.0: 0.5}, case=0.01), held_out=500, samples_per_epoch=3200)
-    assert plan.iterations_per_epoch == 100 and plan.epochs == plan.epochs * plan.iterations_per_epoch // 100
+    steps_fit = int((600 * 0.95 - plan.validations * 500 * 0.01) // 0.5)  # the budget's steps at 0.5 s each
+    assert plan.iterations_per_epoch == 100 and plan.epochs == steps_fit // 100 and plan.samples == plan.epochs * 3200
+    for length in (3200, 640, 2000):  # the validations planned are the epochs that validate
+        p = plan_budget(600, [Candidate(1.0, 32)], clock({1.0: 0.5}, case=0.01), held_out=500, samples_per_epoch=length)
+        assert p.validations == sum(validation_due(e, p.epochs, p.val_every) for e in range(1, p.epochs + 1)) <= 5
     short = plan_budget(120, [Candidate(1.0, 32)], clock({1.0: 0.5}, case=0.01), held_out=500, samples_per_epoch=32000)
     assert short.epochs == 1 and short.iterations_per_epoch < 1000  # one epoch, cut short to fit
 

@@ -47,7 +47,7 @@ COMMANDS: dict[str, object] = {
     "medssm evaluate runs/pneu_test.csv": "--no-progress",
     # docs/explanation/architecture.md: the rules, checked with grep on the code
     "cd src/medssm": RUN,
-    'grep -rnE "(from|import) +(\\.+|medssm\\.)(nets|data|runs|metrics|inference|engine|export|integrations|cli)\\b" ssm files.py devices.py': RUN,
+    'grep -rnE "(from|import) +(\\.+|medssm\\.)(nets|data|runs|metrics|inference|engine|export|integrations|workflows|cli)\\b" ssm files.py devices.py budget.py labels.py': RUN,
     'grep -rnE "(from|import) +(\\.+|medssm\\.)(data|runs|metrics|inference|engine|export|integrations|cli)\\b" nets': RUN,
     'grep -rnE "(from|import) +(\\.+|medssm\\.)(ssm|nets|runs|metrics|inference|engine|export|integrations|cli)\\b" data': RUN,
     'grep -rnE "(from|import) +(\\.+|medssm\\.)(metrics|inference|engine|export|integrations|cli)\\b" runs.py': RUN,
@@ -106,6 +106,11 @@ COMMANDS: dict[str, object] = {
     "medssm train --data Dataset001_LungXray --model monai:SegResNet --model-kwargs '{\"init_filters\": 32}' -o runs/segresnet": SEG_TINY,
     "medssm train --data Dataset001_LungXray --model lightm_unet_2d --budget 20m --recipe short -o runs/lung_20m": skip(
         "twenty minutes: tests/engine/test_budget.py trains to a tiny budget"),
+    "medssm train --data Dataset137_BraTS2021 --model segmamba_3d -o runs/brats --patch-size 128 128 128 --batch-size 2": skip(
+        "BraTS is not in the shared data: tests/engine/test_regions.py trains SegMamba on a BraTS-like region set"),
+    """echo '{"whole tumour": [1, 2, 3], "tumour core": [2, 3], "enhancing tumour": [3]}' > regions.json""": RUN,
+    "medssm evaluate runs/brats_integer/predictions labelsTs -o runs/brats_integer/eval --regions regions.json": skip(
+        "BraTS predictions: tests/engine/test_regions.py scores an integer-label model's maps by regions"),
 }
 
 # Commands of other pages a page needs first (its runs to predict with, export ...).

@@ -7,6 +7,7 @@ from __future__ import annotations
 import errno
 import json
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -15,7 +16,7 @@ import torch
 import medssm
 from medssm.cli import main
 from medssm.nets import registry
-from medssm.runs import claim_run, load_run
+from medssm.runs import RunBusyError, claim_run, load_run
 
 from .subsets import lung_subset, medmnist_subset, tree_snapshot
 
@@ -236,3 +237,207 @@ def test_info_input_channels_and_redundant_spatial_dims(capsys):
     assert isinstance(medssm.create_model("lightm_unet_2d", spatial_dims=2), torch.nn.Module)
     with pytest.raises(ValueError, match="takes 2D input, not spatial_dims=3"):
         medssm.create_model("lightm_unet_2d", spatial_dims=3)
+
+
+# ---------------------------------------------------------------------------------------------- round three
+# The third round of probes: what was silently wrong, what was a raw traceback, what stuck.
+
+
+def copy_run(run, tmp_path):
+    import shutil
+
+    shutil.copytree(run, tmp_path / "run")
+    return tmp_path / "run"
+
+
+def test_extending_a_finished_run_trains_the_added_epochs_with_a_restarted_schedule(lung, seg_run, tmp_path, capsys):
+    from safetensors.torch import load_file
+
+    run = copy_run(seg_run, tmp_path)
+    before = load_file(str(run / "checkpoints" / "last" / "model.safetensors"))
+    capsys.readouterr()
+    assert main(["train", "-d", str(lung), "-o", str(run), *SEG, "--epochs", "3", "--resume"]) == 0
+    out = capsys.readouterr().out
+    assert "training to epoch 3 instead of 1" in out and "warm restart" in out
+    log = load_run(run).log
+    assert [r["epoch"] for r in log] == [1, 2, 3] and log[1]["lr"] > 0  # the added epochs learn
+    after = load_file(str(run / "checkpoints" / "last" / "model.safetensors"))
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+    assert json.loads((run / "config.json").read_text())["epochs"] == 3
+    assert load_run(run).description["recipe"]["epochs"] == 3  # the records say what was trained
+
+
+def test_options_that_cannot_change_on_resume_are_refused_and_the_records_kept(lung, seg_run, tmp_path, capsys):
+    run = copy_run(seg_run, tmp_path)
+    records = {f: (run / f).read_bytes() for f in ("config.json", "model.json", "plan.json")}
+    for option in (["--patch-size", "32", "32"], ["--lr", "0.5"], ["--target-spacing", "2", "2"]):
+        args = ["train", "-d", str(lung), "-o", str(run), "--model", "lightm_unet_2d_tiny", *option, "--resume",
+                "--no-progress"]
+        assert main(args) == 2
+        err = error_of(capsys)
+        assert "--resume continues the run as it was configured" in err and option[0] in err
+    assert all((run / f).read_bytes() == b for f, b in records.items())
+    # Left out, they are the run's: it resumes (and has nothing left to train).
+    assert main(["train", "-d", str(lung), "-o", str(run), "--resume", "--no-progress"]) == 0
+    assert all((run / f).read_bytes() == b for f, b in records.items())
+
+
+def test_compare_keys_its_results_by_their_settings_and_runs_what_was_not_run(lung, tmp_path, capsys):
+    out = tmp_path / "cmp"
+    base = ["compare", "-d", str(lung), "--models", "lightm_unet_2d_tiny", "-o", str(out), "--recipe", "short",
+            "--no-progress"]
+    assert main([*base, "--budget", "1s"]) == 0  # too short, and no --over-budget: not run
+    assert "not run" in (out / "report.md").read_text()
+    assert json.loads((out / "models" / "lightm_unet_2d_tiny" / "result.json").read_text())["status"] == "not run"
+    capsys.readouterr()
+    assert main([*base, "--budget", "1s", "--over-budget"]) == 0  # not complete: run now
+    assert "complete, not run again" not in capsys.readouterr().out
+    row = json.loads((out / "models" / "lightm_unet_2d_tiny" / "result.json").read_text())
+    assert row["status"] == "complete" and row["settings"]["budget"] == "1s"
+    assert main([*base, "--budget", "5m"]) == 2  # another budget: not the old result under the new header
+    assert "compared with other settings" in error_of(capsys)
+    assert main(["compare", "-d", str(lung), "--models", ",", "-o", str(tmp_path / "c2")]) == 2
+    assert "no models given" in error_of(capsys) and not (tmp_path / "c2").exists()
+
+
+def test_evaluate_refuses_undeclared_values_another_geometry_and_missing_predictions(lung, tmp_path, capsys):
+    import SimpleITK as sitk
+
+    pred = tmp_path / "pred"
+    pred.mkdir()
+    refs = sorted((lung / "labelsTr").glob("*.png"))
+    for r in refs:
+        (pred / r.name).write_bytes(r.read_bytes())
+    ev = ["evaluate", str(pred), str(lung / "labelsTr"), "--no-progress", "--no-overlays"]
+    assert main([*ev, "-o", str(tmp_path / "e0")]) == 0
+    bad = sitk.GetArrayFromImage(sitk.ReadImage(str(refs[0])))
+    bad[0, 0] = 5
+    sitk.WriteImage(sitk.GetImageFromArray(bad), str(pred / refs[0].name))
+    assert main([*ev, "-o", str(tmp_path / "e1")]) == 2
+    assert f"{pred / refs[0].name}: label values 5 are not declared" in error_of(capsys)
+    image = sitk.ReadImage(str(refs[0]))
+    image.SetSpacing((2.0, 2.0))
+    sitk.WriteImage(image, str(pred / refs[0].name).replace(".png", ".nrrd"))
+    (pred / refs[0].name).unlink()
+    nrrd_ref = tmp_path / "refs"
+    nrrd_ref.mkdir()
+    for r in refs:
+        sitk.WriteImage(sitk.ReadImage(str(r)), str(nrrd_ref / r.name.replace(".png", ".nrrd")))
+        if r != refs[0]:
+            sitk.WriteImage(sitk.ReadImage(str(r)), str(pred / r.name.replace(".png", ".nrrd")))
+            (pred / r.name).unlink()
+    ev = ["evaluate", str(pred), str(nrrd_ref), "--no-progress", "--no-overlays"]
+    assert main([*ev, "-o", str(tmp_path / "e2")]) == 2
+    assert "spacing (2, 2) differs from the reference's (1, 1)" in error_of(capsys)
+    assert main([*ev, "-o", str(tmp_path / "e3"), "--ignore-geometry"]) == 0
+    (pred / refs[1].name.replace(".png", ".nrrd")).unlink()
+    assert main([*ev, "-o", str(tmp_path / "e4")]) == 2
+    assert "no prediction for 1 of 6 reference(s)" in error_of(capsys) and not (tmp_path / "e4").exists()
+    assert main([*ev, "-o", str(tmp_path / "e5"), "--ignore-geometry", "--allow-missing"]) == 0
+    summary = json.loads((tmp_path / "e5" / "summary.json").read_text())
+    assert summary["n_cases"] == 5 and summary["n_missing"] == 1 and summary["missing"] == [refs[1].name[:-4]]
+
+
+def test_classification_evaluate_refuses_missing_predictions_and_nan(cls_run, pneumonia, tmp_path, capsys):
+    pred = tmp_path / "p.csv"
+    assert main(["predict", "-m", str(cls_run), "-i", str(pneumonia), "-o", str(pred), "--no-progress"]) == 0
+    lines = pred.read_text().splitlines()
+    few = tmp_path / "few.csv"
+    few.write_text("\n".join(lines[:4]) + "\n")
+    args = ["evaluate", str(few), "-r", str(pneumonia), "--no-progress"]
+    assert main([*args, "-o", str(tmp_path / "e1")]) == 2
+    assert "no prediction for 13 of 16 samples" in error_of(capsys)
+    assert main([*args, "-o", str(tmp_path / "e2"), "--allow-missing"]) == 0
+    assert json.loads((tmp_path / "e2" / "metrics.json").read_text())["n_missing"] == 13
+    cells = lines[1].split(",")
+    cells[-1] = "nan"
+    (tmp_path / "nan.csv").write_text("\n".join([lines[0], ",".join(cells), *lines[2:]]) + "\n")
+    assert main(["evaluate", str(tmp_path / "nan.csv"), "-o", str(tmp_path / "e3")]) == 2
+    assert "nan.csv, line 2: malformed row (a probability is not a number in [0, 1]" in error_of(capsys)
+
+
+@pytest.mark.parametrize("args,says", [
+    (["--budget="], "--budget: expected a duration"),
+    (["--patch-size", "0", "0"], "--patch-size must be at least 1, got 0 0"),
+    (["--model-kwargs", '{"init_filters": 1000000000}'], "too large to build"),
+    (["--model-kwargs", '{"no_such_argument": 1}'], "unexpected keyword argument 'no_such_argument'"),
+])
+def test_bad_options_are_one_line_errors_and_leave_no_folder(lung, tmp_path, capsys, args, says):
+    run = tmp_path / "run"
+    assert main(["train", "-d", str(lung), "-o", str(run), "--model", "lightm_unet_2d_tiny", "--no-progress",
+                 *args]) == 2
+    assert says in error_of(capsys) and not run.exists()
+
+
+def test_an_unknown_argument_in_model_json_names_the_file(seg_run, lung, tmp_path, capsys):
+    run = copy_run(seg_run, tmp_path)
+    meta = json.loads((run / "model.json").read_text())
+    (run / "model.json").write_text(json.dumps({**meta, "kwargs": {**meta["kwargs"], "bogus": 3}}))
+    assert main(["predict", "-m", str(run), "-i", str(lung / "imagesTr"), "-o", str(tmp_path / "p"),
+                 "--no-progress"]) == 2
+    assert f"{run / 'model.json'}: lightm_unet_2d_tiny: " in error_of(capsys)
+    assert main(["export", str(run), "--onnx", str(tmp_path / "m.onnx")]) == 2
+    assert "unexpected keyword argument 'bogus'" in error_of(capsys)
+
+
+def test_export_parity_failure_is_one_line_and_an_existing_file_is_kept(tmp_path, capsys):
+    onnx = tmp_path / "m.onnx"
+    onnx.write_bytes(b"mine")
+    args = ["export", "lightm_unet_2d_tiny", "--onnx", str(onnx), "--input-size", "32", "32", "--no-progress"]
+    assert main(args) == 2
+    assert "--overwrite" in error_of(capsys) and onnx.read_bytes() == b"mine"
+    assert main([*args, "--overwrite", "--rtol", "1e-30"]) == 2
+    assert "does not match PyTorch" in error_of(capsys) and onnx.read_bytes() == b"mine"
+
+
+def test_predict_lists_every_unreadable_input_before_writing_or_skips_them(seg_run, lung, tmp_path, capsys):
+    import shutil
+
+    inp = tmp_path / "in"
+    shutil.copytree(lung / "imagesTr", inp)
+    cases = sorted(inp.glob("*.png"))
+    for bad in (cases[1], cases[4]):
+        bad.write_bytes(b"not a png")
+    out = tmp_path / "out"
+    assert main(["predict", "-m", str(seg_run), "-i", str(inp), "-o", str(out), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert str(cases[1]) in err and str(cases[4]) in err and not out.exists()
+    assert main(["predict", "-m", str(seg_run), "-i", str(inp), "-o", str(out), "--skip-bad", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert str(cases[1]) in err and str(cases[4]) in err
+    assert len(list(out.glob("*.png"))) == 4
+
+
+def test_an_output_that_is_a_file_is_said_to_be_one(lung, tmp_path, capsys):
+    target = tmp_path / "file"
+    target.write_text("x")
+    for args in (["train", "-d", str(lung), "-o", str(target), *SEG],
+                 ["quickstart", "--data", str(lung), "-o", str(target)],
+                 ["evaluate", str(lung / "labelsTr"), str(lung / "labelsTr"), "-o", str(target)]):
+        assert main(args) == 2
+        assert "is a file, not a folder" in error_of(capsys)
+    assert target.read_text() == "x"
+
+
+def test_a_lock_held_by_another_program_names_that_program(tmp_path):
+    import fcntl
+    import subprocess
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / ".lock").write_text("process 1 on nowhere since 2020-01-01 00:00:00")  # an old medssm's record
+    holder = subprocess.Popen(["flock", str(run / ".lock"), "sleep", "30"])
+    try:
+        for _ in range(200):  # until flock(1) holds it
+            with open(run / ".lock") as fd:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    fcntl.flock(fd, fcntl.LOCK_UN)
+                except BlockingIOError:
+                    break
+            time.sleep(0.05)
+        with pytest.raises(RunBusyError) as err, claim_run(run):
+            pass
+        assert f"in use by process {holder.pid} (flock {run / '.lock'} sleep 30)" in str(err.value)
+    finally:
+        holder.kill()

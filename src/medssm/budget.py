@@ -285,7 +285,10 @@ def plan_budget(budget_s: float, candidates: Sequence[Candidate], measure: Calla
     else:
         epochs = 2 * validations
         iterations = max(1, steps // epochs)
-    val_every = max(1, epochs // validations)
+    per_validation = validation_s / validations
+    val_every = math.ceil(epochs / validations)
+    validations = math.ceil(epochs / val_every)  # every val_every epochs and after the last: no more than planned
+    validation_s = validations * per_validation
     reasons.append(f"validation: {validations} x {val_cases or 'all'} cases, {validation_s:.0f} s "
                    f"(at most {VALIDATION_SHARE:.0%} of the budget)")
     expected = t.fixed + validation_s + epochs * iterations * t.step

@@ -116,6 +116,18 @@ def is_inside(path: str | os.PathLike, folder: str | os.PathLike) -> bool:
     return path == folder or folder in path.parents
 
 
+def output_folder(path: str | os.PathLike, what: str = "output folder") -> Path:
+    """``path`` as a folder to write into, made if missing; a file there is a one-line error."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise FileExistsError(f"{path}: is a file, not a folder ({what}); choose another path")
+    blocking = next((p for p in path.parents if p.exists() and not p.is_dir()), None)
+    if blocking is not None:
+        raise FileExistsError(f"{path}: {blocking} is a file, not a folder ({what}); choose another path")
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
 def guard_outputs(outputs: list[Path], inputs: list[Path], *, overwrite: bool = False,
                   skip_existing: bool = False) -> set[Path]:
     """Check ``outputs`` before anything is written: none may be an input or lie inside an input

@@ -43,7 +43,7 @@ import torch
 import torch.nn as nn
 
 from .budget import BudgetPlan
-from .files import read_json, read_safetensors, read_torch, write_file, write_json
+from .files import output_folder, read_json, read_safetensors, read_torch, write_file, write_json
 from .nets.cards import ModelCard
 from .nets.registry import create_model, get_model_card, save_model
 
@@ -119,8 +119,11 @@ class Run:
         raise FileNotFoundError(f"{self.path}: no trained model here (no checkpoints/{which}/{WEIGHTS})")
 
     def build_model(self) -> nn.Module:
-        """The run's network, untrained."""
-        return create_model(self.model_name, **self.model_kwargs)
+        """The run's network, untrained; arguments it cannot be built with are a one-line error naming model.json."""
+        try:
+            return create_model(self.model_name, **self.model_kwargs)
+        except ValueError as e:
+            raise ValueError(f"{self.path / DESCRIPTION}: {e}") from None
 
     def load_weights(self, model: nn.Module, which: str = "best") -> Path:
         """Load the ``which`` weights into ``model`` (strictly); returns their checkpoint folder."""
@@ -190,22 +193,48 @@ class RunBusyError(FileExistsError):
 def claim_run(run: str | os.PathLike) -> Iterator[Path]:
     """Hold ``RUN/.lock`` while the block writes the run; a second process gets :class:`RunBusyError`
     naming the holder. The lock is the OS's (``flock``), so a process that dies releases it: a
-    crashed run never leaves the folder locked (the pid and host in the file are for the message)."""
+    crashed run never leaves the folder locked. A folder this call made, left holding only the lock
+    because the block failed (a refused option), is removed again."""
     run = Path(run)
-    run.mkdir(parents=True, exist_ok=True)
+    new = not run.exists()
+    output_folder(run, "a run folder")
     fd = os.open(run / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            holder = os.read(fd, 4096).decode(errors="replace").strip() or "another process"
-            raise RunBusyError(f"{run}: in use by {holder}; wait for it to finish or choose another --out") from None
+            raise RunBusyError(f"{run}: in use by {lock_holder(run / LOCK_FILE, fd)}; wait for it to finish or "
+                               "choose another --out") from None
         os.ftruncate(fd, 0)
         os.write(fd, f"process {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}"
                  .encode())
         yield run
+    except BaseException:
+        if new and [p.name for p in run.iterdir()] == [LOCK_FILE]:
+            shutil.rmtree(run, ignore_errors=True)
+        raise
     finally:
         os.close(fd)  # releases the lock
+
+
+def lock_holder(path: Path, fd: int) -> str:
+    """Who holds the ``flock`` of ``path``: the process the OS names (``/proc/locks``), with its command
+    line, and what the file says when that is this process (a medssm run writes its pid, host and
+    start there); else what the file says."""
+    said = os.pread(fd, 4096, 0).decode(errors="replace").strip()
+    inode = os.fstat(fd).st_ino
+    try:
+        for line in Path("/proc/locks").read_text().splitlines():
+            fields = line.split()
+            if len(fields) > 5 and fields[1] == "FLOCK" and fields[5].rsplit(":", 1)[-1] == str(inode):
+                pid = fields[4]
+                if said.startswith(f"process {pid} "):
+                    return said
+                command = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+                return f"process {pid} ({command.strip()[:200] or 'another program'})"
+    except OSError:
+        pass
+    return said or "another process"
 
 
 def has_checkpoint(run: str | os.PathLike) -> bool:

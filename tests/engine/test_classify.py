@@ -110,7 +110,7 @@ def test_resume_is_exact(subsets, tmp_path, ema):
     if ema:  # the kept model is the average, not the trained weights
         assert any(not torch.equal(kept[k], last[k]) for k in kept)
     else:
-        with pytest.raises(ValueError, match="without --ema"):
+        with pytest.raises(ValueError, match=r"these options differ from its config.json: --ema 0.9 \(the run: 0.0\)"):
             train_classifier(_cfg(npz, tmp_path / "b", epochs=3, limit=8, ema=0.9, resume=True))
 
 
@@ -127,3 +127,43 @@ def test_3d_volumes(tmp_path):
     pred = predict_classifier(ClassifierPredictConfig(model=str(run), input=str(tmp_path / "cubes3d.npz"),
                                                       output=str(tmp_path / "pred.csv"), progress=False))
     assert len(list(csv.DictReader(pred.open()))) == 8
+
+
+def test_predict_normalises_as_the_run_records(subsets, tmp_path):
+    """The input normalisation comes from the model's card into model.json, and prediction reads it back."""
+    npz = subsets / "pneumoniamnist.npz"
+    run = train_classifier(_cfg(npz, tmp_path / "run"))
+    meta = json.loads((run / "model.json").read_text())
+    assert meta["normalize"] == {"mean": 0.5, "std": 0.5}  # medmamba_tiny's card: MedMamba's [-1, 1]
+
+    def predicted(name):
+        out = predict_classifier(ClassifierPredictConfig(model=str(run), input=str(npz), output=str(tmp_path / name),
+                                                         progress=False))
+        return np.array([[float(r["prob_normal"]), float(r["prob_pneumonia"])] for r in csv.DictReader(out.open())])
+
+    as_trained = predicted("a.csv")
+    (run / "model.json").write_text(json.dumps({**meta, "normalize": {"mean": 0.0, "std": 1.0}}))
+    other = predicted("b.csv")
+    from medssm.runs import load_run
+
+    with np.load(npz) as z:
+        x = torch.from_numpy(z["test_images"][:1].astype(np.float32) / 255)[:, None]  # (1, 1, 28, 28) in [0, 1]
+    with torch.no_grad():
+        expected = torch.softmax(load_run(run).load_model()(x), 1).numpy()[0]
+    assert np.allclose(other[0], expected, atol=1e-5) and not np.allclose(as_trained, other, atol=1e-3)
+
+
+def test_a_budgeted_classifier_keeps_to_its_plan(subsets, tmp_path):
+    npz = subsets / "breastmnist.npz"
+    run = train_classifier(ClassifierTrainConfig(data=str(npz), out=str(tmp_path / "run"), model="medmamba_tiny",
+                                                 budget="8s", over_budget=True, progress=False))
+    from medssm.runs import load_run
+
+    budget, log = load_run(run).budget, load_run(run).log
+    batch = budget.candidate.batch_size
+    assert len(log) == budget.epochs and budget.actual_s > 0
+    assert sum("val_auc" in r for r in log) == budget.validations
+    state = torch.load(run / "checkpoints" / "last" / "training_state.pt", weights_only=True)
+    steps = state["scheduler"]["last_epoch"]
+    assert budget.samples == steps * batch and state["scheduler"]["lr_lambdas"][0]["total_steps"] == steps
+    assert budget.iterations(budget.epochs) <= -(-COUNTS["train"] // batch)  # an epoch is at most one pass

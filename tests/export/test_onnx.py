@@ -120,11 +120,26 @@ def test_parity_failure_is_loud_and_writes_nothing(tmp_path):
     assert not list(tmp_path.iterdir())
 
 
+def test_an_output_of_another_shape_fails_the_parity_check(tmp_path):
+    """A graph that holds only at its traced size (a Python int of a shape baked in) gives another output
+    shape at the second size: ExportParityError naming the shapes, and no file."""
+
+    class Cropped(torch.nn.Module):
+        def forward(self, x):
+            return x[..., : int(x.shape[-1])] * 2  # the tracer records 32: the ONNX graph crops every input to 32
+
+    with pytest.raises(ExportParityError, match=r"output shape \(2, 1, 40, 32\), PyTorch gives \(2, 1, 40, 40\)"):
+        export_onnx(Cropped(), tmp_path / "m.onnx", (1, 1, 32, 32), check_size=(40, 40))
+    assert not list(tmp_path.iterdir())
+
+
 def test_static_export_rejects_other_sizes(tmp_path):
     model = medssm.create_model("medmamba_tiny", in_chans=1, num_classes=2)
     result = export_onnx(model, tmp_path / "m.onnx", (32, 32), dynamic_spatial=False, dynamic_batch=False)
     assert len(result.checks) == 1 and result.dynamic_axes["input"] == {}
-    with pytest.raises(Exception):
+    from onnxruntime.capi.onnxruntime_pybind11_state import InvalidArgument
+
+    with pytest.raises(InvalidArgument, match="Got: 48 Expected: 32"):
         ort_session(tmp_path / "m.onnx").run(None, {"input": np.zeros((1, 1, 48, 48), np.float32)})
 
 

@@ -141,8 +141,14 @@ def test_plan_preprocess_train_predict_with_stock_nnunet(tmp_path, data_root):
     fold = results / "Dataset501_LungTiny" / "nnUNetTrainerLightMUNetTest__nnUNetPlans__2d" / "fold_0"
     assert (fold / "checkpoint_final.pth").is_file()
     summary = json.loads((fold / "validation" / "summary.json").read_text())
-    assert 0.0 <= summary["foreground_mean"]["Dice"] <= 1.0  # validated on the held-out case
-    assert (fold / "validation" / f"{CASES[3]}.png").is_file()
+    # Validated on the held-out case: nnU-Net's Dice is that of its prediction file, as medssm scores it,
+    # and the network found lung there (a network that predicted only background would score 0).
+    from medssm.data.io import read_image
+    from medssm.metrics.segmentation import case_metrics
+
+    pred, ref = (read_image(d / f"{CASES[3]}.png")[0] for d in (fold / "validation", dataset / "labelsTr"))
+    ours = case_metrics(pred, ref, {"lung": 1})["lung"]["dice"]
+    assert summary["foreground_mean"]["Dice"] == pytest.approx(ours, abs=1e-6) and ours > 0
 
     # Prediction with stock nnU-Net finds the trainer again and rebuilds the network from the plans.
     out = tmp_path / "pred"
@@ -160,3 +166,47 @@ def test_plan_preprocess_train_predict_with_stock_nnunet(tmp_path, data_root):
     assert checkpoint["inference_allowed_mirroring_axes"] is None
     group = checkpoint["optimizer_state"]["param_groups"][0]
     assert "betas" in group and (group["initial_lr"], group["weight_decay"]) == (1e-4, 1e-5)
+
+
+@pytest.mark.slow
+def test_stock_nnunet_trains_a_medssm_network_on_regions(tmp_path, data_root):
+    """A region dataset (the hippocampus as a whole and its posterior part): nnU-Net builds a network with
+    one sigmoid output per region through medssm's trainer, trains and validates it per region."""
+    from ..subsets import hippocampus_subset
+    from ..synthetic import HIPPOCAMPUS_REGIONS, region_version
+
+    raw, pre, results = tmp_path / "raw", tmp_path / "preprocessed", tmp_path / "results"
+    source = hippocampus_subset(data_root, tmp_path / "hippo", n=4)
+    region_version(source, raw / "Dataset502_HippoRegions", HIPPOCAMPUS_REGIONS)
+    trainers = tmp_path / "my_trainers"
+    trainers.mkdir()
+    (trainers / "medssm_test_trainers.py").write_text(textwrap.dedent(TEST_TRAINER))
+    env = {**os.environ, "nnUNet_raw": str(raw), "nnUNet_preprocessed": str(pre), "nnUNet_results": str(results),
+           "nnUNet_extTrainer": os.pathsep.join([medssm_nnunet.TRAINER_DIR, str(trainers)]),
+           "nnUNet_def_n_proc": "1", "nnUNet_n_proc_DA": "1", "nnUNet_compile": "false",
+           "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    _nnunet("nnunetv2.experiment_planning.plan_and_preprocess_entrypoints:plan_and_preprocess_entry",
+            ["-d", "502", "-c", "3d_fullres", "-np", "1", "-npfp", "1", "--verify_dataset_integrity"], env)
+    plans_file = pre / "Dataset502_HippoRegions" / "nnUNetPlans.json"
+    plans = json.loads(plans_file.read_text())
+    plans["configurations"]["3d_fullres"].update(patch_size=[32, 32, 32], batch_size=2)
+    plans_file.write_text(json.dumps(plans))
+    cases = sorted(p.name[: -len(".nii.gz")] for p in (source / "labelsTr").iterdir())
+    (pre / "Dataset502_HippoRegions" / "splits_final.json").write_text(json.dumps([{"train": cases[:3], "val": cases[3:]}]))
+    env["nnUNet_n_proc_DA"] = "0"
+    _nnunet("nnunetv2.run.run_training:run_training_entry",
+            ["502", "3d_fullres", "0", "-tr", "nnUNetTrainerLightMUNetTest", "-device", "cpu"], env)
+    fold = results / "Dataset502_HippoRegions" / "nnUNetTrainerLightMUNetTest__nnUNetPlans__3d_fullres" / "fold_0"
+    checkpoint = torch.load(fold / "checkpoint_final.pth", map_location="cpu", weights_only=False)
+    out_weight = [v for k, v in checkpoint["network_weights"].items() if k.endswith("weight")][-1]
+    assert out_weight.shape[0] == 2  # one output per region, no background channel
+    summary = json.loads((fold / "validation" / "summary.json").read_text())
+    # nnU-Net scored the regions of the held-out case as medssm scores them (the union of their labels).
+    from medssm.data.io import read_image
+    from medssm.metrics.segmentation import case_metrics
+
+    pred, ref = (read_image(d / f"{cases[3]}.nii.gz")[0] for d in (fold / "validation", source / "labelsTr"))
+    ours = case_metrics(pred, ref, {"(1, 2)": [1, 2], "2": [2]})
+    assert set(summary["mean"]) == {"(1, 2)", "2"}
+    for region, theirs in summary["mean"].items():
+        assert theirs["n_ref"] == ours[region]["n_ref"] and theirs["Dice"] == pytest.approx(ours[region]["dice"], abs=1e-6)

@@ -1,17 +1,10 @@
-"""``medssm train`` for classification: the task plug-in of the one trainer (:mod:`.trainer`) for a
-MedMNIST file, image folders or a CSV.
+"""``medssm train`` for classification: the task plug-in of the one trainer (:mod:`.trainer`) for a MedMNIST
+file, image folders or a CSV: the train and val splits, random-resized crops and flips, the model card's input
+normalisation, cross-entropy (binary per finding for multi-label data), validation by (mean) AUC. What the
+options do: docs/how-to/classification.md.
 
-The model's recipe is the default (MedMamba's: Adam at 1e-4, constant rate, cross-entropy, batch
-32, 100 epochs), with random-resized crop and horizontal flip, inputs normalised as the model's card
-says; options add AdamW, a cosine schedule with warm-up, label smoothing, class weights and
-gradient clipping. Every epoch is validated (the samples shared out over the processes); the model
-with the best validation AUC is ``checkpoints/best``. The run folder is laid out as
-:mod:`medssm.runs` describes.
-
-Examples:
-    >>> cfg = ClassifierTrainConfig(data="pneumoniamnist", model="medmamba_t", out="runs/pneumonia",
-    ...                             input_size=28, epochs=100)
-    >>> train_classifier(cfg)           # CLI: medssm train --data pneumoniamnist.npz --out runs/pneumonia
+Example:
+    >>> train_classifier(ClassifierTrainConfig(data="pneumoniamnist", model="medmamba_t", out="runs/pneumonia"))
 """
 
 from __future__ import annotations
@@ -22,10 +15,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from ..budget import Candidate, Timing
-from ..data.classification import ClassificationDataset, class_weights, open_training_data
+from ..data.classification import ClassificationDataset, open_training_data
 from ..devices import autocast
 from ..inference.classification import predict_proba
 from ..metrics.classification import classification_metrics
@@ -42,19 +34,23 @@ class ClassificationTask(Task):
 
     name, score, default_val_every = "classification", "val_auc", 1
 
-    def open(self) -> Path:
+    def run_folder(self) -> Path:
+        model = self.cfg.model or DEFAULT_MODELS[self.name, 2]  # MedMamba-T whatever the dimensionality
+        return Path(self.cfg.out) if self.cfg.out else Path("runs") / f"{Path(str(self.cfg.data)).stem}_{model.replace(':', '_')}"
+
+    def open(self, run: Path) -> None:
         cfg = self.cfg
         self.train_src, self.val_src = open_training_data(cfg.data, cfg.limit, cfg.seed, root=cfg.data_root, size=cfg.size,
-                                                          download=cfg.download, val_fraction=cfg.val_fraction)
+                                                          download=cfg.download, val_fraction=cfg.val_fraction,
+                                                          label_columns=cfg.label_columns)
+        self.multi_label, self.classes = self.train_src.multi_label, self.train_src.classes
+        self.loss_fn = cfg.make_loss(self.train_src.labels, len(self.classes))
         self.card = get_model_card(cfg.model or DEFAULT_MODELS[self.name, self.train_src.spatial_dims])
         if cfg.drop_path is not None:
             self.model_kwargs = {"drop_path_rate": cfg.drop_path, **self.model_kwargs}
-        self.classes = self.train_src.classes
-        self.loss_weights = class_weights(cfg.class_weights, self.train_src.labels, len(self.classes))
         native = self.train_src.native_size or self.card.input_size
         self.input_size = int(cfg.input_size or native[0])
         self.held_out = len(self.val_src)
-        return Path(cfg.out) if cfg.out else Path("runs") / f"{Path(str(cfg.data)).stem}_{self.card.name.replace(':', '_')}"
 
     def prepare(self, run: Path, resuming: bool, progress: bool) -> None:
         self.batch_size = self.recipe.batch_size or 32
@@ -71,11 +67,11 @@ class ClassificationTask(Task):
             draws = torch.utils.data.RandomSampler(self.dataset(self.train_src, True), replacement=True,
                                                    num_samples=3 * candidate.batch_size)
             loader = iter(torch.utils.data.DataLoader(draws.data_source, batch_size=candidate.batch_size, sampler=draws))
-            step = time_step(model, lambda: next(loader)[:2], torch.nn.CrossEntropyLoss(), device, precision)
+            step = time_step(model, lambda: next(loader)[:2], self.loss_fn.to(device), device, precision)
             few = torch.utils.data.Subset(self.dataset(self.val_src, False), range(min(64, len(self.val_src))))
             t = time.perf_counter()
             with autocast(device, precision):
-                predict_proba(model, few, batch_size=64, device=device)
+                predict_proba(model, few, batch_size=64, device=device, multi_label=self.multi_label)
             return Timing(step, (time.perf_counter() - t) / len(few))
 
         return dict(candidates=[Candidate(1.0, self.batch_size)], measure=measure, held_out=len(self.val_src),
@@ -92,7 +88,8 @@ class ClassificationTask(Task):
 
     def description(self) -> dict:
         mean, std = self.card.normalize
-        return {"task": "classification", "classes": self.classes, "in_chans": self.train_src.in_chans,
+        return {"task": "classification", "classes": self.classes, "multi_label": self.multi_label,
+                "in_chans": self.train_src.in_chans,
                 "spatial_dims": self.train_src.spatial_dims, "input_size": self.input_size,
                 "normalize": {"mean": mean, "std": std}, "data": str(self.cfg.data),
                 "train_samples": len(self.train_src), "val_samples": len(self.val_src),
@@ -111,11 +108,11 @@ class ClassificationTask(Task):
                                                   shuffle=self.sampler is None, sampler=self.sampler,
                                                   num_workers=self.cfg.num_workers)
         self.val_ds = self.dataset(self.val_src, False)
-        weights = None if self.loss_weights is None else self.loss_weights.to(device)
-        self.loss_fn = torch.nn.CrossEntropyLoss(weight=weights, label_smoothing=self.cfg.label_smoothing)
+        self.loss_fn.to(device)
 
     def summary(self) -> str:
-        return (f"{len(self.classes)} classes {self.classes}, {len(self.train_src)} train / {len(self.val_src)} val "
+        kind = "findings" if self.multi_label else "classes"
+        return (f"{len(self.classes)} {kind} {self.classes}, {len(self.train_src)} train / {len(self.val_src)} val "
                 f"samples at {self.input_size}px, batch {self.batch_size}")
 
     def pass_length(self) -> int:
@@ -130,12 +127,10 @@ class ClassificationTask(Task):
         share = distributed.split_work(range(len(self.val_ds)))
         with autocast(device, precision):
             probs = predict_proba(model, torch.utils.data.Subset(self.val_ds, share), batch_size=max(self.batch_size, 64),
-                                  device=device, progress=progress, desc="validate") if share else np.zeros((0, 0))
-        probs = np.asarray(distributed.gather_work(list(probs)))
-        m = classification_metrics(self.val_src.labels, probs, self.classes)
-        log_p = torch.log(torch.from_numpy(probs).clamp_min(1e-12))
-        return {"val_loss": float(F.nll_loss(log_p, torch.from_numpy(self.val_src.labels))), "val_acc": m["acc"],
-                self.score: m["auc"], "val_f1": m["f1"]}
+                                  device=device, progress=progress, desc="validate", multi_label=self.multi_label
+                                  ) if share else np.zeros((0, 0))
+        m = classification_metrics(self.val_src.labels, np.asarray(distributed.gather_work(list(probs))), self.classes)
+        return {"val_loss": m["log_loss"], "val_acc": m["acc"], self.score: m["auc"], "val_f1": m["f1"]}
 
 
 def train_classifier(cfg: ClassifierTrainConfig) -> Path:

@@ -1,10 +1,19 @@
-"""Segmentation losses: soft Dice + cross-entropy (nnU-Net's, 1:1) and plain cross-entropy.
+"""Segmentation losses, as nnU-Net computes them, for integer classes and for regions (:mod:`medssm.labels`).
 
-Both take raw logits ``(B, K, *S)`` and an integer label map ``(B, 1, *S)`` or ``(B, *S)``.
+Every loss takes raw logits ``(B, K, *S)`` and the integer label map ``(B, 1, *S)`` or ``(B, *S)``
+(augmentation moves label maps; a region's target is made here, as the union of its labels):
+
+- classes (softmax): soft Dice of the foreground classes + cross-entropy (``dice_ce``, nnU-Net's,
+  1:1), cross-entropy alone (``ce``, SegMamba's) or the Dice alone (``dice``);
+- regions (one sigmoid per region): soft Dice of every region + binary cross-entropy (``dice_ce``:
+  nnU-Net's ``DC_and_BCE_loss``), BCE alone (``ce``) or the Dice alone (``dice``).
+
+Dice sums run over the whole batch (``batch_dice``) with smoothing 1e-5, as nnU-Net's. Voxels of
+an ``ignore`` label count in neither term.
 
 Example:
-    >>> loss_fn = make_loss("dice_ce")
-    >>> loss = loss_fn(torch.randn(2, 3, 16, 16), torch.randint(0, 3, (2, 1, 16, 16)))
+    >>> loss_fn = make_loss("dice_ce", LabelSet({"background": 0, "lung": 1}))
+    >>> loss = loss_fn(torch.randn(2, 2, 16, 16), torch.randint(0, 2, (2, 1, 16, 16)))
 """
 
 from __future__ import annotations
@@ -13,65 +22,47 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..labels import LabelSet
 
-def _as_index(target: torch.Tensor) -> torch.Tensor:
-    if target.ndim >= 2 and target.shape[1] == 1:
-        target = target[:, 0]
-    return target.long()
+LOSSES = ("dice_ce", "ce", "dice")
 
 
-class SoftDiceLoss(nn.Module):
-    """1 − soft Dice of the softmax probabilities, averaged over foreground classes.
+class SegmentationLoss(nn.Module):
+    """``weight_ce`` x (B)CE + ``weight_dice`` x (1 - soft Dice) for ``labels`` (classes or regions)."""
 
-    As nnU-Net's: background left out (``include_background=False``), smoothing ``1e-5`` in
-    numerator and denominator, and with ``batch_dice=True`` the sums run over the whole batch
-    (one Dice per class) rather than per sample.
-    """
-
-    def __init__(self, include_background: bool = False, batch_dice: bool = True, smooth: float = 1e-5):
+    def __init__(self, labels: LabelSet, weight_ce: float = 1.0, weight_dice: float = 1.0, smooth: float = 1e-5):
         super().__init__()
-        self.include_background, self.batch_dice, self.smooth = include_background, batch_dice, smooth
+        self.labels, self.weight_ce, self.weight_dice, self.smooth = labels, weight_ce, weight_dice, smooth
+        self.register_buffer("members", torch.tensor([[v in values for v in range(max(labels.values) + 1)]
+                                                      for values in labels.structures.values()]), persistent=False)
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        target = _as_index(target)
-        probs = logits.float().softmax(1)  # (B, K, *S)
-        onehot = F.one_hot(target, logits.shape[1]).movedim(-1, 1).to(probs.dtype)  # (B, K, *S)
-        if not self.include_background:
-            probs, onehot = probs[:, 1:], onehot[:, 1:]
-        axes = tuple(range(2, probs.ndim))
-        if self.batch_dice:
-            axes = (0, *axes)
-        intersection = (probs * onehot).sum(axes)
-        denominator = probs.sum(axes) + onehot.sum(axes)
+        if target.ndim == logits.ndim:
+            target = target[:, 0]
+        target, logits = target.long(), logits.float()
+        ignore = self.labels.ignore_label
+        valid = (target != ignore) if ignore is not None else torch.ones_like(target, dtype=torch.bool)  # (B, *S)
+        target = torch.where(valid, target, torch.zeros_like(target))
+        if self.labels.has_regions:
+            probs = logits.sigmoid()  # (B, R, *S)
+            onehot = self.members.to(target.device)[:, target].movedim(0, 1).float()  # (B, R, *S): region membership
+            ce = F.binary_cross_entropy_with_logits(logits, onehot, reduction="none").mean(1)
+        else:
+            probs = logits.softmax(1)
+            onehot = F.one_hot(target, logits.shape[1]).movedim(-1, 1).float()  # (B, K, *S)
+            ce = F.cross_entropy(logits, target, reduction="none")
+            probs, onehot = probs[:, 1:], onehot[:, 1:]  # the foreground classes' Dice
+        ce = (ce * valid).sum() / valid.sum().clamp_min(1)
+        mask = valid[:, None].float()
+        axes = (0, *range(2, probs.ndim))
+        intersection = (probs * onehot * mask).sum(axes)
+        denominator = (probs * mask).sum(axes) + (onehot * mask).sum(axes)
         dice = (2 * intersection + self.smooth) / (denominator + self.smooth).clamp_min(1e-8)
-        return 1 - dice.mean()
+        return self.weight_ce * ce + self.weight_dice * (1 - dice.mean())
 
 
-class DiceCELoss(nn.Module):
-    """``weight_ce · CE + weight_dice · SoftDice`` (nnU-Net's default, weights 1:1)."""
-
-    def __init__(self, weight_ce: float = 1.0, weight_dice: float = 1.0, batch_dice: bool = True):
-        super().__init__()
-        self.weight_ce, self.weight_dice = weight_ce, weight_dice
-        self.dice = SoftDiceLoss(batch_dice=batch_dice)
-
-    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        target = _as_index(target)
-        return self.weight_ce * F.cross_entropy(logits.float(), target) + self.weight_dice * self.dice(logits, target)
-
-
-class CELoss(nn.Module):
-    """Plain cross-entropy on logits and an index label map (SegMamba's loss)."""
-
-    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        return F.cross_entropy(logits.float(), _as_index(target))
-
-
-LOSSES = {"dice_ce": DiceCELoss, "ce": CELoss, "dice": SoftDiceLoss}
-
-
-def make_loss(name: str) -> nn.Module:
-    """``"dice_ce"`` (Dice + CE, 1:1), ``"ce"`` or ``"dice"``."""
+def make_loss(name: str, labels: LabelSet) -> nn.Module:
+    """``"dice_ce"`` (Dice + (B)CE, 1:1), ``"ce"`` or ``"dice"``, for ``labels``' classes or regions."""
     if name not in LOSSES:
         raise ValueError(f"unknown loss {name!r}; choose from {', '.join(LOSSES)}")
-    return LOSSES[name]()
+    return SegmentationLoss(labels, weight_ce=float(name != "dice"), weight_dice=float(name != "ce"))

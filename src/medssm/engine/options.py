@@ -152,9 +152,15 @@ class ClassifierTrainConfig(TrainOptions):
 
     input_size: int | None = field(default=None, metadata={
         "help": "network input side in pixels/voxels (default: the data's own size; MedMamba's recipe uses 224)"})
-    label_smoothing: float = field(default=0.0, metadata={"help": "cross-entropy label smoothing"})
+    label_smoothing: float = field(default=0.0, metadata={"min": 0, "help": "cross-entropy label smoothing"})
     class_weights: str = field(default="none", metadata={
         "help": "none, balanced (n / (K * count)) or comma-separated weights, one per class"})
+    label_columns: tuple[str, ...] | None = field(default=None, metadata={"help": (
+        "multi-label CSV: its 0/1 finding columns (default: every column but path and split, when there are several "
+        "and none is named label); ChestMNIST's findings are read as they are")})
+    pos_weight: str = field(default="none", metadata={"help": (
+        "multi-label: the binary cross-entropy weight of each finding's positives: none, balanced (negatives / "
+        "positives in the training set, for rare findings) or comma-separated numbers, one per finding")})
     crop_scale: tuple[float, ...] = field(default=(0.08, 1.0), metadata={
         "help": "random-resized crop area range (the recipe: 0.08 1.0)"})
     hflip: bool = field(default=True, metadata={"help": "random horizontal flips"})
@@ -167,3 +173,23 @@ class ClassifierTrainConfig(TrainOptions):
     val_fraction: float = field(default=0.1, metadata={"help": "validation share when the data has no val split"})
     limit: int | None = field(default=None, metadata={"min": 1, "help": (
         "use at most this many (seeded, stratified) samples of train and of val: quick runs")})
+
+    def make_loss(self, labels, num_classes: int):
+        """The loss these options give for training ``labels``: cross-entropy over ``num_classes`` classes
+        (``--class-weights``, ``--label-smoothing``), or for findings ``(N, K)`` binary cross-entropy per
+        finding (``--pos-weight``); the options of the other kind are refused."""
+        import torch
+
+        from ..data.classification import class_weights, finding_weights
+
+        multi = labels.ndim == 2
+        given = [f"--{o.replace('_', '-')}" for o, off in (("class_weights", "none"), ("label_smoothing", 0.0),
+                                                           ("pos_weight", "none")) if getattr(self, o) != off]
+        wrong = [o for o in given if (o == "--pos-weight") != multi]
+        if wrong:
+            raise ValueError(f"{self.data}: {', '.join(wrong)} " + ("apply to one class per sample; this data is "
+                             "multi-label (use --pos-weight)" if multi else "applies to multi-label data only"))
+        if multi:
+            return torch.nn.BCEWithLogitsLoss(pos_weight=finding_weights(self.pos_weight, labels))
+        return torch.nn.CrossEntropyLoss(weight=class_weights(self.class_weights, labels, num_classes),
+                                         label_smoothing=self.label_smoothing)

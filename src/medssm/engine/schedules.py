@@ -45,8 +45,10 @@ class Schedule:
         if name not in ("poly", "cosine", "constant"):
             raise ValueError(f"unknown schedule {name!r}; choose from poly, cosine, constant")
         self.name, self.total_steps, self.warmup_steps = name, int(total_steps), int(warmup_steps)
+        self.offset = 0  # the step the schedule (re)started at
 
     def __call__(self, step: int) -> float:
+        step -= self.offset
         if step < self.warmup_steps:
             return (step + 1) / self.warmup_steps
         s, n = step - self.warmup_steps, max(self.total_steps - self.warmup_steps, 1)
@@ -67,4 +69,12 @@ def make_scheduler(optimizer: torch.optim.Optimizer, name: str, total_steps: int
 def set_total_steps(scheduler: torch.optim.lr_scheduler.LambdaLR, total_steps: int) -> None:
     """Stretch or shorten the schedule of a running ``scheduler`` to end at ``total_steps``."""
     for schedule in scheduler.lr_lambdas:
-        schedule.total_steps = int(total_steps)
+        schedule.total_steps = int(total_steps) - schedule.offset
+
+
+def restart(scheduler: torch.optim.lr_scheduler.LambdaLR, steps: int) -> None:
+    """Start the schedule again from the current step, from the base rate, over ``steps`` more steps
+    (a warm restart, as SGDR's), without warm-up: training extended past a schedule that had ended."""
+    for group, base, schedule in zip(scheduler.optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
+        schedule.offset, schedule.total_steps, schedule.warmup_steps = scheduler.last_epoch, int(steps), 0
+        group["lr"] = base * schedule(scheduler.last_epoch)

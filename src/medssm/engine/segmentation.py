@@ -1,11 +1,6 @@
-"""``medssm train`` for segmentation: the task plug-in of the one trainer (:mod:`.trainer`) for an
-nnU-Net raw dataset.
-
-Check the dataset (nothing is written if it fails) → plan (``plan.json``) → splits (the sorted cases,
-5 folds, ``splits.json``) → preprocess once into a cache → patches, a third foreground-oversampled →
-augmentation (MONAI) → the model's recipe → validation on the held-out fold (sliding-window Dice,
-the cases shared out over the processes). The run folder is laid out as :mod:`medssm.runs`
-describes, plus ``plan.json`` and the preprocessing cache ``preprocessed/``.
+"""``medssm train`` for segmentation: the task plug-in of the one trainer (:mod:`.trainer`) for an nnU-Net raw
+dataset: its check, plan (``plan.json``), folds (``splits.json``), preprocessing cache, foreground-oversampled
+patches, augmentation and sliding-window validation. What the steps do: docs/how-to/train-segmentation.md.
 
 Example:
     medssm train --data ../shared/data/Dataset001_LungXray --model lightm_unet_2d -o runs/lung --epochs 100
@@ -20,12 +15,12 @@ import numpy as np
 import torch
 
 from ..budget import Candidate, Timing
-from ..data.segmentation.nnunet import resolve_data, verify_dataset
+from ..data.segmentation.nnunet import NnUNetDataset, resolve_data, verify_dataset
 from ..data.segmentation.plan import Plan, plan_dataset, plans_at_scales
 from ..data.segmentation.splits import read_or_make_splits, save_splits
 from ..devices import autocast
 from ..inference.sliding import sliding_window_probabilities
-from ..metrics.segmentation import dice_per_class
+from ..metrics.segmentation import dice_of_masks
 from ..nets.registry import build_for_data, get_model_card
 from . import distributed
 from .loop import call_seconds, time_step
@@ -38,7 +33,14 @@ class SegmentationTask(Task):
 
     name, score, default_val_every = "segmentation", "val_dice", 5
 
-    def open(self) -> Path:
+    def run_folder(self) -> Path:
+        if self.cfg.out:
+            return Path(self.cfg.out)
+        dataset = NnUNetDataset(resolve_data(self.cfg.data))
+        model = self.cfg.model or DEFAULT_MODELS[self.name, dataset.spatial_dims]
+        return Path("runs") / f"{dataset.name}_{model.replace(':', '_')}_fold{self.cfg.fold}"
+
+    def open(self, run: Path) -> None:
         cfg = self.cfg
         root = resolve_data(cfg.data)
         self.dataset = verify_dataset(root)  # DatasetError listing every bad case; nothing written yet
@@ -47,13 +49,10 @@ class SegmentationTask(Task):
         if self.card.task == "segmentation" and dims not in self.card.spatial_dims:
             raise ValueError(f"{self.card.name} takes {'/'.join(f'{d}D' for d in self.card.spatial_dims)} input; "
                              f"{root} is {dims}D (try {DEFAULT_MODELS[self.name, dims]})")
-        run = Path(cfg.out) if cfg.out else (
-            Path("runs") / f"{self.dataset.name}_{self.card.name.replace(':', '_')}_fold{cfg.fold}")
         # Too few cases for 5 folds, or a splits.json naming other cases: refused before anything is written.
         self.splits = read_or_make_splits(run / "splits.json", self.dataset.cases)
         held_out = self.splits[cfg.fold]["val"]
         self.held_out = min(cfg.val_cases, len(held_out)) if cfg.val_cases else len(held_out)
-        return run
 
     def prepare(self, run: Path, resuming: bool, progress: bool) -> None:
         self.plans = {}
@@ -73,18 +72,18 @@ class SegmentationTask(Task):
         case = self.dataset.load_case(self.dataset.cases[0])
         preprocess_s = len(self.dataset.cases) * call_seconds(
             lambda: preprocess_case(case.image, case.geometry, self.plan, case.label))
-        loss_fn = make_loss(self.recipe.loss)
+        loss_fn = make_loss(self.recipe.loss, self.plan.label_set)
 
         def measure(candidate: Candidate) -> Timing:
             plan = self.plans[candidate.scale]
             model = self.model_for(plan).to(device)
             batch = (torch.randn(candidate.batch_size, plan.num_channels, *plan.patch_size),
-                     torch.randint(0, plan.num_classes, (candidate.batch_size, 1, *plan.patch_size)))
+                     torch.randint(0, max(plan.label_set.values) + 1, (candidate.batch_size, 1, *plan.patch_size)))
             step = time_step(model, lambda: batch, loss_fn, device, precision)
             image = torch.randn(plan.num_channels, *plan.median_shape)
             with autocast(device, precision):
-                case_s = call_seconds(lambda: sliding_window_probabilities(model, image, plan.patch_size, device=device),
-                                      device)
+                case_s = call_seconds(lambda: sliding_window_probabilities(
+                    model, image, plan.patch_size, device=device, activation=plan.label_set.activation), device)
             return Timing(step, case_s, preprocess_s)
 
         candidates = [Candidate(scale, p.batch_size, tuple(p.patch_size)) for scale, p in self.plans.items()]
@@ -97,20 +96,16 @@ class SegmentationTask(Task):
 
     def model_for(self, plan: Plan) -> torch.nn.Module:
         return build_for_data(self.card.name, spatial_dims=plan.spatial_dims, in_channels=plan.num_channels,
-                              num_classes=plan.num_classes, patch_size=plan.patch_size, **self.model_kwargs)
+                              num_classes=plan.label_set.channels, patch_size=plan.patch_size, **self.model_kwargs)
 
     def build_model(self) -> torch.nn.Module:
         distributed.local_batch(self.plan.batch_size)  # refuse a global batch that does not split over the ranks
         return self.model_for(self.plan)
 
     def description(self) -> dict:
-        return {"task": "segmentation", "dataset": self.dataset.name, "labels": self.labels, "plan": self.plan.to_dict(),
+        return {"task": "segmentation", "dataset": self.dataset.name, "labels": self.plan.labels, "plan": self.plan.to_dict(),
                 "fold": self.cfg.fold, "recipe": dataclasses.asdict(self.recipe), "file_ending": self.dataset.file_ending,
                 "channel_names": self.dataset.channel_names}
-
-    @property
-    def labels(self) -> dict[str, int]:
-        return {k: v for k, v in self.dataset.labels.items() if k != "ignore"}
 
     def write_files(self, run: Path) -> None:
         self.plan.save(run / "plan.json")
@@ -132,7 +127,7 @@ class SegmentationTask(Task):
                                     oversample_foreground=plan.oversample_foreground, seed=cfg.seed)
         self.augment = (training_transforms(plan.spatial_dims, plan.patch_size, self.recipe.augmentation,
                                             seed=cfg.seed) if self.recipe.augmentation != "none" else None)
-        self.loss_fn = make_loss(self.recipe.loss)
+        self.loss_fn = make_loss(self.recipe.loss, plan.label_set)
         self.val_data = [(cache[c]["image"], cache[c]["label"]) for c in val_cases]
 
     def summary(self) -> str:
@@ -150,18 +145,19 @@ class SegmentationTask(Task):
 
     @torch.no_grad()
     def validate(self, model, device, precision, progress) -> dict:
-        """Mean hard Dice per foreground class of the held-out cases, each process scoring its share."""
+        """Hard Dice of each class or region on the held-out cases, each process scoring its share."""
         from tqdm import tqdm
 
-        scores = []
+        labels, scores = self.plan.label_set, []
         for image, label in tqdm(distributed.split_work(self.val_data), desc="validate", unit="case", leave=False,
                                  disable=not progress):
             with autocast(device, precision):
-                probs = sliding_window_probabilities(model, torch.as_tensor(image), self.plan.patch_size, device=device)
-            scores.append(dice_per_class(probs.argmax(0), torch.as_tensor(label), self.plan.num_classes))
-        per_class = np.mean(distributed.gather_work(scores), axis=0)
-        names = [k for k, v in sorted(self.labels.items(), key=lambda kv: kv[1]) if v > 0]
-        return {self.score: float(np.mean(per_class)), **{f"val_dice_{n}": float(d) for n, d in zip(names, per_class)}}
+                probs = sliding_window_probabilities(model, torch.as_tensor(image), self.plan.patch_size, device=device,
+                                                     activation=labels.activation)
+            scores.append(dice_of_masks(labels.masks(labels.to_label_map(probs.numpy())), labels.masks(label)))
+        per_structure = np.mean(distributed.gather_work(scores), axis=0)
+        return {self.score: float(np.mean(per_structure)),
+                **{f"val_dice_{n}": float(d) for n, d in zip(labels.structures, per_structure)}}
 
     def state_dict(self) -> dict:
         return {"sampler": self.sampler.state_dict(), "augment": self.augment.state_dict() if self.augment else {}}

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import math
 import time
 from pathlib import Path
@@ -36,7 +37,7 @@ from . import distributed
 from .ema import WeightAverage
 from .loop import EpochRecorder, grad_scaler, seed_everything, train_step
 from .options import TrainOptions
-from .schedules import make_optimizer, make_scheduler, set_total_steps
+from .schedules import make_optimizer, make_scheduler, restart, set_total_steps
 
 __all__ = ["Task", "fit"]
 
@@ -61,8 +62,13 @@ class Task:
     def __init__(self, cfg: TrainOptions):
         self.cfg = cfg
 
-    def open(self) -> Path:
-        """Check the options and the data before anything is written, set ``card``; returns the run folder."""
+    def run_folder(self) -> Path:
+        """``--out``, or the default run folder of the data and the model (read cheaply: before resuming
+        is decided, the options are not final)."""
+        raise NotImplementedError
+
+    def open(self, run: Path) -> None:
+        """Check the options and the data before anything is written into ``run``; set ``card``."""
         raise NotImplementedError
 
     def prepare(self, run: Path, resuming: bool, progress: bool) -> None:
@@ -125,13 +131,48 @@ def fit(task: Task) -> Path:
         env, device = distributed.setup(cfg.device)  # one process, or one of torchrun's / srun's
         check_precision(cfg.precision, device)
         cfg.check()
+        run = task.run_folder()
+        if cfg.resume and has_checkpoint(run):  # trained as it was configured: the run's options
+            task.cfg = cfg = resumed_options(cfg, run)
         task.model_kwargs = parse_model_kwargs(cfg.model_kwargs)
-        run = task.open()
+        task.open(run)
         if task.card.task != task.name:
             raise ValueError(f"{task.card.name} is a {task.card.task} model; {cfg.data} is a {task.name} dataset")
         task.recipe = cfg.resolve_recipe(task.card)
         with claim_run(run) if env.rank == 0 else contextlib.nullcontext():
             return _Training(task, env, device, run).run()
+
+
+# Options that say how a run runs, not what it trains: a resumed run takes them as given now.
+RUNTIME_OPTIONS = ("data", "out", "resume", "device", "threads", "scan_backend", "progress", "num_workers", "cache",
+                   "precision")
+
+
+def resumed_options(cfg: TrainOptions, run: Path) -> TrainOptions:
+    """The options a resumed run trains with: those of ``RUN/config.json``, where this command leaves
+    an option at its default; the runtime options (:data:`RUNTIME_OPTIONS`) as given now; ``--epochs``
+    to train longer or shorter. Another value of any other option is refused (one line naming them):
+    the run goes on as it was configured, and its records stay what it was trained with."""
+    stored = read_json(run / "config.json", "training options")
+
+    def plain(value):
+        return json.loads(json.dumps(value, default=str))
+
+    merged, differ = {}, []
+    for f in dataclasses.fields(cfg):
+        given, default = getattr(cfg, f.name), f.default if f.default is not dataclasses.MISSING else None
+        if f.name in RUNTIME_OPTIONS or f.name == "epochs" or f.name not in stored:
+            continue
+        if plain(given) == plain(default) or f.name == "over_budget":
+            merged[f.name] = tuple(stored[f.name]) if isinstance(stored[f.name], list) else stored[f.name]
+        elif plain(given) != plain(stored[f.name]):
+            differ.append(f"--{f.name.replace('_', '-')} {plain(given)} (the run: {plain(stored[f.name])})")
+    if differ:
+        raise ValueError(f"{run}: --resume continues the run as it was configured; these options differ from its "
+                         f"config.json: {'; '.join(differ)}. Leave them out, or train a new run (another --out)")
+    if cfg.epochs is not None and stored.get("budget"):
+        raise ValueError(f"{run}: a budgeted run's length is its budget's; --epochs cannot extend it")
+    return dataclasses.replace(cfg, **merged, epochs=cfg.epochs if cfg.epochs is not None else stored.get("epochs"))
 
 
 class _Training:
@@ -151,7 +192,10 @@ class _Training:
         if budget:
             task.follow_budget(budget)
         seed_everything(cfg.seed)
-        model = task.build_model().to(self.device)
+        try:
+            model = task.build_model().to(self.device)
+        except ValueError as e:  # an argument the model does not take, a width too large
+            raise ValueError(f"--model-kwargs {cfg.model_kwargs}: {e}" if task.model_kwargs else str(e)) from None
         ema = WeightAverage(model, cfg.ema) if cfg.ema else None
         evaluated = ema.module if ema else model  # what is validated, kept and predicted with
         # A resumed run records what it was trained as; a new one what the task says.
@@ -194,6 +238,8 @@ class _Training:
             if main:
                 said = f" (best {task.score.replace('_', ' ')} {best:.4f} at epoch {best_epoch})" if best_epoch else ""
                 print(f"resuming {run} after epoch {start}/{epochs}{said}", flush=True)
+            if not budget:
+                description = self.change_length(description, scheduler, start=start, epochs=epochs, steps=steps)
         recorder = EpochRecorder(run, description, resume_epoch=start if cfg.resume else None, main=main,
                                  score=task.score)
         ddp_model = distributed.wrap(model, self.device)  # `model` itself is what is validated and saved
@@ -235,6 +281,31 @@ class _Training:
         if budget and main:
             write_json(run / "budget.json", budget.finished(self.elapsed()).to_dict())
         return recorder.finish(evaluated, epochs)
+
+    def change_length(self, description: dict, scheduler, *, start: int, epochs: int, steps: int) -> dict:
+        """A resumed run given another ``--epochs``: longer or shorter before its schedule ended (the
+        schedule stretched or shortened to the new end), or extended after it ended (the schedule started
+        again over the added epochs, a warm restart); said on stdout and recorded in config.json and
+        model.json. Returns the run's description."""
+        schedule = scheduler.lr_lambdas[0]
+        planned = (schedule.offset + schedule.total_steps) // max(steps, 1)
+        if planned == epochs:
+            return description
+        if epochs < start:
+            raise ValueError(f"{self.run_dir}: has trained {start} epochs; --epochs {epochs} would leave it as it is")
+        if scheduler.last_epoch >= schedule.offset + schedule.total_steps:  # the schedule had ended
+            restart(scheduler, (epochs - start) * steps)
+            how = (f"epochs {start + 1}-{epochs} follow the recipe's {schedule.name} schedule again from its base rate "
+                   f"(a warm restart: the run's schedule had ended at epoch {start})")
+        else:
+            set_total_steps(scheduler, epochs * steps)
+            how = f"its {schedule.name} schedule {'stretched' if epochs > planned else 'shortened'} to end with it"
+        if self.main:
+            print(f"{self.run_dir}: training to epoch {epochs} instead of {planned}: {how}", flush=True)
+            description = {**description, "recipe": {**description.get("recipe", {}), "epochs": epochs}}
+            write_json(self.run_dir / "model.json", description, default=str)
+            write_json(self.run_dir / "config.json", dataclasses.asdict(self.cfg), default=str)
+        return description
 
     def resuming(self) -> bool:
         """Whether this run continues ``checkpoints/last``; a finished run is not overwritten without --resume."""

@@ -1,8 +1,9 @@
 """Predict with a trained classifier (``medssm predict -m RUN -i DATA -o predictions.csv``).
 
 The input can be a split of a MedMNIST ``.npz``, of image folders or of a CSV, a folder of images,
-or one image or volume. Images are read with the model's channels (grey/RGB converted), resized to
-its input size and normalised as in training. The CSV (:func:`medssm.metrics.evaluate_classification.write_predictions`)
+or one image or volume. A multi-label model (``model.json``'s ``multi_label``) gives a sigmoid
+probability per finding, and reads a CSV's finding columns by the findings' names. Images are read with the model's channels (grey/RGB converted), resized to
+its input size and normalised as in training (``model.json``'s ``normalize``, from the model's card). The CSV (:func:`medssm.metrics.evaluate_classification.write_predictions`)
 has one row per sample: ``path``, the predicted ``label`` (index) and ``label_name``, the
 ``target`` index when the input is labelled, and one ``prob_<class>`` column per class. It is
 written atomically, never over an input, and replaces an existing file only with ``--overwrite``.
@@ -54,15 +55,17 @@ class ClassifierPredictConfig:
 
 @torch.no_grad()
 def predict_proba(model: torch.nn.Module, dataset, batch_size: int = 64, device: torch.device | str = "cpu",
-                  progress: bool = False, desc: str = "predict") -> np.ndarray:
-    """Softmax probabilities ``(N, K)`` of ``model`` over ``dataset`` (in its order)."""
+                  progress: bool = False, desc: str = "predict", multi_label: bool = False) -> np.ndarray:
+    """Probabilities ``(N, K)`` of ``model`` over ``dataset`` (in its order): the softmax over the
+    classes, or with ``multi_label`` a sigmoid per finding."""
     from tqdm import tqdm
 
     model.eval()
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False)
     out = []
     for x, _, _ in tqdm(loader, desc=desc, leave=False, disable=not progress):
-        out.append(torch.softmax(model(x.to(device)).float(), dim=1).cpu())
+        logits = model(x.to(device)).float()
+        out.append((logits.sigmoid() if multi_label else logits.softmax(1)).cpu())
     return torch.cat(out).numpy().astype(np.float64)
 
 
@@ -80,9 +83,9 @@ def _predict(cfg: ClassifierPredictConfig) -> Path:
     for key in ("classes", "input_size"):
         if key not in meta:
             raise ValueError(f"{run.path / 'model.json'}: missing {key!r}; not a classification run of medssm train")
-    classes = list(meta["classes"])
+    classes, multi = list(meta["classes"]), bool(meta.get("multi_label"))
     source = open_classification_data(cfg.input, cfg.split, root=cfg.data_root, size=cfg.size, classes=classes,
-                                      in_chans=meta.get("in_chans"))
+                                      in_chans=meta.get("in_chans"), label_columns=classes if multi else None)
     if source.spatial_dims != meta.get("spatial_dims", 2):
         raise ValueError(f"{cfg.input}: {source.spatial_dims}D data, but the model in {cfg.model} is "
                          f"{meta.get('spatial_dims', 2)}D")
@@ -96,10 +99,13 @@ def _predict(cfg: ClassifierPredictConfig) -> Path:
         return out
     device = resolve_device(cfg.device, prefer=meta.get("device"))
     model = run.load_model(cfg.checkpoint, device=device)
-    dataset = ClassificationDataset(source, meta["input_size"], train=False, in_chans=meta.get("in_chans"))
-    probs = predict_proba(model, dataset, batch_size=cfg.batch_size, device=device, progress=cfg.progress)
+    norm = meta.get("normalize") or dict(zip(("mean", "std"), run.card.normalize))  # as the model was trained
+    dataset = ClassificationDataset(source, meta["input_size"], train=False, in_chans=meta.get("in_chans"),
+                                    normalize=(norm["mean"], norm["std"]))
+    probs = predict_proba(model, dataset, batch_size=cfg.batch_size, device=device, progress=cfg.progress,
+                          multi_label=multi)
     names = [source.name(i) for i in range(len(source))]
-    targets = source.labels if (source.labels >= 0).any() else None
+    targets = source.labels if multi or (source.labels >= 0).any() else None
     write_predictions(out, names, probs, classes, targets)
     print(f"{len(names)} predictions on {device} -> {out}")
     return out

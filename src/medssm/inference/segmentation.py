@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from ..devices import cpu_threads, resolve_device
-from ..files import atomic_path, guard_outputs, write_json
+from ..files import atomic_path, guard_outputs, output_folder, write_json
 from ..runs import load_run
 from ..ssm import use_backend
 
@@ -44,10 +44,14 @@ class PredictConfig:
         "mirror test-time augmentation (2^d flips) (default: as the run's recipe says: off for LightM-UNet's, on for "
         "SegMamba's, nnU-Net's and the short recipe)")})
     save_probabilities: bool = dataclasses.field(default=False, metadata={
-        "help": "also write {case}.npz with the class probabilities on the image's grid"})
+        "help": "also write {case}.npz with the probabilities on the image's grid: of each class, or of each region "
+                "(with their names)"})
     overwrite: bool = dataclasses.field(default=False, metadata={"help": "replace existing outputs"})
     skip_existing: bool = dataclasses.field(default=False, metadata={
         "help": "keep existing outputs and predict the rest (outputs are written atomically: existing ones are complete)"})
+    skip_bad: bool = dataclasses.field(default=False, metadata={"help": (
+        "predict the cases that can be read and list the others at the end (exit 2) instead of checking every "
+        "input first and predicting nothing when one is bad")})
     overlap: float = dataclasses.field(default=0.5, metadata={"help": "sliding-window overlap"})
     batch_size: int = dataclasses.field(default=1, metadata={"help": "windows per forward pass"})
     cases: tuple[str, ...] | None = dataclasses.field(default=None, metadata={
@@ -84,14 +88,32 @@ def plan_outputs(cfg: PredictConfig) -> dict[str, tuple[list[Path], list[Path]]]
 
 def predict_case(model: torch.nn.Module, plan, image: np.ndarray, geometry, *, mirror: bool = False,
                  overlap: float = 0.5, batch_size: int = 1, device="cpu") -> np.ndarray:
-    """Class probabilities ``(K, *S)`` on the image's own grid for one image ``(C, *S)``."""
+    """Probabilities ``(K, *S)`` on the image's own grid for one image ``(C, *S)``: of each class, or of
+    each region (``plan.label_set.to_label_map`` makes the label map of either)."""
     from ..data.segmentation.preprocess import preprocess_case, revert_to_original
     from .sliding import sliding_window_probabilities
 
+    labels = plan.label_set
     image_pp, _, props = preprocess_case(image, geometry, plan)
     probs = sliding_window_probabilities(model, torch.from_numpy(image_pp), plan.patch_size, overlap=overlap,
-                                         mirror=mirror, batch_size=batch_size, device=device)
-    return revert_to_original(probs.numpy(), props)
+                                         mirror=mirror, batch_size=batch_size, device=device,
+                                         activation=labels.activation)
+    return revert_to_original(probs.numpy(), props, background=not labels.has_regions)
+
+
+def read_input(case: str, files: list[Path], plan) -> tuple[tuple, list]:
+    """``((image, geometry), [])`` of a case to predict, or ``((None, None), problems)`` when it cannot be
+    read or has another number of channels than the model's."""
+    from ..data.segmentation.nnunet import DatasetError, read_case_images
+
+    try:
+        image, geometry = read_case_images(files, case)
+    except DatasetError as e:
+        return (None, None), e.problems
+    if image.shape[0] != plan.num_channels:
+        return (None, None), [(case, str(files[0]), f"{image.shape[0]} channel(s); the model was trained on "
+                                                    f"{plan.num_channels}")]
+    return (image, geometry), []
 
 
 def predict(cfg: PredictConfig) -> Path:
@@ -104,7 +126,7 @@ def _predict(cfg: PredictConfig) -> Path:
     from tqdm import tqdm
 
     from ..data.io import write_image
-    from ..data.segmentation.nnunet import read_case_images
+    from ..data.segmentation.nnunet import DatasetError
 
     run = load_run(cfg.model)
     if run.task != "segmentation":
@@ -115,25 +137,35 @@ def _predict(cfg: PredictConfig) -> Path:
     device = resolve_device(cfg.device, prefer=run.description.get("device"))
     model = run.load_model(cfg.checkpoint, device=device)
     mirror = cfg.mirror if cfg.mirror is not None else bool(run.description.get("recipe", {}).get("mirror_tta"))
-    out = Path(cfg.output)
-    out.mkdir(parents=True, exist_ok=True)
-    dtype = np.uint8 if plan.num_classes <= 256 else np.uint16
+    if not cfg.skip_bad:  # every input checked before the first prediction: all bad files in one error
+        problems = [p for case, (files, _) in tqdm(jobs.items(), desc="check inputs", unit="case", leave=False,
+                                                   disable=not cfg.progress) for p in read_input(case, files, plan)[1]]
+        if problems:
+            raise DatasetError(cfg.input, problems)
+    out = output_folder(cfg.output, "the predictions' folder")
+    labels = plan.label_set
+    dtype = np.uint8 if max(labels.values) < 256 else np.uint16
+    names = list(labels.structures) if labels.has_regions else ["background", *labels.structures]
+    failed = []
     for case, (files, targets) in tqdm(jobs.items(), desc="predict", unit="case", disable=not cfg.progress):
-        image, geometry = read_case_images(files, case)
-        if image.shape[0] != plan.num_channels:
-            raise ValueError(f"{files[0]}: {image.shape[0]} channel(s), the model was trained on {plan.num_channels}")
+        (image, geometry), problems = read_input(case, files, plan)
+        if problems:
+            failed += problems
+            continue
         probs = predict_case(model, plan, image, geometry, mirror=mirror, overlap=cfg.overlap,
                              batch_size=cfg.batch_size, device=device)
-        write_image(probs.argmax(0).astype(dtype), geometry, targets[0])
+        write_image(labels.to_label_map(probs).astype(dtype), geometry, targets[0])
         if cfg.save_probabilities:
             with atomic_path(targets[1]) as tmp, open(tmp, "wb") as f:
-                np.savez_compressed(f, probabilities=probs.astype(np.float32), labels=np.array(list(plan.labels)))
+                np.savez_compressed(f, probabilities=probs.astype(np.float32), labels=np.array(names))
     write_json(out / "predictions.json", {  # what made these label maps, for evaluate's summary and report
         "run": str(run.path.resolve()), "model": run.model_name, "checkpoint": cfg.checkpoint, "mirror": mirror,
         "input": str(Path(cfg.input).resolve()),
         "created": datetime.datetime.now().astimezone().isoformat(timespec="seconds")})
-    print(f"{len(jobs)} case(s) predicted with {run.checkpoint(cfg.checkpoint)} on {device}"
-          f"{' with mirroring' if mirror else ''} -> {out}")
+    print(f"{len(jobs) - len({c for c, _, _ in failed})} case(s) predicted with {run.checkpoint(cfg.checkpoint)} on "
+          f"{device}{' with mirroring' if mirror else ''} -> {out}")
+    if failed:
+        raise DatasetError(cfg.input, failed)  # --skip-bad: the good cases are written, the bad ones listed
     return out
 
 

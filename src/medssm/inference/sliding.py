@@ -26,13 +26,16 @@ def mirror_axes_sets(spatial_dims: int, axes: Sequence[int] | None = None) -> li
 def sliding_window_probabilities(model: torch.nn.Module, image: torch.Tensor, patch_size: Sequence[int], *,
                                  overlap: float = 0.5, mirror: bool = False, mirror_axes: Sequence[int] | None = None,
                                  batch_size: int = 1, device: torch.device | str | None = None,
-                                 progress: bool = False) -> torch.Tensor:
-    """Class probabilities ``(K, *S)`` (float32, on the CPU) of one image ``(C, *S)``.
+                                 activation: str = "softmax", progress: bool = False) -> torch.Tensor:
+    """Probabilities ``(K, *S)`` (float32, on the CPU) of one image ``(C, *S)``: the softmax over the
+    classes, or with ``activation="sigmoid"`` one probability per region (:mod:`medssm.labels`).
 
     Windows of ``patch_size`` overlap by ``overlap``; their logits are blended with a Gaussian
     weight; images smaller than a patch are padded and cropped back. With ``mirror=True`` the
-    softmax is averaged over all flips of the spatial axes (``mirror_axes`` to restrict them).
+    probabilities are averaged over all flips of the spatial axes (``mirror_axes`` to restrict them).
     """
+    if activation not in ("softmax", "sigmoid"):
+        raise ValueError(f"activation must be softmax or sigmoid, got {activation!r}")
     if image.ndim != len(patch_size) + 1:
         raise ValueError(f"image of shape {tuple(image.shape)} does not match a {len(patch_size)}-D patch size "
                          f"{tuple(patch_size)}; expected (C, *spatial)")
@@ -55,7 +58,7 @@ def sliding_window_probabilities(model: torch.nn.Module, image: torch.Tensor, pa
                                               predictor=predictor, overlap=overlap, mode="gaussian", sigma_scale=0.125,
                                               padding_mode="constant", cval=0.0, progress=progress)
             logits = logits.as_tensor() if hasattr(logits, "as_tensor") else logits
-            probs = logits.float().softmax(1)
+            probs = logits.float().softmax(1) if activation == "softmax" else logits.float().sigmoid()
             if dims:
                 probs = probs.flip(dims)
             total = probs if total is None else total + probs

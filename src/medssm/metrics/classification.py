@@ -7,6 +7,10 @@
 * Per class: precision, sensitivity (recall), specificity, F1 and AUC (one-vs-rest); averaged:
   their unweighted (macro) means. A class that is never predicted has precision 0 (scikit-learn's
   ``zero_division=0``); a class absent from the labels has no AUC (NaN, left out of the mean).
+* **Multi-label** (labels ``(N, K)`` of 0/1, one sigmoid probability per finding, as ChestMNIST):
+  each finding is a binary task at 0.5; ACC is the mean of the findings' accuracies and AUC the
+  mean of their AUCs (``medmnist.Evaluator``'s getACC and getAUC for multi-label); per finding the
+  same metrics as per class above, and their macro means.
 
 Examples:
     >>> y = np.array([0, 1, 1, 0]); p = np.array([[.8, .2], [.3, .7], [.6, .4], [.1, .9]])
@@ -26,7 +30,7 @@ import numpy as np
 
 from ..figures import pyplot, save_figure
 
-__all__ = ["roc_auc", "roc_curve", "predict_labels", "confusion_matrix", "classification_metrics",
+__all__ = ["roc_auc", "roc_curve", "predict_labels", "confusion_matrix", "classification_metrics", "multi_label_metrics",
            "plot_confusion_matrix", "plot_roc", "format_metrics"]
 
 
@@ -119,10 +123,13 @@ def classification_metrics(y_true, probs, class_names: Sequence[str] | None = No
     """Every metric of the module docstring for labels ``(N,)`` and probabilities ``(N, K)``.
 
     Returns a JSON-able dict: ``acc``, ``auc``, the macro ``precision``, ``sensitivity``,
-    ``specificity``, ``f1``, ``balanced_acc``, ``n``, ``confusion_matrix`` and ``per_class`` (a list
+    ``specificity``, ``f1``, ``balanced_acc``, ``log_loss`` (the mean negative log-probability of the
+    true class), ``n``, ``confusion_matrix`` and ``per_class`` (a list
     of dicts with ``class``, ``support``, ``precision``, ``sensitivity``, ``specificity``, ``f1``,
     ``auc``).
     """
+    if np.ndim(y_true) == 2 and np.shape(y_true)[1] > 1:
+        return multi_label_metrics(y_true, probs, class_names, threshold)
     y, p = _check(y_true, probs)
     k = p.shape[1]
     names = list(class_names) if class_names is not None else [str(i) for i in range(k)]
@@ -151,6 +158,7 @@ def classification_metrics(y_true, probs, class_names: Sequence[str] | None = No
     return {
         "n": int(len(y)), "num_classes": k,
         "acc": float((pred == y).mean()), "auc": float(auc),
+        "log_loss": float(-np.mean(np.log(np.clip(p[np.arange(len(y)), y], 1e-12, None)))),
         "precision": float(precision.mean()), "sensitivity": float(sensitivity.mean()),
         "specificity": float(specificity.mean()), "f1": float(f1.mean()),
         "balanced_acc": float(sensitivity[cm.sum(axis=1) > 0].mean()),
@@ -158,15 +166,51 @@ def classification_metrics(y_true, probs, class_names: Sequence[str] | None = No
     }
 
 
+def multi_label_metrics(y_true, probs, names: Sequence[str] | None = None, threshold: float = 0.5) -> dict:
+    """The metrics of findings ``(N, K)`` of 0/1 and their probabilities ``(N, K)`` (see the module
+    docstring): ``acc``, ``auc``, the macro ``precision``, ``sensitivity``, ``specificity``, ``f1``,
+    ``log_loss`` (the mean binary cross-entropy), ``n``, ``multi_label`` and ``per_class`` (each
+    finding's ``support`` (positives), ``acc``, ...)."""
+    y, p = np.asarray(y_true), np.asarray(probs, dtype=np.float64)
+    if y.shape != p.shape or len(y) == 0:
+        raise ValueError(f"findings must be (N, K) and probabilities (N, K) with N > 0; got {y.shape} and {p.shape}")
+    if not np.isin(y, (0, 1)).all():
+        raise ValueError("multi-label findings must be 0 or 1")
+    k = y.shape[1]
+    names = list(names) if names is not None else [str(i) for i in range(k)]
+    y, pred = y.astype(bool), p > threshold
+    tp, fp = (y & pred).sum(0), (~y & pred).sum(0)
+    fn, tn = (y & ~pred).sum(0), (~y & ~pred).sum(0)
+    precision, sensitivity, specificity = _div(tp, tp + fp), _div(tp, tp + fn), _div(tn, tn + fp)
+    f1, acc = _div(2 * tp, 2 * tp + fp + fn), (y == pred).mean(0)
+    auc = np.array([roc_auc(y[:, i], p[:, i]) for i in range(k)])
+    defined = ~np.isnan(auc)
+    if not defined.all() and defined.any():
+        warnings.warn(f"AUC: findings {[names[i] for i in np.flatnonzero(~defined)]} are present in every sample or "
+                      "in none; left out of the mean", stacklevel=2)
+    per_class = [{"class": names[i], "support": int(tp[i] + fn[i]), "acc": float(acc[i]),
+                  "precision": float(precision[i]), "sensitivity": float(sensitivity[i]),
+                  "specificity": float(specificity[i]), "f1": float(f1[i]), "auc": float(auc[i])} for i in range(k)]
+    q = np.clip(p, 1e-12, 1 - 1e-12)
+    return {"n": int(len(y)), "num_classes": k, "multi_label": True, "acc": float(acc.mean()),
+            "auc": float(auc[defined].mean()) if defined.any() else float("nan"),
+            "log_loss": float(-np.mean(np.where(y, np.log(q), np.log(1 - q)))),
+            "precision": float(precision.mean()), "sensitivity": float(sensitivity.mean()),
+            "specificity": float(specificity.mean()), "f1": float(f1.mean()), "per_class": per_class}
+
+
 def format_metrics(m: dict) -> str:
     """A small text table: the averages, then one row per class."""
     lines = [f"n={m['n']}  ACC {m['acc']:.4f}  AUC {m['auc']:.4f}  F1 {m['f1']:.4f}  precision "
              f"{m['precision']:.4f}  sensitivity {m['sensitivity']:.4f}  specificity {m['specificity']:.4f}"]
     width = max(8, *(len(c["class"]) for c in m["per_class"]))
-    lines.append(f"{'class':<{width}}  support  precision  sensitivity  specificity      f1     auc")
+    acc = m.get("multi_label", False)  # a finding has its own accuracy; a class does not
+    lines.append(f"{'finding' if acc else 'class':<{width}}  {'positive' if acc else 'support'}  "
+                 + ("   acc  " if acc else "") + "precision  sensitivity  specificity      f1     auc")
     for c in m["per_class"]:
-        lines.append(f"{c['class']:<{width}}  {c['support']:>7}  {c['precision']:>9.4f}  {c['sensitivity']:>11.4f}"
-                     f"  {c['specificity']:>11.4f}  {c['f1']:>6.4f}  {c['auc']:>6.4f}")
+        lines.append(f"{c['class']:<{width}}  {c['support']:>{8 if acc else 7}}  " + (f"{c['acc']:.4f}  " if acc else "")
+                     + f"{c['precision']:>9.4f}  {c['sensitivity']:>11.4f}  {c['specificity']:>11.4f}  {c['f1']:>6.4f}  "
+                     f"{c['auc']:>6.4f}")
     return "\n".join(lines)
 
 
@@ -194,16 +238,21 @@ def plot_confusion_matrix(cm, class_names: Sequence[str], path: str | os.PathLik
 
 
 def plot_roc(y_true, probs, class_names: Sequence[str], path: str | os.PathLike, title: str = "") -> Path:
-    """ROC curves as a PNG: the positive class for two classes, one-vs-rest per class otherwise."""
+    """ROC curves as a PNG: the positive class for two classes, one-vs-rest per class otherwise, one
+    per finding for multi-label findings ``(N, K)``."""
     plt = pyplot()
-    y, p = _check(y_true, probs)
-    k = p.shape[1]
-    fig, ax = plt.subplots(figsize=(5, 5))
-    for i in ([1] if k == 2 else range(k)):
-        if (y == i).all() or not (y == i).any():
+    if np.ndim(y_true) == 2 and np.shape(y_true)[1] > 1:
+        positives, p = np.asarray(y_true).astype(bool).T, np.asarray(probs, dtype=np.float64)
+        shown = range(p.shape[1])
+    else:
+        y, p = _check(y_true, probs)
+        positives, shown = [y == i for i in range(p.shape[1])], [1] if p.shape[1] == 2 else range(p.shape[1])
+    fig, ax = plt.subplots(figsize=(5, 5) if len(shown) <= 8 else (7, 6))
+    for i in shown:
+        if positives[i].all() or not positives[i].any():
             continue
-        fpr, tpr, _ = roc_curve(y == i, p[:, i])
-        ax.plot(fpr, tpr, label=f"{class_names[i]} (AUC {roc_auc(y == i, p[:, i]):.3f})")
+        fpr, tpr, _ = roc_curve(positives[i], p[:, i])
+        ax.plot(fpr, tpr, label=f"{class_names[i]} (AUC {roc_auc(positives[i], p[:, i]):.3f})")
     ax.plot([0, 1], [0, 1], "k--", lw=0.8)
     ax.set_xlim(0, 1)
     ax.set_ylim(0, 1.01)

@@ -1,11 +1,16 @@
 """Score classification predictions (``medssm evaluate predictions.csv [-r DATA]``).
 
 Reads a predictions CSV (from ``medssm predict``); the true labels come from its ``target``
-column or from ``--reference`` (a .npz, image folders or CSV, matched by path). Writes
+column(s) or from ``--reference`` (a .npz, image folders or CSV, matched by path). Writes
 ``metrics.json`` (accuracy, AUC, macro F1, precision, sensitivity, specificity, per class and
-averaged, in the MedMNIST v2 convention), ``confusion_matrix.png``, ``roc.png``, ``cases.csv`` (every
-sample with its target and probabilities, in the predictions CSV format) and ``report.html``
-(:mod:`.html_report`).
+averaged, in the MedMNIST v2 convention), ``confusion_matrix.png`` and ``roc.png``; for
+multi-label predictions the same per finding, and ``roc.png`` with a curve per finding. Beside them
+``cases.csv`` (every sample with its target and probabilities, in the predictions CSV format) and
+``report.html`` (:mod:`.html_report`).
+
+The CSV: ``path``, then ``label`` (index), ``label_name`` and ``target`` for one class per sample,
+or ``findings`` (the findings over 0.5, ``;``-separated) and a ``target_<finding>`` per finding
+(0/1) for multi-label; then one ``prob_<class or finding>`` column each. An empty target is unknown.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ import datetime
 import io
 import json
 import os
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -44,6 +50,9 @@ class ClassifierEvaluateConfig:
         "help": "folder for metrics.json and the PNGs (default: <predictions>_evaluation beside the CSV)"})
     size: int = field(default=28, metadata={"help": "MedMNIST image size when --reference is a name"})
     data_root: str | None = field(default=None, metadata={"help": "folder of MedMNIST files for names"})
+    allow_missing: bool = field(default=False, metadata={"help": (
+        "score the samples of --reference that have a prediction, warn about the others and count them "
+        "(default: a sample without prediction is an error)")})
     overwrite: bool = field(default=False, metadata={"help": "replace an existing evaluation"})
     html: bool = field(default=True, metadata={
         "help": "write report.html: the metrics, confusion matrix, ROC curves and a sortable table of the samples"})
@@ -52,14 +61,23 @@ class ClassifierEvaluateConfig:
 
 def write_predictions(path: str | os.PathLike, names: list[str], probs: np.ndarray, classes: list[str],
                       targets: np.ndarray | None = None) -> Path:
-    """Write the predictions CSV (atomically); see the module docstring for its columns."""
-    pred = predict_labels(probs)
+    """Write the predictions CSV (atomically); see the module docstring for its columns. ``targets``
+    ``(N, K)`` (or ``probs`` of a multi-label model with ``targets`` None) make a multi-label CSV:
+    pass ``targets`` of -1 for unknown findings."""
+    multi = targets is not None and np.ndim(targets) == 2
     buf = io.StringIO()
     w = csv.writer(buf)
-    w.writerow(["path", "label", "label_name", "target"] + [f"prob_{c}" for c in classes])
-    for i, name in enumerate(names):
-        t = "" if targets is None or targets[i] < 0 else int(targets[i])
-        w.writerow([name, int(pred[i]), classes[pred[i]], t] + [f"{v:.6g}" for v in probs[i]])
+    if multi:
+        w.writerow(["path", "findings"] + [f"target_{c}" for c in classes] + [f"prob_{c}" for c in classes])
+        for i, name in enumerate(names):
+            found = ";".join(c for c, v in zip(classes, probs[i]) if v > 0.5)
+            w.writerow([name, found] + ["" if t < 0 else int(t) for t in targets[i]] + [f"{v:.6g}" for v in probs[i]])
+    else:
+        pred = predict_labels(probs)
+        w.writerow(["path", "label", "label_name", "target"] + [f"prob_{c}" for c in classes])
+        for i, name in enumerate(names):
+            t = "" if targets is None or targets[i] < 0 else int(targets[i])
+            w.writerow([name, int(pred[i]), classes[pred[i]], t] + [f"{v:.6g}" for v in probs[i]])
     path = Path(path)
     with atomic_path(path) as tmp:
         tmp.write_text(buf.getvalue())
@@ -67,7 +85,9 @@ def write_predictions(path: str | os.PathLike, names: list[str], probs: np.ndarr
 
 
 def read_predictions(path: str | os.PathLike) -> tuple[list[str], np.ndarray, np.ndarray, list[str]]:
-    """(paths, probabilities (N, K), targets (N,) with -1 where absent, class names) of a predictions CSV."""
+    """(paths, probabilities (N, K), targets with -1 where absent: (N,) or, multi-label, (N, K), class or
+    finding names) of a predictions CSV. A row with a probability that is not a finite number in [0, 1]
+    is malformed."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such predictions CSV")
@@ -75,73 +95,96 @@ def read_predictions(path: str | os.PathLike) -> tuple[list[str], np.ndarray, np
     if not rows or "path" not in rows[0]:
         raise ValueError(f"{path}: not a predictions CSV (expected a header with path and prob_<class> columns)")
     head = rows[0]
+    multi = "findings" in head
     prob_cols = [i for i, h in enumerate(head) if h.startswith("prob_")]
-    if len(prob_cols) < 2:
+    if len(prob_cols) < (1 if multi else 2):
         raise ValueError(f"{path}: needs one prob_<class> column per class (at least 2), found {len(prob_cols)}")
-    ip, it = head.index("path"), head.index("target") if "target" in head else None
+    classes = [head[i][len("prob_"):] for i in prob_cols]
+    ip = head.index("path")
+    target_cols = ([head.index(f"target_{c}") if f"target_{c}" in head else None for c in classes] if multi
+                   else [head.index("target") if "target" in head else None])
     names, probs, targets = [], [], []
     for n, r in enumerate(rows[1:], start=2):
         if not r:
             continue
         try:
             names.append(r[ip])
-            probs.append([float(r[i]) for i in prob_cols])
-            targets.append(int(r[it]) if it is not None and r[it].strip() != "" else -1)
+            row = [float(r[i]) for i in prob_cols]
+            if not all(0.0 <= v <= 1.0 for v in row):  # NaN fails too
+                raise ValueError(f"a probability is not a number in [0, 1]: {[r[i] for i in prob_cols]}")
+            probs.append(row)
+            cells = [r[i].strip() if i is not None else "" for i in target_cols]
+            found = [int(c) if c != "" else -1 for c in cells]
         except (ValueError, IndexError) as e:
-            raise ValueError(f"{path}, line {n}: malformed row ({e})") from e
-    return names, np.asarray(probs, dtype=np.float64), np.asarray(targets, dtype=np.int64), \
-        [head[i][len("prob_"):] for i in prob_cols]
+            raise ValueError(f"{path}, line {n}: malformed row ({e})") from None
+        targets.append(found if multi else found[0])
+    return names, np.asarray(probs, dtype=np.float64), np.asarray(targets, dtype=np.int64), classes
 
 
 def evaluate_predictions(y_true, probs, classes: Sequence[str], out: str | os.PathLike | None = None,
-                         title: str = "", about: dict | None = None) -> dict:
+                         title: str = "", missing: int = 0, about: dict | None = None) -> dict:
     """Metrics of ``probs`` against ``y_true``; with ``out``, also metrics.json (with ``about``: what
-    was evaluated) and the two PNGs."""
-    m = classification_metrics(y_true, probs, classes)
+    was evaluated) and the PNGs. ``missing``: the references without prediction (left out, counted in
+    the metrics as ``n_missing``)."""
+    m = {**classification_metrics(y_true, probs, classes), "n_missing": missing}
     if out is not None:
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)
         with atomic_path(out / "metrics.json") as tmp:
             tmp.write_text(json.dumps({**m, **(about or {})}, indent=2))
-        plot_confusion_matrix(m["confusion_matrix"], classes, out / "confusion_matrix.png", title=title)
+        if "confusion_matrix" in m:  # one class per sample
+            plot_confusion_matrix(m["confusion_matrix"], classes, out / "confusion_matrix.png", title=title)
         plot_roc(y_true, probs, classes, out / "roc.png", title=title)
     return m
 
 
 def evaluate_classifier(cfg: ClassifierEvaluateConfig) -> dict:
+    """Score the predictions CSV; returns the metrics. Every check comes before anything is written."""
     from ..data.classification import open_classification_data
 
     pred_path = Path(cfg.predictions)
     names, probs, targets, classes = read_predictions(pred_path)
+    multi, missing = targets.ndim == 2, []
     if cfg.reference is not None:
         with stage(f"reading the labels of {cfg.reference} [{cfg.split}]", cfg.progress):
             ref = open_classification_data(cfg.reference, cfg.split, root=cfg.data_root, size=cfg.size,
-                                           classes=classes)
+                                           classes=classes, label_columns=classes if multi else None)
         ref.check_labels(len(classes), f"{pred_path} (its prob_ columns)")
-        by_name = {ref.name(i): int(ref.labels[i]) for i in range(len(ref))}
-        missing = [n for n in names if n not in by_name]
-        if missing:
-            raise ValueError(f"{pred_path}: {len(missing)} predicted paths are not in {cfg.reference} [{cfg.split}], "
-                             f"e.g. {missing[0]!r}")
+        by_name = {ref.name(i): ref.labels[i] for i in range(len(ref))}
+        unknown = [n for n in names if n not in by_name]
+        if unknown:
+            raise ValueError(f"{pred_path}: {len(unknown)} predicted paths are not in {cfg.reference} [{cfg.split}], "
+                             f"e.g. {unknown[0]!r}")
+        missing = sorted(set(by_name) - set(names))
+        if missing and not cfg.allow_missing:
+            raise ValueError(f"{pred_path}: no prediction for {len(missing)} of {len(by_name)} samples of "
+                             f"{cfg.reference} [{cfg.split}], e.g. {missing[0]!r}; predict them, or pass --allow-missing")
         targets = np.asarray([by_name[n] for n in names], dtype=np.int64)
-    if (targets < 0).any():
-        raise ValueError(f"{pred_path}: {int((targets < 0).sum())} rows have no target; give the labelled data "
+    unknown_rows = (targets < 0).reshape(len(targets), -1).any(axis=1)
+    if unknown_rows.any():
+        raise ValueError(f"{pred_path}: {int(unknown_rows.sum())} rows have no target; give the labelled data "
                          "with --reference")
-    if targets.max() >= len(classes):
+    if not multi and targets.max() >= len(classes):
         bad = int(np.flatnonzero(targets >= len(classes))[0])
         raise ValueError(f"{pred_path}, row for {names[bad]!r}: label {int(targets[bad])} is out of range for "
                          f"{len(classes)} classes")
     out = Path(cfg.out) if cfg.out else pred_path.with_name(pred_path.stem + "_evaluation")
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"{out}: is a file, not a folder (the evaluation's folder); choose another --out")
     if (out / "metrics.json").exists() and not cfg.overwrite:
         raise FileExistsError(f"{out}: already holds an evaluation; pass --overwrite to replace it")
+    if missing:
+        print(f"warning: {len(missing)} samples of {cfg.reference} [{cfg.split}] have no prediction and are not "
+              f"scored, e.g. {missing[0]!r}", file=sys.stderr)
     about = {"predictions": str(pred_path.resolve()), "reference": cfg.reference and str(cfg.reference),
              "split": cfg.split if cfg.reference else None,
              "created": datetime.datetime.now().astimezone().isoformat(timespec="seconds")}
-    with stage("scoring and drawing the confusion matrix and ROC curves", cfg.progress):
-        m = evaluate_predictions(targets, probs, classes, out, title=pred_path.stem, about=about)
+    with stage("scoring and drawing the " + ("ROC curves" if multi else "confusion matrix and ROC curves"), cfg.progress):
+        m = evaluate_predictions(targets, probs, classes, out, title=pred_path.stem, missing=len(missing),
+                                 about=about)
         write_predictions(out / "cases.csv", names, probs, classes, targets)
     print(format_metrics(m))
-    print(f"metrics.json, confusion_matrix.png, roc.png, cases.csv -> {out}")
+    print(f"metrics.json, {'' if multi else 'confusion_matrix.png, '}roc.png, cases.csv -> {out}")
     if cfg.html:
         print(f"report: {write_html_report(out)}")
     return m

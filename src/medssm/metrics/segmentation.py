@@ -1,12 +1,14 @@
-"""Per-class segmentation metrics of one case: Dice, IoU and HD95 (MONAI's implementations).
+"""Segmentation metrics of one case: Dice, IoU and HD95 (MONAI's implementations) of each structure, a
+class or a region (the union of several labels, :mod:`medssm.labels`), in label maps.
 
 Conventions for empty structures (as nnU-Net and the MSD challenge): a class absent from both the
 prediction and the reference scores Dice = IoU = 1 and HD95 = 0; a class present in only one of them
 scores Dice = IoU = 0 and HD95 = NaN (undefined; left out of the means, counted in ``n_hd95_undefined``).
 
 Example:
-    >>> scores = case_metrics(pred, ref, labels={"lung": 1}, spacing=(1.0, 1.0))
+    >>> scores = case_metrics(pred, ref, {"lung": 1}, spacing=(1.0, 1.0))
     >>> scores["lung"]["dice"]
+    >>> case_metrics(pred, ref, {"whole tumour": [1, 2, 3], "tumour core": [2, 3], "enhancing tumour": 3})
 """
 
 from __future__ import annotations
@@ -19,15 +21,18 @@ import numpy as np
 import torch
 
 
-def _onehot(a: np.ndarray, label: int) -> torch.Tensor:
-    return torch.from_numpy(np.ascontiguousarray(a == label))[None, None].float()  # (1, 1, *S)
+def _onehot(a: np.ndarray, values: Sequence[int]) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(np.isin(a, values)))[None, None].float()  # (1, 1, *S)
 
 
-def class_metrics(pred: np.ndarray, ref: np.ndarray, label: int, spacing: Sequence[float] | None = None) -> dict:
-    """Dice, IoU and HD95 (in the units of ``spacing``, voxels if None) of one label value."""
+def structure_metrics(pred: np.ndarray, ref: np.ndarray, values: int | Sequence[int],
+                      spacing: Sequence[float] | None = None) -> dict:
+    """Dice, IoU and HD95 (in the units of ``spacing``, voxels if None) of one structure: the voxels
+    holding ``values`` (one class, or the labels of a region)."""
     from monai.metrics import compute_dice, compute_hausdorff_distance, compute_iou
 
-    p, r = _onehot(pred, label), _onehot(ref, label)
+    values = [int(v) for v in np.atleast_1d(values)]
+    p, r = _onehot(pred, values), _onehot(ref, values)
     n_pred, n_ref = int(p.sum()), int(r.sum())
     out = {"n_pred": n_pred, "n_ref": n_ref}
     if n_pred == 0 and n_ref == 0:
@@ -43,25 +48,23 @@ def class_metrics(pred: np.ndarray, ref: np.ndarray, label: int, spacing: Sequen
     return {**out, "dice": dice, "iou": iou, "hd95": float(hd[0, 0])}
 
 
-def case_metrics(pred: np.ndarray, ref: np.ndarray, labels: Mapping[str, int],
+def case_metrics(pred: np.ndarray, ref: np.ndarray, structures: Mapping[str, int | Sequence[int]],
                  spacing: Sequence[float] | None = None) -> dict[str, dict]:
-    """``{class name: {dice, iou, hd95, n_pred, n_ref}}`` for every foreground label (value > 0)."""
+    """``{name: {dice, iou, hd95, n_pred, n_ref}}`` for every structure ``{name: value or [values]}``
+    (background, value 0 alone, and ``ignore`` are not structures)."""
     pred, ref = np.asarray(pred), np.asarray(ref)
     if pred.shape != ref.shape:
         raise ValueError(f"prediction shape {pred.shape} differs from reference shape {ref.shape}")
-    return {name: class_metrics(pred, ref, int(v), spacing) for name, v in labels.items() if int(v) > 0}
+    return {name: structure_metrics(pred, ref, v, spacing) for name, v in structures.items()
+            if name != "ignore" and list(np.atleast_1d(v)) != [0]}
 
 
-def dice_per_class(pred: torch.Tensor | np.ndarray, ref: torch.Tensor | np.ndarray, num_classes: int) -> list[float]:
-    """Fast hard Dice for each foreground class (1..K−1) of integer maps; 1.0 where both are empty.
-    Used for validation during training."""
-    pred, ref = torch.as_tensor(pred), torch.as_tensor(ref)
-    out = []
-    for k in range(1, num_classes):
-        p, r = pred == k, ref == k
-        denominator = int(p.sum() + r.sum())
-        out.append(1.0 if denominator == 0 else 2.0 * int((p & r).sum()) / denominator)
-    return out
+def dice_of_masks(pred: np.ndarray, ref: np.ndarray) -> list[float]:
+    """Fast hard Dice of each structure of boolean masks ``(structures, *S)``; 1.0 where both are
+    empty. Used for validation during training."""
+    axes = tuple(range(1, np.ndim(pred)))
+    both, total = np.sum(pred & ref, axis=axes), np.sum(pred, axis=axes) + np.sum(ref, axis=axes)
+    return [1.0 if t == 0 else 2.0 * float(b) / float(t) for b, t in zip(both, total)]
 
 
 def summarize(rows: list[dict], metrics: Sequence[str] = ("dice", "iou", "hd95")) -> dict:

@@ -95,9 +95,49 @@ def create_model(name: str, **kwargs) -> nn.Module:
                              f"spatial_dims={dims}; {dims}D {card.task} models: {', '.join(others) or 'none'}")
         if len(card.spatial_dims) == 1:
             kwargs.pop("spatial_dims")
-    model = fn(**kwargs)
+    try:
+        _check_size(name, fn, kwargs)
+        model = fn(**kwargs)
+    except TypeError as e:  # an argument the model does not take: one line, not the constructor's traceback
+        raise ValueError(f"{name}: {str(e).splitlines()[0]}") from None
     model.medssm_config = {"name": name, "kwargs": kwargs}
     return model
+
+
+def _check_size(name: str, fn: Callable[..., nn.Module], kwargs: dict) -> None:
+    """Refuse a model whose weights alone would not fit in this machine's free memory (a width of 10^9
+    asked for by mistake would otherwise fault in memory until the system kills the process): it is
+    built first on PyTorch's ``meta`` device, which allocates nothing. A model that cannot be built
+    there is not checked."""
+    import torch
+
+    try:
+        with torch.device("meta"):
+            probe = fn(**kwargs)
+    except TypeError:
+        raise
+    except RuntimeError as e:
+        if "overflow" in str(e):  # a tensor of more elements than memory can address
+            raise ValueError(f"{name} with {kwargs}: too large to build ({str(e).splitlines()[0][:120]})") from None
+        return  # some constructors copy data, which meta tensors do not hold
+    except Exception:  # noqa: BLE001 - as above
+        return
+    need = sum(t.numel() * t.element_size() for t in (*probe.parameters(), *probe.buffers()))
+    free = _available_memory()
+    if free is not None and need > free:
+        raise ValueError(f"{name} with {kwargs}: its weights alone need {need / 2**30:.1f} GiB; this machine has "
+                         f"{free / 2**30:.1f} GiB free")
+
+
+def _available_memory() -> int | None:
+    """Bytes of memory free for a new allocation (Linux's MemAvailable), or None where unknown."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
 
 
 def build_for_data(name: str, *, spatial_dims: int, in_channels: int, num_classes: int,

@@ -15,8 +15,10 @@ evaluation commands a user runs, and its cost is measured. Then one report:
     OUT/scores.png      the held-out (and test) scores side by side
     OUT/models/NAME/    each model's run, predictions and evaluation; result.json when complete
 
-A model whose ``result.json`` exists is not run again: an interrupted comparison is finished by
-running the same command again.
+A model whose ``result.json`` holds a complete result of the same settings (data, budget, recipe, fold,
+seed, test set) is not run again: an interrupted comparison is finished by running the same command
+again. A result of other settings is refused (another ``-o``, or remove that model's folder); a model
+that was not run (its budget too short) is run again.
 
 Example:
     medssm compare -d $MEDSSM_DATA/Dataset001_LungXray --models lightm_unet_2d,lightm_unet_2d_nomamba,monai:SegResNet \\
@@ -34,7 +36,7 @@ from pathlib import Path
 from ..budget import BudgetPlan, BudgetTooShort
 from ..engine.options import DEFAULT_MODELS
 from ..figures import pyplot, save_figure
-from ..files import read_json, write_json
+from ..files import output_folder, read_json, write_json
 from ..metrics.html_report import write_html_report
 from ..nets.registry import get_model_card, list_models
 from ..runs import Run, has_checkpoint, load_run
@@ -80,36 +82,59 @@ class CompareConfig:
     progress: bool = True
 
 
-def compare(cfg: CompareConfig) -> Path:
-    """Run every model not yet complete, then write the report; returns the output folder."""
+def task_of(data: str) -> tuple[str, int]:
+    """(task, spatial dimensions) of a dataset: a classification dataset's from its images, an nnU-Net
+    dataset's from its first case."""
     from ..data.classification import classification_format, open_classification_data
     from ..data.segmentation.nnunet import NnUNetDataset, resolve_data
 
-    task = "classification" if classification_format(cfg.data) else "segmentation"
-    dims = (NnUNetDataset(resolve_data(cfg.data)).spatial_dims if task == "segmentation"
-            else open_classification_data(cfg.data, "train").spatial_dims)
-    names = [m.strip() for m in cfg.models.split(",") if m.strip()] if cfg.models else default_models(task, dims)
+    if classification_format(data):
+        return "classification", open_classification_data(data, "train").spatial_dims
+    return "segmentation", NnUNetDataset(resolve_data(data)).spatial_dims
+
+
+def compare(cfg: CompareConfig) -> Path:
+    """Run every model not yet complete, then write the report; returns the output folder."""
+    task, dims = task_of(cfg.data)
+    names = [m.strip() for m in cfg.models.split(",") if m.strip()] if cfg.models is not None else default_models(task, dims)
+    if not names:
+        raise ValueError(f"--models {cfg.models!r}: no models given (names separated by commas)")
     for name in names:
         card = get_model_card(name)  # an unknown name fails here, before anything runs
         if card.task != task:
             raise ValueError(f"{name} is a {card.task} model; {cfg.data} is a {task} dataset")
     if cfg.test is not None and (task != "segmentation" or len(cfg.test) != 2):
         raise ValueError("--test takes the IMAGES and LABELS folders of a segmentation test set")
-    out = Path(cfg.out)
+    out = output_folder(cfg.out, "the comparison's folder")
+    settings = settings_of(cfg)
+    found = {name: read_json(f, "comparison result") for name in names
+             if (f := out / "models" / name.replace(":", "_") / "result.json").is_file()}
+    other = {n: r for n, r in found.items() if r.get("settings") != settings}
+    if other:
+        name, r = next(iter(other.items()))
+        raise ValueError(f"{out}: {len(other)} model(s) were compared with other settings, e.g. {name} with "
+                         f"{r.get('settings', 'settings not recorded')}; this comparison asks for {settings}: choose "
+                         "another -o, or remove their folders under models/")
     results = []
     for i, name in enumerate(names, start=1):
         folder = out / "models" / name.replace(":", "_")
-        done = folder / "result.json"
-        if done.is_file():
-            print(f"[{i}/{len(names)}] {name}: complete, not run again ({done})")
+        if found.get(name, {}).get("status") == "complete":
+            print(f"[{i}/{len(names)}] {name}: complete, not run again ({folder / 'result.json'})")
         else:
             print(f"[{i}/{len(names)}] {name}: training for {cfg.budget} ...", flush=True)
-            write_json(done, run_one(cfg, task, name, folder), default=str)
-        results.append(read_json(done, "comparison result"))
+            found[name] = {**run_one(cfg, task, name, folder), "settings": settings}
+            write_json(folder / "result.json", found[name], default=str)
+        results.append(found[name])
     write_report(out, cfg, task, results)
     print(f"report: {out / 'report.md'}")
     print(f"report: {write_html_report(out)}")
     return out
+
+
+def settings_of(cfg: CompareConfig) -> dict:
+    """What a result depends on: the settings under which a model's result can be reused."""
+    return {"data": str(cfg.data), "budget": cfg.budget, "recipe": cfg.recipe, "fold": cfg.fold, "seed": cfg.seed,
+            "test": list(cfg.test) if cfg.test else None}
 
 
 def run_one(cfg: CompareConfig, task: str, name: str, folder: Path) -> dict:
@@ -170,10 +195,12 @@ def evaluate_segmentation_run(cfg: CompareConfig, run, folder: Path) -> dict:
                               skip_existing=True, device=cfg.device, scan_backend=cfg.scan_backend,
                               progress=cfg.progress))
         evaluation = folder / f"evaluation_{which}"
-        evaluate(EvaluateConfig(pred=str(pred), ref=str(labels), out=str(evaluation), images=str(images),
+        evaluate(EvaluateConfig(pred=str(pred), ref=str(labels), out=str(evaluation), images=str(images), cases=cases,
                                 overwrite=True, max_overlays=8, progress=cfg.progress))
         summary = read_json(evaluation / "summary.json", "evaluation summary")
-        scores[which] = {**{k: summary["mean"][k] for k in ("dice", "iou", "hd95")}, "cases": summary["n_cases"]}
+        scores[which] = {**{k: summary["mean"][k] for k in ("dice", "iou", "hd95")}, "cases": summary["n_cases"],
+                         "per_structure": {name: {k: m[k] for k in ("dice", "iou", "hd95")}
+                                           for name, m in summary["per_class"].items()}}
     return scores
 
 
@@ -230,8 +257,7 @@ def write_report(out: Path, cfg: CompareConfig, task: str, results: list[dict]) 
         plot_scores(out / "scores.png", done, metric[0] if task == "segmentation" else "auc", sets)
 
     def cell(r, s, m):
-        v = r["scores"].get(s, {}).get(m)
-        return "n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.4f}"
+        return cell_of(r["scores"].get(s, {}).get(m))
 
     header = ["model"] + [f"{s.replace('_', '-')} {m.upper()}" for s in sets for m in metric] + [
         "parameters", "GMACs", "scan GFLOPs", "step (s)", "batch", "peak fwd (MiB)", "train (min)", "samples"]
@@ -260,7 +286,19 @@ def write_report(out: Path, cfg: CompareConfig, task: str, results: list[dict]) 
               "and evaluation (with overlays) are under `models/`.", ""]
     for r in done:
         lines += [f"- **{r['model']}**: {epochs_text(BudgetPlan.from_dict(r['budget']))}; {r['recipe'].get('source', '')}"]
+    if task == "segmentation" and done:
+        lines += ["", "Each class or region of the held-out set (Dice / HD95):", ""]
+        names = list(done[0]["scores"]["held_out"]["per_structure"])
+        lines += ["| model | " + " | ".join(names) + " |", "|" + "---|" * (len(names) + 1)]
+        for r in done:
+            per = r["scores"]["held_out"]["per_structure"]
+            lines.append(f"| {r['model']} | " + " | ".join(
+                f"{cell_of(per[n]['dice'])} / {cell_of(per[n]['hd95'], 2)}" for n in names) + " |")
     (out / "report.md").write_text("\n".join(lines) + "\n")
+
+
+def cell_of(value, digits: int = 4) -> str:
+    return "n/a" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.{digits}f}"
 
 
 def epochs_text(budget: BudgetPlan) -> str:

@@ -102,12 +102,14 @@ def estimate_seconds(cfg: QuickstartConfig, held_out: int, mirror: bool) -> dict
     from ..engine.loop import call_seconds, time_step
     from ..engine.losses import make_loss
     from ..inference.sliding import sliding_window_probabilities
+    from ..labels import LabelSet
     from ..nets.registry import build_for_data
 
     cpu, patch = torch.device("cpu"), (cfg.patch_size,) * 2
     model = build_for_data(cfg.model, spatial_dims=2, in_channels=1, num_classes=2, patch_size=patch)
     batch = torch.randn(cfg.batch_size, 1, *patch), torch.randint(0, 2, (cfg.batch_size, 1, *patch))
-    step = time_step(model, lambda: batch, make_loss("dice_ce"), cpu, cfg.precision)
+    lung = LabelSet({"background": 0, "lung": 1})
+    step = time_step(model, lambda: batch, make_loss("dice_ce", lung), cpu, cfg.precision)
     image = torch.randn(1, *patch)  # a preprocessed case is one patch at this resolution
     with autocast(cpu, cfg.precision):
         case = call_seconds(lambda: sliding_window_probabilities(model, image, patch, mirror=mirror))
@@ -134,6 +136,8 @@ def quickstart(cfg: QuickstartConfig) -> Path:
     data = find_lung_data(cfg.data)
     out = Path(cfg.out)
     run, pred_dir, report = out / "run", out / "predictions", out / "report"
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"{out}: is a file, not a folder (the quickstart's folder); choose another --out")
     if not cfg.resume and out.exists() and any(out.iterdir()):
         raise FileExistsError(f"{out} is not empty; pass --resume to continue it or choose another --out")
     dataset = NnUNetDataset(data)
@@ -163,7 +167,7 @@ def quickstart(cfg: QuickstartConfig) -> Path:
     predict(PredictConfig(input=str(data / "imagesTr"), output=str(pred_dir), model=str(run),
                           cases=tuple(held_out), overwrite=cfg.resume, progress=cfg.progress))
     t_eval = time.perf_counter()
-    evaluate(EvaluateConfig(pred=str(pred_dir), ref=str(data / "labelsTr"), out=str(report),
+    evaluate(EvaluateConfig(pred=str(pred_dir), ref=str(data / "labelsTr"), out=str(report), cases=tuple(held_out),
                             images=str(data / "imagesTr"), overwrite=cfg.resume, progress=cfg.progress))
     t_end = time.perf_counter()
 

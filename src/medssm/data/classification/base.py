@@ -2,8 +2,10 @@
 
 A *source* (:class:`ClassificationSource`) is one split of a dataset: MedMNIST ``.npz`` arrays
 (:mod:`.medmnist`), image folders or a CSV of ``path,label`` (:mod:`.folders`). Each sample is a
-float32 array ``(C, *spatial)`` in [0, 1] with an integer label (-1 when unknown) and a name (its
-path, or ``file.npz:split/index``).
+float32 array ``(C, *spatial)`` in [0, 1] with a name (its path, or ``file.npz:split/index``) and
+its labels: one class index (``labels`` of shape ``(N,)``), or for a *multi-label* source (ChestMNIST,
+a CSV with a 0/1 column per finding) one 0/1 per finding (``labels`` of shape ``(N, K)``, the
+findings in ``classes``); -1 where unknown.
 """
 
 from __future__ import annotations
@@ -14,7 +16,8 @@ from typing import Sequence
 import numpy as np
 import torch
 
-__all__ = ["SPLITS", "ClassificationSource", "Subset", "split_indices", "class_weights", "empty_classes",
+__all__ = ["SPLITS", "ClassificationSource", "Subset", "split_indices", "class_weights", "finding_weights",
+           "empty_classes",
            "empty_classes_message"]
 
 SPLITS = ("train", "val", "test")
@@ -47,6 +50,11 @@ class ClassificationSource:
         return []
 
     @property
+    def multi_label(self) -> bool:
+        """Whether every sample has a 0/1 for each finding (``labels`` ``(N, K)``) rather than one class."""
+        return self.labels.ndim == 2
+
+    @property
     def has_labels(self) -> bool:
         return len(self.labels) > 0 and bool((self.labels >= 0).all())
 
@@ -57,10 +65,22 @@ class ClassificationSource:
         """At most about ``n`` samples (None: all), the same share of every class (at least one each), seeded."""
         if n is None or n >= len(self):
             return self
-        return self.subset(split_indices(len(self), n / len(self), seed, self.labels, at_least=1)[1])
+        strata = None if self.multi_label else self.labels
+        return self.subset(split_indices(len(self), n / len(self), seed, strata, at_least=1)[1])
 
     def check_labels(self, num_classes: int, what: str = "the model") -> None:
-        """Raise a clear error if a known label is not a class index of ``num_classes`` classes."""
+        """Raise a clear error if a known label is not a class index of ``num_classes`` classes (or, for
+        multi-label, not one 0/1 for each of ``num_classes`` findings)."""
+        if self.multi_label:
+            if self.labels.shape[1] != num_classes:
+                raise ValueError(f"{self.description}: {self.labels.shape[1]} findings per sample; {what} has "
+                                 f"{num_classes}")
+            bad = np.argwhere((self.labels > 1) | (self.labels < -1))
+            if len(bad):
+                i, k = (int(v) for v in bad[0])
+                raise ValueError(f"{self.name(i)}: finding {self.classes[k]!r} is {int(self.labels[i, k])}; "
+                                 "multi-label findings are 0 or 1")
+            return
         bad = np.flatnonzero((self.labels >= num_classes) | (self.labels < -1))
         if len(bad):
             i = int(bad[0])
@@ -136,4 +156,24 @@ def class_weights(spec: str, labels: np.ndarray, num_classes: int) -> torch.Tens
                          f"got {spec!r}") from None
     if len(weights) != num_classes:
         raise ValueError(f"--class-weights: {len(weights)} weights for {num_classes} classes")
+    return torch.tensor(weights, dtype=torch.float32)
+
+
+def finding_weights(spec: str, labels: np.ndarray) -> torch.Tensor | None:
+    """Binary cross-entropy weights of each finding's positives as ``--pos-weight`` gives them: ``none``
+    (None), ``balanced`` (negatives / positives of each finding in ``labels`` ``(N, K)``, so a rare
+    finding counts as much as a common one) or one number per finding."""
+    spec, k = spec.strip().lower(), labels.shape[1]
+    if spec in ("", "none"):
+        return None
+    if spec == "balanced":
+        positives = (labels == 1).sum(0).astype(np.float64)
+        negatives = (labels == 0).sum(0).astype(np.float64)
+        return torch.tensor(np.divide(negatives, positives, out=np.ones(k), where=positives > 0), dtype=torch.float32)
+    try:
+        weights = [float(v) for v in spec.split(",")]
+    except ValueError:
+        raise ValueError(f"--pos-weight: expected none, balanced or {k} comma-separated numbers, got {spec!r}") from None
+    if len(weights) != k:
+        raise ValueError(f"--pos-weight: {len(weights)} weights for {k} findings")
     return torch.tensor(weights, dtype=torch.float32)

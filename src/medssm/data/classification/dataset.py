@@ -80,7 +80,8 @@ def match_channels(x: torch.Tensor, channels: int) -> torch.Tensor:
 
 
 class ClassificationDataset(torch.utils.data.Dataset):
-    """A source with its transforms: items are ``(image (C, *size), label, index)``.
+    """A source with its transforms: items are ``(image (C, *size), label, index)``; the label is the
+    class index, or for a multi-label source a float tensor of the findings' 0/1.
 
     Args:
         source: a :class:`ClassificationSource`.
@@ -115,4 +116,6 @@ class ClassificationDataset(torch.utils.data.Dataset):
             x = random_flip(x, self.flip_axes)
         else:
             x = resize(x, self.size)
-        return (x - self.mean) / self.std, int(self.source.labels[i]), i
+        label = self.source.labels[i]
+        target = torch.as_tensor(label, dtype=torch.float32) if self.source.multi_label else int(label)
+        return (x - self.mean) / self.std, target, i

@@ -8,6 +8,10 @@
   class indices (0..K-1) or class names (then sorted into indices); empty for unlabelled images.
   Without a split column, training splits the rows into train/val (seeded, stratified) and the
   ``test`` split (what predict and evaluate read) is every row.
+* **Multi-label CSV** (ChestX-ray14 or CheXpert style): a header with ``path`` and one column of
+  0/1 per finding (the columns given as ``label_columns``, else every column but ``path`` and
+  ``split`` when there are several and none is named ``label``); an empty cell is unknown. Image
+  folders cannot say that an image has several findings.
 * Images: PNG, JPEG, BMP, TIFF (grey, RGB; 8 or 16 bit); volumes: ``.npy`` (D, H, W) and
   NIfTI (``.nii``, ``.nii.gz``). Grey and RGB are detected from the files (RGB if any is colour).
 
@@ -176,8 +180,12 @@ class ImageFolderSource(_FileSource):
     """
 
     def __init__(self, root: str | os.PathLike, split: str = "train", *, val_fraction: float = 0.1, seed: int = 0,
-                 classes: Sequence[str] | None = None, in_chans: int | None = None):
+                 classes: Sequence[str] | None = None, in_chans: int | None = None,
+                 label_columns: Sequence[str] | None = None):
         self.root = self.origin = Path(root)
+        if label_columns:
+            raise ValueError(f"{self.root}: image folders hold one class per image; several findings per image "
+                             "(--label-columns) need a CSV with a 0/1 column per finding")
         if split not in SPLITS:
             raise ValueError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
         self.description = f"{self.root} [{split}]"
@@ -214,26 +222,64 @@ class ImageFolderSource(_FileSource):
 
 
 class CsvSource(_FileSource):
-    """One split of a CSV of ``path,label[,split]`` (see the module docstring)."""
+    """One split of a CSV of ``path,label[,split]``, or of ``path`` and a 0/1 column per finding
+    (multi-label; see the module docstring)."""
 
     def __init__(self, csv_path: str | os.PathLike, split: str = "train", *, val_fraction: float = 0.1, seed: int = 0,
-                 classes: Sequence[str] | None = None, in_chans: int | None = None):
+                 classes: Sequence[str] | None = None, in_chans: int | None = None,
+                 label_columns: Sequence[str] | None = None):
         self.csv_path = self.origin = Path(csv_path)
         self.description = f"{self.csv_path} [{split}]"
-        rows = self._read()
+        rows, columns = self._read()
+        findings = list(label_columns or [])
+        if not findings and "label" not in columns and len(columns) > 1:
+            findings = columns  # every column but path and split
+        unknown = [c for c in findings if c not in columns]
+        if unknown:
+            raise ValueError(f"{self.csv_path}: no column {', '.join(map(repr, unknown))} (--label-columns); its "
+                             f"columns are {', '.join(['path', *columns])}")
+        labels = self._findings(rows, findings) if findings else self._classes(rows, classes)
         has_split = any(r[2] for r in rows)
-        raw = [r[1] for r in rows]
+        if split == "all":
+            idx = list(range(len(rows)))
+        elif has_split:
+            idx = [i for i, r in enumerate(rows) if r[2] == split]
+        elif split in ("train", "val"):
+            keep, held = split_indices(len(rows), val_fraction, seed, None if findings else labels)
+            idx = keep if split == "train" else held
+        else:  # no split column: for predict/evaluate the CSV is the test set as a whole
+            idx = list(range(len(rows)))
+        self.paths, self.labels = [rows[i][0] for i in idx], labels[idx]
+        if not self.paths:
+            raise ValueError(f"{self.description}: no rows in this split")
+        self._describe(in_chans)
+
+    def _findings(self, rows, findings: list[str]) -> np.ndarray:
+        """``(N, K)`` 0/1 of each finding column (-1 for an empty cell)."""
+        self.classes = findings
+        labels = np.full((len(rows), len(findings)), -1, dtype=np.int64)
+        for i, (_, cells, _, line) in enumerate(rows):
+            for k, column in enumerate(findings):
+                value = cells.get(column, "")
+                if value not in ("", "0", "1", "0.0", "1.0"):
+                    raise ValueError(f"{self.csv_path}, line {line}: {column} is {value!r}; a finding is 0, 1 or empty")
+                labels[i, k] = int(float(value)) if value else -1
+        return labels
+
+    def _classes(self, rows, classes: Sequence[str] | None) -> np.ndarray:
+        """``(N,)`` class indices of the label column (-1 for an empty cell); sets the class list."""
+        raw = [r[1].get("label", "") for r in rows]
         numeric = all(_is_int(v) for v in raw if v != "")
         if classes is None:
             if numeric:
                 values = [int(v) for v in raw if v != ""]
                 if values and min(values) < 0:
-                    line = next(r[3] for r in rows if r[1] != "" and int(r[1]) < 0)
+                    line = next(r[3] for r, v in zip(rows, raw) if v != "" and int(v) < 0)
                     raise ValueError(f"{self.csv_path}, line {line}: label {min(values)} is out of range "
                                      "(class indices start at 0)")
                 k, empty = empty_classes(np.asarray(values))
                 if empty:
-                    line, label = next((r[3], int(r[1])) for r in rows if r[1] != "" and int(r[1]) > empty[0])
+                    line, label = next((r[3], int(v)) for r, v in zip(rows, raw) if v != "" and int(v) > empty[0])
                     raise ValueError(empty_classes_message(f"{self.csv_path}, line {line}: label {label}", k, empty,
                                                            "any row"))
                 classes = [str(i) for i in range(k)]
@@ -241,7 +287,7 @@ class CsvSource(_FileSource):
                 classes = sorted({v for v in raw if v != ""})
         self.classes = list(classes)
         labels = []
-        for path, value, _, line in rows:
+        for (_, _, _, line), value in zip(rows, raw):
             if value == "":
                 labels.append(-1)
             elif _is_int(value) and (numeric or value not in self.classes):
@@ -254,23 +300,10 @@ class CsvSource(_FileSource):
                 labels.append(self.classes.index(value))
             else:
                 raise ValueError(f"{self.csv_path}, line {line}: unknown class {value!r}; classes are {self.classes}")
-        labels = np.asarray(labels, dtype=np.int64)
-        paths = [r[0] for r in rows]
-        if split == "all":
-            idx = list(range(len(rows)))
-        elif has_split:
-            idx = [i for i, r in enumerate(rows) if r[2] == split]
-        elif split in ("train", "val"):
-            keep, held = split_indices(len(rows), val_fraction, seed, labels)
-            idx = keep if split == "train" else held
-        else:  # no split column: for predict/evaluate the CSV is the test set as a whole
-            idx = list(range(len(rows)))
-        self.paths, self.labels = [paths[i] for i in idx], labels[idx]
-        if not self.paths:
-            raise ValueError(f"{self.description}: no rows in this split")
-        self._describe(in_chans)
+        return np.asarray(labels, dtype=np.int64)
 
-    def _read(self) -> list[tuple[Path, str, str, int]]:
+    def _read(self) -> tuple[list[tuple[Path, dict[str, str], str, int]], list[str]]:
+        """``([(path, {column: cell}, split, line)], the columns beside path and split)``."""
         try:
             text = self.csv_path.read_text(encoding="utf-8-sig")
         except UnicodeDecodeError as e:
@@ -278,31 +311,32 @@ class CsvSource(_FileSource):
         reader = list(csv.reader(text.splitlines()))
         if not reader:
             raise ValueError(f"{self.csv_path}: empty CSV")
-        head = [h.strip().lower() for h in reader[0]]
-        if "path" in head:
-            cols = {k: head.index(k) for k in ("path", "label", "split") if k in head}
+        head = [h.strip() for h in reader[0]]
+        if "path" in [h.lower() for h in head]:
+            head = [h.lower() if h.lower() in ("path", "label", "split") else h for h in head]
             body, first_line = reader[1:], 2
         else:
-            cols, body, first_line = {"path": 0, "label": 1, "split": 2}, reader, 1
+            head, body, first_line = ["path", "label", "split"], reader, 1
+        columns = [h for h in head if h not in ("path", "split")]
         rows = []
         base = self.csv_path.parent
         for n, r in enumerate(body, start=first_line):
             if not r or all(not c.strip() for c in r):
                 continue
-            get = lambda k: r[cols[k]].strip() if k in cols and cols[k] < len(r) else ""  # noqa: E731
-            if not get("path"):
+            cells = {h: (r[i].strip() if i < len(r) else "") for i, h in enumerate(head)}
+            if not cells["path"]:
                 raise ValueError(f"{self.csv_path}, line {n}: no path")
-            p = Path(get("path"))
+            p = Path(cells["path"])
             p = p if p.is_absolute() else base / p
             if not p.is_file():
                 raise FileNotFoundError(f"{self.csv_path}, line {n}: {p} does not exist")
-            s = get("split").lower()
+            s = cells.get("split", "").lower()
             if s and s not in SPLITS:
                 raise ValueError(f"{self.csv_path}, line {n}: split {s!r} is not one of {', '.join(SPLITS)}")
-            rows.append((p, get("label"), s, n))
+            rows.append((p, cells, s, n))
         if not rows:
             raise ValueError(f"{self.csv_path}: no rows")
-        return rows
+        return rows, columns
 
 
 def _is_int(v: str) -> bool:
@@ -316,12 +350,14 @@ def _is_int(v: str) -> bool:
 class UnlabelledImages(_FileSource):
     """Images to predict: one file, or every image/volume under a folder (sorted)."""
 
-    def __init__(self, path: str | os.PathLike, *, classes: Sequence[str] | None = None, in_chans: int | None = None):
+    def __init__(self, path: str | os.PathLike, *, classes: Sequence[str] | None = None, in_chans: int | None = None,
+                 label_columns: Sequence[str] | None = None):
         p = self.origin = Path(path)
         self.description = str(p)
         self.paths = [p] if p.is_file() else _images_in(p)
         if not self.paths:
             raise ValueError(f"{p}: no images ({', '.join(IMAGE_SUFFIXES + VOLUME_SUFFIXES)})")
-        self.labels = np.full(len(self.paths), -1, dtype=np.int64)
+        shape = (len(self.paths), len(label_columns)) if label_columns else (len(self.paths),)
+        self.labels = np.full(shape, -1, dtype=np.int64)
         self.classes = list(classes or [])
         self._describe(in_chans)

@@ -1,7 +1,8 @@
 """MedMNIST v2 / MedMNIST+ ``.npz`` files (2D and 3D, sizes 28, 64, 128, 224) from a local root.
 
 A file holds ``{train,val,test}_{images,labels}``: images ``(N, H, W)`` grey, ``(N, H, W, 3)``
-RGB or ``(N, D, H, W)`` volumes, uint8; labels ``(N, 1)``. Files are named ``{name}.npz`` (28) or
+RGB or ``(N, D, H, W)`` volumes, uint8; labels ``(N, 1)``, or for the multi-label ChestMNIST
+``(N, 14)`` of 0/1, one column per finding (as any file whose labels have several columns). Files are named ``{name}.npz`` (28) or
 ``{name}_{size}.npz``. A missing file can be downloaded from the official Zenodo record
 (10519652, MedMNIST v3.0 release of the v2 data plus the larger sizes) and its MD5 checked; the
 local root comes first and nothing is fetched unless asked (``download=True``).
@@ -209,9 +210,6 @@ class MedMNISTSource(ClassificationSource):
         if split not in SPLITS and split != "all":
             raise ValueError(f"split must be one of {', '.join(SPLITS)} or 'all', got {split!r}")
         info = MEDMNIST.get(self.dataset or "")
-        if info and info[0].startswith("multi-label"):
-            raise ValueError(f"{self.path}: {self.dataset} is multi-label ({info[0]}); medssm trains single-label "
-                             "classifiers (binary, multi-class, ordinal as multi-class) only")
         splits = SPLITS if split == "all" else (split,)
         arrays = _read_npz(self.path, [f"{s}_{k}" for s in splits for k in ("images", "labels")],
                            optional=[f"{s}_labels" for s in SPLITS if s not in splits])
@@ -221,7 +219,11 @@ class MedMNISTSource(ClassificationSource):
         self._splits = splits
         for s, x in zip(splits, images):
             self._check_images(s, x, labels[s])
-        self.classes = list(info[2]) if info else self._classes_from_labels(labels)
+        multi = any(y.ndim == 2 for y in labels.values())
+        if multi:
+            self.classes = list(info[2]) if info else [str(i) for i in range(next(iter(labels.values())).shape[1])]
+        else:
+            self.classes = list(info[2]) if info else self._classes_from_labels(labels)
         self._check_label_range(labels)
         x = np.concatenate(images) if len(images) > 1 else images[0]
         self.labels = np.concatenate([labels[s] for s in splits])
@@ -245,18 +247,22 @@ class MedMNISTSource(ClassificationSource):
         return [self.path]
 
     def _check_labels_array(self, split: str, y: np.ndarray) -> np.ndarray:
-        """A split's labels as int64 ``(N,)``: integers, one column, none negative."""
+        """A split's labels as int64: ``(N,)`` class indices, or ``(N, K)`` 0/1 findings for several
+        columns (multi-label); integers, none negative."""
         where = f"{self.path}: {split}_labels"
         if y.dtype.kind not in "ui" and not (y.dtype.kind == "f" and np.all(y == np.round(y))):
             raise ValueError(f"{where} must hold integers, got {y.dtype}")
         y = np.atleast_1d(y)
-        y = y.reshape(len(y), -1)
-        if y.shape[1] != 1:
-            raise ValueError(f"{where} has {y.shape[1]} columns (multi-label); medssm trains single-label "
-                             "classifiers only")
+        y = y.reshape(len(y), -1).astype(np.int64)
         if len(y) and y.min() < 0:
             raise ValueError(f"{where} has a negative label ({int(y.min())})")
-        return y[:, 0].astype(np.int64)
+        if y.shape[1] == 1:
+            return y[:, 0]
+        if len(y) and y.max() > 1:
+            i, k = (int(v) for v in np.argwhere(y > 1)[0])
+            raise ValueError(f"{where} has {y.shape[1]} columns (multi-label: 0 or 1 for each finding), but index "
+                             f"{i} holds {y[i, k]} in column {k}")
+        return y
 
     def _check_images(self, split: str, x: np.ndarray, y: np.ndarray) -> None:
         where = f"{self.path}: {split}"
@@ -288,6 +294,11 @@ class MedMNISTSource(ClassificationSource):
     def _check_label_range(self, labels: dict[str, np.ndarray]) -> None:
         k = len(self.classes)
         for split, y in labels.items():
+            if y.ndim == 2:
+                if y.shape[1] != k:
+                    raise ValueError(f"{self.path}: {split}_labels has {y.shape[1]} columns; {self.dataset} has {k} "
+                                     "findings")
+                continue
             bad = np.flatnonzero(y >= k)
             if len(bad):
                 raise ValueError(f"{self.path}: {split} label {y[bad[0]]} at index {bad[0]} is out of range for "

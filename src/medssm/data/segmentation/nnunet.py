@@ -3,7 +3,8 @@
 Layout::
 
     DatasetXXX_Name/
-      dataset.json          channel_names, labels, file_ending (numTraining checked when present)
+      dataset.json          channel_names, labels (integer classes, or regions with regions_class_order:
+                          :mod:`medssm.labels`), file_ending (numTraining checked when present)
       imagesTr/{case}_{XXXX}{file_ending}   one file per channel (an RGB file holds three)
       labelsTr/{case}{file_ending}
       imagesTs/{case}_{XXXX}{file_ending}   optional
@@ -20,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ...labels import LabelError, LabelSet
 from ..io import (SUPPORTED_ENDINGS, Geometry, ImageFileError, format_number, itk_axes, nonfinite_text, read_channels,
                   read_image)
 from ..io import file_ending as ending_of
@@ -90,7 +92,8 @@ class NnUNetDataset:
         self.name = self.root.name
         self.channel_names: dict[str, str] = {str(k): str(v) for k, v in
                                               (self.meta.get("channel_names") or self.meta["modality"]).items()}
-        self.labels: dict[str, int] = {str(k): int(v) for k, v in self.meta["labels"].items()}
+        self.label_set = LabelSet.from_json(self.meta["labels"], self.meta.get("regions_class_order"), str(meta_path))
+        self.labels: dict = self.label_set.labels
         self.file_ending: str = self.meta["file_ending"]
         self._images, self._misnamed = _group_channel_files(self.root / "imagesTr", self.file_ending)
         self.cases: list[str] = list(self._images)
@@ -105,17 +108,10 @@ class NnUNetDataset:
             problems.append(("", where, "needs 'channel_names' ({\"0\": \"CT\", ...})"))
         elif sorted(channels, key=str) != [str(i) for i in range(len(channels))]:
             problems.append(("", where, f"channel_names keys must be 0..{len(channels) - 1}, got {list(channels)}"))
-        labels = m.get("labels")
-        if not isinstance(labels, dict) or not labels:
-            problems.append(("", where, "needs 'labels' ({\"background\": 0, ...})"))
-        elif not all(isinstance(v, int) and not isinstance(v, bool) for v in labels.values()):
-            problems.append(("", where, "labels must map names to single integers (region labels are not supported)"))
-        else:
-            values = sorted(v for k, v in labels.items() if k != "ignore")
-            if values != list(range(len(values))):
-                problems.append(("", where, f"label values must be consecutive from 0, got {values}"))
-            if "ignore" in labels and labels["ignore"] <= max(values):
-                problems.append(("", where, "the 'ignore' label must have the highest value"))
+        try:
+            LabelSet.from_json(m.get("labels"), m.get("regions_class_order"), where)
+        except LabelError as e:
+            problems.append(("", where, str(e).removeprefix(f"{where}: ")))
         ending = m.get("file_ending")
         if ending not in SUPPORTED_ENDINGS:
             problems.append(("", where, f"file_ending {ending!r} is not one of {', '.join(SUPPORTED_ENDINGS)}"))
@@ -123,12 +119,12 @@ class NnUNetDataset:
 
     @property
     def num_classes(self) -> int:
-        """Number of classes including background (an ``ignore`` label is not a class)."""
-        return len([k for k in self.labels if k != "ignore"])
+        """The integer labels a label file may hold, background included (an ``ignore`` label is not one)."""
+        return len([v for v in self.label_set.values if v != self.ignore_label])
 
     @property
     def ignore_label(self) -> int | None:
-        return self.labels.get("ignore")
+        return self.label_set.ignore_label
 
     @property
     def num_channels(self) -> int:
@@ -186,8 +182,7 @@ class NnUNetDataset:
             label = None
         problems += self._check_channels(case, files, channels)
         problems += _check_geometry(case, geometries, label_path, label_geometry)
-        problems += _check_values(case, [p for p, _ in geometries], channels, label_path, label,
-                                  sorted(self.labels.values()))
+        problems += _check_values(case, [p for p, _ in geometries], channels, label_path, label, self.label_set.values)
         if problems:
             return None, problems
         image = np.concatenate([c.astype(np.float32, copy=False) for c in channels], axis=0)
@@ -274,14 +269,23 @@ def resolve_data(data: str | os.PathLike) -> Path:
 def verify_dataset(root: str | os.PathLike) -> NnUNetDataset:
     """Check every training case (as nnU-Net's ``--verify_dataset_integrity``): missing label or
     channel, image/label shape or geometry mismatch, undeclared label values, NaN/Inf, unreadable
-    files, misnamed files, labels without images, numTraining. Raises one :class:`DatasetError`
-    listing every problem; returns the dataset when all is well."""
+    files, misnamed files, labels without images, numTraining, and for a region dataset a region
+    label no label file holds. Raises one :class:`DatasetError` listing every problem; returns the
+    dataset when all is well."""
     dataset = NnUNetDataset(root)
     problems = [("", str(p), "not named {case}_{XXXX}" + dataset.file_ending) for p in dataset.misnamed_files()]
     if not dataset.cases:
         problems.append(("", str(dataset.root / "imagesTr"), f"no training images ending in {dataset.file_ending}"))
+    seen: set[int] = set()
     for case in dataset.cases:
-        problems += dataset._read_case(case)[1]
+        found, case_problems = dataset._read_case(case)
+        problems += case_problems
+        if found is not None:
+            seen.update(np.unique(found.label).tolist())
+    if dataset.label_set.has_regions and dataset.cases and not problems:
+        for name, values in dataset.label_set.structures.items():
+            problems += [("", str(dataset.root / "dataset.json"), f"region {name!r}: label {v} occurs in no label file")
+                         for v in values if v not in seen]
     labels_dir = dataset.root / "labelsTr"
     for path in sorted(labels_dir.iterdir()) if labels_dir.is_dir() else []:
         stem = _strip_ending(path.name, dataset.file_ending)

@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from ...files import atomic_path
+from ...labels import LabelError, LabelSet
 from .nnunet import NnUNetDataset
 from .normalization import SCHEMES, scheme_for_channel
 from .cropping import nonzero_box
@@ -88,8 +89,8 @@ class Plan:
     dataset_name: str
     spatial_dims: int
     num_channels: int
-    num_classes: int
-    labels: dict[str, int]
+    num_classes: int  # integer labels in the label files, background included
+    labels: dict  # dataset.json's: {name: value}, or {name: [values]} for regions
     channel_names: dict[str, str]
     file_ending: str
     normalization: list[str]
@@ -109,6 +110,12 @@ class Plan:
     label_order: int = 1
     version: int = PLAN_VERSION
     notes: dict = field(default_factory=dict)
+    regions_class_order: list[int] | None = None  # for regions: the label painted for each region
+
+    @property
+    def label_set(self) -> LabelSet:
+        """What the labels are (classes or regions): the network's channels and activation follow from it."""
+        return LabelSet(self.labels, tuple(self.regions_class_order) if self.regions_class_order else None)
 
     def validate(self) -> Plan:
         """Raise ValueError naming every inconsistent field; return self."""
@@ -130,6 +137,10 @@ class Plan:
             errors.append(f"batch_size must be at least 1, got {self.batch_size}")
         if not 0 <= self.oversample_foreground <= 1:
             errors.append(f"oversample_foreground must be in [0, 1], got {self.oversample_foreground}")
+        try:
+            LabelSet.from_json(self.labels, self.regions_class_order, "labels")
+        except LabelError as e:
+            errors.append(str(e))
         if errors:
             raise ValueError("invalid plan: " + "; ".join(errors))
         return self
@@ -247,7 +258,8 @@ def make_plan(dataset: NnUNetDataset, divisor: int = 8, memory_budget_mb: float 
                                     total_voxels, overrides.get("patch_size"))
     values = dict(
         dataset_name=dataset.name, spatial_dims=len(target), num_channels=n_ch, num_classes=dataset.num_classes,
-        labels=dict(dataset.labels), channel_names=dict(dataset.channel_names), file_ending=dataset.file_ending,
+        labels=dict(dataset.labels), regions_class_order=list(dataset.label_set.regions_class_order or []) or None,
+        channel_names=dict(dataset.channel_names), file_ending=dataset.file_ending,
         normalization=normalization, use_mask_for_norm=[bool(u) for u in use_mask],
         intensity_properties=fp.intensity_properties, target_spacing=target,
         median_spacing=[float(s) for s in np.median(spacings, axis=0)], median_shape=median_shape,

@@ -91,7 +91,7 @@ def preprocess_case(image: np.ndarray, geometry: Geometry, plan: Plan,
     out = np.stack([resize(c, shape, plan.image_order) for c in channels]).astype(np.float32)
     out_label = None
     if label is not None:
-        values = sorted(set(plan.labels.values()) | set(np.unique(label[region]).tolist()))
+        values = sorted(set(plan.label_set.values) | set(np.unique(label[region]).tolist()))
         out_label = resize_label(np.asarray(label[region], dtype=np.int16), shape, values, plan.label_order)
     props = {"geometry": geometry.to_dict(), "original_shape": list(geometry.shape),
              "crop_box": [list(b) for b in box], "shape_after_crop": list(cropped.shape[1:]),
@@ -100,7 +100,8 @@ def preprocess_case(image: np.ndarray, geometry: Geometry, plan: Plan,
     return out, out_label, props
 
 
-def revert_to_original(array: np.ndarray, props: dict, is_label: bool = False, order: int = 1) -> np.ndarray:
+def revert_to_original(array: np.ndarray, props: dict, is_label: bool = False, order: int = 1,
+                       background: bool = True) -> np.ndarray:
     """Bring a prediction on the preprocessed grid back to the original image's grid.
 
     Args:
@@ -108,10 +109,13 @@ def revert_to_original(array: np.ndarray, props: dict, is_label: bool = False, o
             ``(*S')``.
         props: from :func:`preprocess_case`.
         order: interpolation order (labels: each value's mask, then argmax).
+        background: channel 0 of the probabilities is the background class (softmax); False for
+            region probabilities (one sigmoid per region).
 
     Returns:
         ``(C, *S)`` / ``(*S)`` on the original grid; outside the crop box, background (channel 0
-        is 1, other channels 0; label 0). The geometry is ``Geometry.from_dict(props["geometry"])``.
+        is 1 and the others 0, or every region 0; label 0). The geometry is
+        ``Geometry.from_dict(props["geometry"])``.
     """
     original = tuple(props["original_shape"])
     crop_shape = props["shape_after_crop"]
@@ -129,7 +133,7 @@ def revert_to_original(array: np.ndarray, props: dict, is_label: bool = False, o
     squeeze = array.ndim == len(original)
     channels = array[None] if squeeze else array
     out = np.zeros((len(channels), *original), dtype=np.float32)
-    if len(channels) > 1:
+    if len(channels) > 1 and background:
         out[0] = 1.0
     for c, channel in enumerate(channels):
         out[(c, *region)] = resize(channel, crop_shape, order)
@@ -206,7 +210,7 @@ def build_cache(dataset: NnUNetDataset, plan: Plan, cache_dir: str | os.PathLike
     cache_dir = Path(cache_dir)
     cache_dir.mkdir(parents=True, exist_ok=True)
     key = _cache_key(plan)
-    foreground = [v for k, v in plan.labels.items() if v != 0 and k != "ignore"]
+    foreground = [v for v in plan.label_set.values if v not in (0, plan.label_set.ignore_label)]
     out = Cache({})
     for case in tqdm(sorted(dataset.cases if cases is None else cases), desc="preprocess",
                      disable=not progress, leave=False):
