@@ -200,7 +200,7 @@ def test_lung_quickstart_page(browser_path, lung_quickstart, shots):
     page = lung_quickstart / "report.html"
     assert page.is_file()
     summary = json.loads((lung_quickstart / "summary.json").read_text())
-    assert summary["classes"] == {"lung": 1} and summary["predictions"]["model"] == "lightm_unet_2d_tiny"
+    assert summary["classes"] == {"lung": [1]} and summary["predictions"]["model"] == "lightm_unet_2d_tiny"
     assert Path(summary["images"]).name == "imagesTr" and summary["created"]
     dice = case_dice(lung_quickstart)
     assert len(dice) == 4
@@ -351,6 +351,32 @@ def test_classification_page(browser_path, data_root, tmp_path, shots, capsys):
         b.click("#cases th[data-key=':ptrue']")
         assert b.js(column) == sorted(np.round(p_true, 4).tolist(), reverse=True)
         b.screenshot(path=shots / "classification.png")
+        check_page_is_offline(page, b)
+
+
+def test_multi_label_classification_page(browser_path, tmp_path):
+    """Several findings per image: no confusion matrix, a ROC curve per finding, the findings listed."""
+    from medssm.metrics.evaluate_classification import (ClassifierEvaluateConfig, evaluate_classifier,
+                                                        write_predictions)
+
+    rng = np.random.default_rng(1)
+    findings = ["effusion", "mass", "nodule"]
+    targets = (rng.random((30, 3)) < 0.4).astype(np.int64)
+    probs = np.clip(0.25 + 0.5 * targets + rng.normal(0, 0.2, targets.shape), 0.01, 0.99)
+    write_predictions(tmp_path / "pred.csv", [f"x{i}" for i in range(30)], probs, findings, targets)
+    evaluate_classifier(ClassifierEvaluateConfig(predictions=str(tmp_path / "pred.csv"), out=str(tmp_path / "ev"),
+                                                 progress=False))
+    page = tmp_path / "ev" / "report.html"
+    sections = {s["title"]: s for s in page_data(page)["sections"]}
+    assert "Confusion matrix" not in sections
+    assert [r[0] for r in sections["Per class"]["rows"]] == findings
+    with Browser(browser_path) as b:
+        b.open(page)
+        legend = b.js("[...document.querySelectorAll('#roc .legend > span')]"
+                      ".map(e => e.textContent)")
+        assert [t.split(" (AUC")[0] for t in legend] == findings
+        assert b.js("document.querySelector('#cases tbody tr').children[1].textContent") == \
+            "; ".join(f for f, t in zip(findings, targets[0]) if t)
         check_page_is_offline(page, b)
 
 

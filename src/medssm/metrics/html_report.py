@@ -354,7 +354,8 @@ def _segmentation_page(folder: Path) -> tuple[str, list[dict], dict]:
     what = [["predictions", summary.get("pred", "")], ["references", summary.get("ref", "")],
             ["images", summary.get("images") or "none (overlays drawn on black)"],
             ["cases", summary.get("n_cases")],
-            ["classes" if not summary.get("regions") else "regions", ", ".join(n for n, _ in classes)],
+            ["regions" if summary.get("structures") == "regions" or summary.get("regions") else "classes",
+             ", ".join(n for n, _ in classes)],
             ["evaluated", _when(folder / "summary.json", summary.get("created"))]]
     sections = [_metric_table(summary),
                 {"type": "facts", "title": "What was evaluated", "items": what + _run_facts(run, source),
@@ -397,17 +398,21 @@ def _class_styles(classes) -> list[dict]:
 
 
 def _roc_series(targets: np.ndarray, probs: np.ndarray, classes: list[str], name=None) -> list[dict]:
-    """ROC points of the positive class (two classes) or of each class against the rest."""
+    """ROC points of the positive class (two classes), of each class against the rest, or (multi-label
+    targets ``(N, K)``) of each finding over the samples whose target is known."""
     from .classification import roc_auc, roc_curve
 
+    multi = targets.ndim == 2
     series = []
-    for i in ([1] if len(classes) == 2 else range(len(classes))):
-        positive = targets == i
+    for i in (range(len(classes)) if multi or len(classes) != 2 else [1]):
+        known = targets[:, i] >= 0 if multi else np.ones(len(targets), bool)
+        positive = (targets[known, i] == 1) if multi else targets == i
+        score = probs[known, i]
         if positive.all() or not positive.any():
             continue
-        fpr, tpr, _ = roc_curve(positive, probs[:, i])
+        fpr, tpr, _ = roc_curve(positive, score)
         keep = np.unique(np.linspace(0, len(fpr) - 1, min(len(fpr), ROC_POINTS)).round().astype(int))
-        label = f"{name or classes[i]} (AUC {roc_auc(positive, probs[:, i]):.3f})"
+        label = f"{name or classes[i]} (AUC {roc_auc(positive, score):.3f})"
         series.append({"name": label, "class": classes[i],
                        "points": [[round(float(fpr[j]), 5), round(float(tpr[j]), 5)] for j in keep]})
     return series
@@ -456,7 +461,9 @@ def _classification_page(folder: Path) -> tuple[str, list[dict], dict]:
         series = _roc_series(targets, probs, cls)
         if series:
             sections.append({"type": "charts", "id": "roc", "title": "ROC",
-                             "charts": [_roc_chart("ROC per class" if len(cls) > 2 else f"ROC ({cls[1]})", series)]})
+                             "charts": [_roc_chart(f"ROC ({cls[1]})" if len(cls) == 2 and targets.ndim == 1
+                                                   else "ROC per finding" if targets.ndim == 2 else "ROC per class",
+                                                   series)]})
         sections.append(_samples_section(names, targets, cls, {"": probs}))
     sections.append(_files_section(folder))
     return f"medssm evaluate: {m.get('n')} samples, ACC {m.get('acc', float('nan')):.4f}, AUC " \
@@ -465,6 +472,20 @@ def _classification_page(folder: Path) -> tuple[str, list[dict], dict]:
 
 def _samples_section(names, targets, classes, probs_by_model: dict[str, np.ndarray]) -> dict:
     from .classification import predict_labels
+
+    if targets.ndim == 2:  # multi-label: the findings present, those predicted (over 0.5), each probability
+        columns = [{"key": "path", "label": "sample"}, {"key": "target", "label": "findings"}]
+        rows = [{"path": n, "target": "; ".join(c for c, t in zip(classes, row) if t == 1)}
+                for n, row in zip(names, targets)]
+        for model, probs in probs_by_model.items():
+            head = f"{model} " if model else ""
+            columns.append({"key": f"{model}:pred", "label": f"{head}predicted"})
+            columns += [{"key": f"{model}:p:{c}", "label": f"{head}p({c})", "digits": 4} for c in classes]
+            for i, row in enumerate(rows):
+                row[f"{model}:pred"] = "; ".join(c for c, v in zip(classes, probs[i]) if v > 0.5)
+                row.update({f"{model}:p:{c}": float(probs[i, k]) for k, c in enumerate(classes)})
+        return {"type": "cases", "id": "cases", "title": "Samples", "columns": columns, "rows": rows,
+                "sort": "path", "viewer": None, "note": "Click a column to sort."}
 
     columns = [{"key": "path", "label": "sample"}, {"key": "target", "label": "true class"}]
     rows = [{"path": n, "target": classes[t] if 0 <= t < len(classes) else ""} for n, t in zip(names, targets)]
@@ -602,13 +623,14 @@ def _compare_classification(folder: Path, done: list[dict]) -> list[dict]:
                          "matrices": matrices})
     if scored:
         names, _, targets, classes = next(iter(scored.values()))
+        one = len(classes) == 2 and targets.ndim == 1  # one positive class
         by_class: dict[str, list] = {}
         for model, (_, probs, t, cls) in scored.items():
             for s in _roc_series(t, probs, cls, name=model):
                 by_class.setdefault(s["class"], []).append(s)
         sections.append({"type": "charts", "id": "roc", "title": "ROC per class (held-out)",
-                         "charts": [_roc_chart(f"ROC: {c}" + (" (positive class)" if len(classes) == 2 else " vs rest"),
-                                               s) for c, s in by_class.items()]})
+                         "charts": [_roc_chart(f"ROC: {c}" + (" (positive class)" if one else "" if targets.ndim == 2
+                                                              else " vs rest"), s) for c, s in by_class.items()]})
         same = all(len(p) == len(names) and t.tolist() == targets.tolist() for _, p, t, _ in scored.values())
         if same:
             sections.append(_samples_section(names, targets, classes, {m: p for m, (_, p, _, _) in scored.items()}))
