@@ -6,6 +6,7 @@ function of its arguments and seed.
     python -m tests.synthetic hippocampus-regions OUT     # the whole hippocampus set, as regions
     python -m tests.synthetic brats-like OUT --cases 20
     python -m tests.synthetic chestmnist-like OUT.npz
+    python -m tests.synthetic vessels-like OUT --cases 20   # DRIVE-like: thin vessels on 584 x 565 RGB
 """
 
 from __future__ import annotations
@@ -103,6 +104,43 @@ def brats_like(dest: Path, cases: int = 6, shape=(40, 48, 40), seed: int = 0) ->
     return dest
 
 
+def vessels_like(dest: Path, cases: int = 20, shape=(584, 565), seed: int = 0) -> Path:
+    """A 2D nnU-Net dataset shaped like DRIVE's retinal photographs: RGB PNGs of 584 x 565 (a bright disc
+    of retina on black), with a tree of vessels 1-3 pixels wide drawn darker, as label 1 (structures that
+    vanish when the image is downsampled)."""
+    from PIL import Image, ImageDraw
+
+    rng = np.random.default_rng(seed)
+    (dest / "imagesTr").mkdir(parents=True)
+    (dest / "labelsTr").mkdir()
+    h, w = shape
+    yy, xx = np.mgrid[:h, :w]
+    disc = ((yy - h / 2) / (0.47 * h)) ** 2 + ((xx - w / 2) / (0.47 * w)) ** 2 < 1
+    for i in range(cases):
+        label = Image.new("L", (w, h), 0)
+        draw = ImageDraw.Draw(label)
+        for _ in range(rng.integers(6, 10)):  # vessels leave the optic disc and wander outwards
+            x, y, angle = w * 0.35 + rng.normal(0, 8), h / 2 + rng.normal(0, 8), rng.uniform(0, 2 * np.pi)
+            width = int(rng.integers(2, 4))
+            for _ in range(60):
+                angle += rng.normal(0, 0.25)
+                nx, ny = x + 6 * np.cos(angle), y + 6 * np.sin(angle)
+                draw.line([(x, y), (nx, ny)], fill=1, width=width)
+                x, y = nx, ny
+                if rng.random() < 0.04:
+                    width = max(1, width - 1)
+        vessels = np.asarray(label).astype(bool) & disc
+        rgb = np.stack([np.full(shape, 170.0), np.full(shape, 80.0), np.full(shape, 40.0)], -1)
+        rgb[vessels] *= 0.55
+        rgb = np.clip(rgb + rng.normal(0, 8, rgb.shape), 0, 255) * disc[..., None]
+        Image.fromarray(rgb.astype(np.uint8)).save(dest / "imagesTr" / f"retina_{i:03d}_0000.png")
+        Image.fromarray(vessels.astype(np.uint8)).save(dest / "labelsTr" / f"retina_{i:03d}.png")
+    (dest / "dataset.json").write_text(json.dumps({"channel_names": {"0": "R", "1": "G", "2": "B"},
+                                                   "labels": {"background": 0, "vessel": 1}, "numTraining": cases,
+                                                   "file_ending": ".png"}, indent=1))
+    return dest
+
+
 def chestmnist_like(path: Path, counts=None, seed: int = 0) -> Path:
     """A .npz in ChestMNIST's exact layout: ``{train,val,test}_images`` (N, 28, 28) uint8 and
     ``{split}_labels`` (N, 14) uint8 of 0/1, 14 findings each drawn with its own prevalence and
@@ -128,7 +166,7 @@ def chestmnist_like(path: Path, counts=None, seed: int = 0) -> Path:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("what", choices=("hippocampus-regions", "brats-like", "chestmnist-like"))
+    parser.add_argument("what", choices=("hippocampus-regions", "brats-like", "chestmnist-like", "vessels-like"))
     parser.add_argument("out", type=Path)
     parser.add_argument("--cases", type=int, default=None)
     args = parser.parse_args()
@@ -137,6 +175,8 @@ def main() -> None:
         region_version(source, args.out, HIPPOCAMPUS_REGIONS, args.cases)
     elif args.what == "brats-like":
         brats_like(args.out, args.cases or 6)
+    elif args.what == "vessels-like":
+        vessels_like(args.out, args.cases or 20)
     else:
         chestmnist_like(args.out)
     print(args.out)

@@ -2,6 +2,7 @@
 
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -31,7 +32,8 @@ def test_fits_the_budget_and_keeps_validation_within_its_share():
     validation = plan.validations * 40 * 0.5
     assert validation <= VALIDATION_SHARE * 600 and plan.val_cases == 0  # whole held-out set, 4 times
     assert plan.validations == 4 and plan.epochs % plan.val_every == 0 and plan.epochs // plan.val_every == 4
-    assert plan.epochs * plan.iterations_per_epoch * 0.25 + validation + 20 >= 0.9 * 600  # the budget is used
+    assert plan.samples * 0.25 / 4 + validation + 20 >= 0.85 * 600  # the budget is used
+    assert plan.iterations(1) == plan.first_iterations <= -(-plan.epochs * plan.iterations_per_epoch // 10)  # short
 
 
 def test_validation_of_a_subset_when_a_whole_one_does_not_fit():
@@ -175,3 +177,59 @@ def test_a_budgeted_run_writes_its_plan_and_keeps_to_it(data_root, tmp_path):
         with pytest.raises(ValueError, match="--budget: expected a duration"):
             train(TrainConfig(data=str(lung), out=str(tmp_path / "x"), budget=empty))
     assert not (tmp_path / "x").exists()
+
+
+def test_timing_counts_inside_the_budget_and_skips_what_cannot_fit():
+    """Candidates are timed from the cheapest on; one whose step (extrapolated by voxels x batch) is too
+    slow for the minimum, or too large for the memory, is never timed; the timing's own time is spent."""
+    now, timed, said = [0.0], [], []
+
+    def measure(c):
+        timed.append(c.patch_size)
+        now[0] += 5.0  # timing a candidate takes 5 s of the budget
+        step = 0.1 * (c.patch_size[0] / 32) ** 2
+        return Timing(step, 0.01, memory=0.2 * 2**30 * (c.patch_size[0] / 32) ** 2)
+
+    candidates = [Candidate(1.0, 2, (128, 128)), Candidate(1.0, 2, (64, 64)), Candidate(1.0, 2, (32, 32))]
+    plan = plan_budget(60, candidates, measure, held_out=4, clock=lambda: now[0], say=said.append, keep_batch=True)
+    assert timed == [(32, 32), (64, 64)]  # 128²: 1.6 s a step x 100 steps cannot fit 60 s
+    assert any("patch [128, 128], batch 2 not timed: a step would take about 1.6 s" in r for r in plan.reasons)
+    assert plan.calibration_s == 10.0 and said[0] == "budget: timing a step at full resolution, patch [32, 32], batch 2 ..."
+    spent = plan.calibration_s + plan.epochs * plan.iterations_per_epoch * plan.timing.step
+    assert spent <= 60 and plan.expected_s <= 60  # the timing's 10 s are inside the budget
+    timed.clear()
+    plan_budget(600, candidates, measure, held_out=4, clock=lambda: now[0], free_memory=1.0 * 2**30, keep_batch=True)
+    assert timed == [(32, 32)]  # 64²'s step would take 0.8 GiB: more than half of the 1 GiB free
+
+
+def test_thin_structures_are_trained_at_their_own_resolution(data_root, tmp_path):
+    from medssm.data.segmentation import plan_dataset, verify_dataset
+    from medssm.data.segmentation.plan import MIN_THICKNESS, budget_plans, structure_thickness
+
+    line = np.zeros((40, 40), np.int16)
+    line[10:12, 5:35] = 1  # 2 voxels wide
+    assert structure_thickness(line, [1]) == pytest.approx(2.0)
+    from .synthetic import vessels_like
+    from .subsets import lung_subset
+
+    vessels = verify_dataset(vessels_like(tmp_path / "Dataset010_Vessels", cases=5, shape=(146, 141)))
+    plans = budget_plans(vessels, plan_dataset(vessels), 16)
+    assert plans[0].thickness / 2 < MIN_THICKNESS and [p.target_spacing for p in plans] == [[1.0, 1.0]] * 3
+    assert plans[1].patch_size == [round(p / 2 / 16) * 16 for p in plans[0].patch_size]  # crops, not whole images
+    lung = verify_dataset(lung_subset(data_root, tmp_path / "Dataset001_LungXray", n=6, size=128))
+    plans = budget_plans(lung, plan_dataset(lung), 8)
+    assert [p.target_spacing for p in plans] == [[1.0, 1.0], [2.0, 2.0], [4.0, 4.0]]  # thick: whole images, coarser
+
+
+def test_a_budgeted_run_says_what_it_times_before_it_trains(tmp_path, capsys):
+    from medssm.engine.segmentation import TrainConfig, train
+
+    from .synthetic import vessels_like
+
+    data = vessels_like(tmp_path / "Dataset010_Vessels", cases=5, shape=(146, 141))
+    run = train(TrainConfig(data=str(data), out=str(tmp_path / "run"), model="lightm_unet_2d_tiny", budget="20s",
+                            over_budget=True, progress=False))
+    out = capsys.readouterr().out
+    assert out.index("budget: timing a step at full resolution") < out.index("epoch 1/")
+    budget = load_run(run).budget
+    assert budget.candidate.scale == 1 and budget.calibration_s > 0  # thin vessels: their own resolution

@@ -17,7 +17,12 @@ The plan, nnU-Net style but for time instead of memory:
   minimum and reports the real time);
 - after every epoch the plan is refitted to what that epoch really took (a real step carries
   sampling, augmentation and logging the timed one does not, a first epoch warms up, a machine gets
-  busier): the later epochs get as many steps as the rest of the budget holds.
+  busier): the later epochs get as many steps as the rest of the budget holds. A segmentation run's
+  first epoch takes at most ``FIRST_EPOCH_SHARE`` of the steps, so a slow first epoch is followed
+  before it has spent much;
+- the timing itself counts inside the budget and is kept small: candidates are timed from the
+  cheapest on, and one whose step (extrapolated from the cheaper one's) is too slow for the minimum,
+  or too large for the free memory, is not timed at all; each is said as it is timed.
 
 Everything measured comes in through ``measure(candidate)`` (the trainer times a real training
 step, in the run's precision, on the run's device), so the planning itself is plain arithmetic (and
@@ -35,6 +40,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
+import time
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -49,6 +55,7 @@ GOOD_SAMPLES = 2000  # enough samples to prefer a finer resolution over more ste
 GOOD_STEPS = 400  # optimiser steps below which a smaller batch is worth more than a large one
 MIN_BATCH = 2
 MARGIN = 0.05  # of the budget, kept for what is not measured (logging, checkpoints, the last epoch's spill)
+FIRST_EPOCH_SHARE = 0.1  # of the steps, at most, in the first epoch (segmentation): the first refit comes early
 
 
 def parse_duration(text: str | float | int) -> float:
@@ -95,6 +102,7 @@ class Timing:
     step: float  # one training step (one batch), forward, backward and update
     validation_case: float  # one held-out case (sliding window)
     fixed: float = 0.0  # once per run: preprocessing, set-up
+    memory: float = 0.0  # bytes the step took beyond what the process held before it (0: not measured)
 
 
 class BudgetTooShort(ValueError):
@@ -132,6 +140,7 @@ class BudgetPlan:
     over_budget: bool = False
     reasons: tuple[str, ...] = ()
     calibration_s: float = 0.0  # spent timing the candidates, inside the budget
+    first_iterations: int | None = None  # a shorter first epoch, refitted after (None: as planned)
     refit: Refit | None = None
     actual_s: float | None = None  # the whole run, once finished
 
@@ -140,7 +149,7 @@ class BudgetPlan:
         refit's (which follows the epoch before)."""
         if self.refit and epoch > self.refit.after_epoch:
             return self.refit.iterations_per_epoch
-        return self.iterations_per_epoch
+        return self.first_iterations if epoch == 1 and self.first_iterations else self.iterations_per_epoch
 
     @property
     def step_s(self) -> float:
@@ -219,11 +228,14 @@ class BudgetPlan:
 
 def plan_budget(budget_s: float, candidates: Sequence[Candidate], measure: Callable[[Candidate], Timing],
                 held_out: int, samples_per_epoch: int | None = None, over_budget: bool = False,
-                batch_multiple: int = 1, keep_batch: bool = False) -> BudgetPlan:
+                batch_multiple: int = 1, keep_batch: bool = False, elapsed_s: float = 0.0,
+                free_memory: float | None = None, say: Callable[[str], None] | None = None,
+                clock: Callable[[], float] = time.perf_counter) -> BudgetPlan:
     """Fit training to ``budget_s`` seconds (see the module docstring).
 
     Args:
-        candidates: resolutions to consider, finest first (one for classification).
+        candidates: what to train at (resolution, patch, batch), most preferred first (one for
+            classification); timed from the last (the cheapest) on.
         measure: the timing of a candidate on this machine.
         held_out: held-out cases (or samples) one full validation scores.
         samples_per_epoch: the training set's size when an epoch is one pass over it
@@ -231,16 +243,49 @@ def plan_budget(budget_s: float, candidates: Sequence[Candidate], measure: Calla
         over_budget: when even the minimum does not fit, plan the minimum anyway instead of raising.
         batch_multiple: a smaller batch stays a multiple of this (the number of processes).
         keep_batch: never change the batch (the user chose it).
+        elapsed_s: seconds of the budget spent before planning (planning data, loading).
+        free_memory: bytes this process may still take; a candidate whose step would need more than
+            half of it (extrapolated from a cheaper one's) is not timed.
+        say: told what is being timed and what was found, as it happens.
+
+    The time spent timing counts inside the budget. A candidate whose step, extrapolated from the
+    cheaper one timed before it (by its voxels times its batch), is too slow for ``MIN_SAMPLES``
+    samples in the budget, or too large for the memory, is not timed at all.
     """
     if not candidates:
         raise ValueError("plan_budget needs at least one candidate")
+    say = say or (lambda text: None)
+    started = clock()
+
+    def spent() -> float:
+        return elapsed_s + clock() - started
+
     def steps_that_fit(t: Timing, validation_s: float) -> int:
-        return int(max(budget_s * (1 - MARGIN) - t.fixed - validation_s, 0) // t.step)
+        return int(max(budget_s * (1 - MARGIN) - spent() - t.fixed - validation_s, 0) // t.step)
+
+    def size(c: Candidate) -> float:
+        return c.batch_size * math.prod(c.patch_size or (1,))
 
     reasons: list[str] = []
-    options = []
-    for cand in candidates:
+    options = {}
+    cheaper = None
+    for cand in reversed(candidates):
+        if cheaper is not None:
+            ratio = size(cand) / size(cheaper[0])
+            step, memory = cheaper[1].step * ratio, cheaper[1].memory * ratio
+            if step * math.ceil(MIN_SAMPLES / cand.batch_size) > budget_s:
+                reasons.append(f"{describe(cand)} not timed: a step would take about {step:.1f} s (from "
+                               f"{describe(cheaper[0])}'s), too slow for {MIN_SAMPLES} samples in the budget")
+                say(f"budget: {reasons[-1]}")
+                continue
+            if free_memory and memory > free_memory / 2:
+                reasons.append(f"{describe(cand)} not timed: a step would take about {memory / 2**30:.1f} GiB, more "
+                               f"than half of the {free_memory / 2**30:.1f} GiB free")
+                say(f"budget: {reasons[-1]}")
+                continue
+        say(f"budget: timing a step at {describe(cand)} ...")
         t = measure(cand)
+        cheaper = (cand, t)
         one_validation = max(held_out, 1) * t.validation_case
         validations = max(1, min(MAX_VALIDATIONS, int(VALIDATION_SHARE * budget_s // max(one_validation, 1e-9))))
         if validations * one_validation <= VALIDATION_SHARE * budget_s:
@@ -249,19 +294,25 @@ def plan_budget(budget_s: float, candidates: Sequence[Candidate], measure: Calla
             val_cases = max(1, int(VALIDATION_SHARE * budget_s // max(t.validation_case, 1e-9)))
             val_cases = min(val_cases, held_out) if held_out else val_cases
             validations, validation_s = 1, val_cases * t.validation_case
-        steps = steps_that_fit(t, validation_s)
-        options.append((cand, t, steps, validations, val_cases, validation_s))
-        reasons.append(f"at 1/{cand.scale:g} resolution a step takes {t.step:.3f} s and a held-out case "
-                       f"{t.validation_case:.3f} s: {steps} steps ({steps * cand.batch_size} samples) fit")
-    good = [o for o in options if o[2] * o[0].batch_size >= GOOD_SAMPLES]
-    cand, t, steps, validations, val_cases, validation_s = good[0] if good else options[-1]
-    reasons.append(f"chose 1/{cand.scale:g} resolution: " + (
-        f"the finest at which {GOOD_SAMPLES} samples fit" if good else
-        f"the coarsest tried; fewer than {GOOD_SAMPLES} samples fit at any"))
+        options[cand] = (cand, t, validations, val_cases, validation_s)
+        say(f"budget: {describe(cand)}: a step takes {t.step:.3f} s, a held-out case {t.validation_case:.3f} s")
+    calibration = clock() - started
+    timed = [(*o[:2], steps_that_fit(o[1], o[4]), *o[2:]) for c in candidates if (o := options.get(c))]
+    for cand, t, steps, *_ in timed:
+        reasons.append(f"{describe(cand)}: a step takes {t.step:.3f} s and a held-out case {t.validation_case:.3f} s: "
+                       f"{steps} steps ({steps * cand.batch_size} samples) fit")
+    good = [o for o in timed if o[2] * o[0].batch_size >= GOOD_SAMPLES]
+    cand, t, steps, validations, val_cases, validation_s = good[0] if good else timed[-1]
+    if len(candidates) > 1:
+        reasons.append(f"chose {describe(cand)}: " + (
+            f"the first in order of preference at which {GOOD_SAMPLES} samples fit" if good else
+            f"the cheapest; fewer than {GOOD_SAMPLES} samples fit at any"))
     smaller = None if keep_batch else smaller_batch(cand.batch_size, steps, batch_multiple)
     if smaller:
         small = dataclasses.replace(cand, batch_size=smaller)
+        say(f"budget: timing a step at {describe(small)} ...")
         t_small = measure(small)
+        calibration = clock() - started
         steps_small = steps_that_fit(t_small, validation_s)
         if steps_small > steps:
             reasons.append(f"batch {smaller} instead of {cand.batch_size}: a step takes {t_small.step:.3f} s, "
@@ -270,7 +321,7 @@ def plan_budget(budget_s: float, candidates: Sequence[Candidate], measure: Calla
     min_steps = math.ceil(MIN_SAMPLES / cand.batch_size)
     planned_over = False
     if steps < min_steps:
-        needed = (t.fixed + validation_s + min_steps * t.step) / (1 - MARGIN)
+        needed = (spent() + t.fixed + validation_s + min_steps * t.step) / (1 - MARGIN)
         message = (f"a budget of {format_duration(budget_s)} is too short on this machine: {steps} steps fit, the "
                    f"minimum is {min_steps} ({MIN_SAMPLES} samples); ask for at least {math.ceil(needed / 60)} min")
         if not over_budget:
@@ -282,18 +333,28 @@ def plan_budget(budget_s: float, candidates: Sequence[Candidate], measure: Calla
         epochs = max(1, steps // per_epoch)
         iterations = min(per_epoch, steps)
         validations = min(validations, epochs)
-    else:
+        first = None
+    else:  # a short first epoch: the plan is refitted to the real step before most of the budget is spent
         epochs = 2 * validations
         iterations = max(1, steps // epochs)
+        first = min(iterations, max(1, math.ceil(FIRST_EPOCH_SHARE * epochs * iterations)))
     per_validation = validation_s / validations
     val_every = math.ceil(epochs / validations)
     validations = math.ceil(epochs / val_every)  # every val_every epochs and after the last: no more than planned
     validation_s = validations * per_validation
     reasons.append(f"validation: {validations} x {val_cases or 'all'} cases, {validation_s:.0f} s "
                    f"(at most {VALIDATION_SHARE:.0%} of the budget)")
-    expected = t.fixed + validation_s + epochs * iterations * t.step
+    reasons.append(f"timing took {calibration:.0f} s of the budget")
+    total = (first or iterations) + (epochs - 1) * iterations
+    expected = spent() + t.fixed + validation_s + total * t.step
     return BudgetPlan(budget_s, cand, t, epochs, iterations, val_every, val_cases, validations,
-                      epochs * iterations * cand.batch_size, expected, planned_over, tuple(reasons))
+                      total * cand.batch_size, expected, planned_over, tuple(reasons), round(calibration, 1), first)
+
+
+def describe(c: Candidate) -> str:
+    """``1/2 resolution, patch [128, 128], batch 8``: a candidate as the plan's reasons name it."""
+    return (f"{'full' if c.scale == 1 else f'1/{c.scale:g}'} resolution"
+            + (f", patch {list(c.patch_size)}" if c.patch_size else "") + f", batch {c.batch_size}")
 
 
 def smaller_batch(batch: int, steps: int, multiple: int = 1) -> int | None:

@@ -30,7 +30,7 @@ from typing import Iterator
 import torch
 
 __all__ = ["PRECISIONS", "resolve_device", "check_precision", "autocast", "cpu_has_native_bf16", "cpu_threads",
-           "keep_freed_memory"]
+           "keep_freed_memory", "available_memory", "resident_memory", "peak_memory"]
 
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -121,6 +121,37 @@ def keep_freed_memory() -> bool:
         return bool(libc.mallopt(_M_MMAP_THRESHOLD, 1 << 30) and libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))
     except (OSError, AttributeError):  # not glibc (musl has no mallopt)
         return False
+
+
+def available_memory() -> int | None:
+    """Bytes of memory free for new allocations (Linux's MemAvailable), or None where unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def resident_memory() -> int:
+    """Bytes this process holds in memory now (its resident set; 0 where unknown)."""
+    import os
+
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError):
+        return 0
+
+
+def peak_memory() -> int:
+    """The most bytes this process has held in memory so far (its peak resident set)."""
+    import resource
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024  # macOS counts bytes, Linux KiB
 
 
 def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:

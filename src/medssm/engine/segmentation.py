@@ -16,9 +16,9 @@ import torch
 
 from ..budget import Candidate, Timing
 from ..data.segmentation.nnunet import NnUNetDataset, resolve_data, verify_dataset
-from ..data.segmentation.plan import Plan, plan_dataset, plans_at_scales
+from ..data.segmentation.plan import Plan, budget_plans, make_plan, plan_dataset
 from ..data.segmentation.splits import read_or_make_splits, save_splits
-from ..devices import autocast
+from ..devices import autocast, peak_memory, resident_memory
 from ..inference.sliding import sliding_window_probabilities
 from ..metrics.segmentation import dice_of_masks
 from ..nets.registry import build_for_data, get_model_card
@@ -59,10 +59,15 @@ class SegmentationTask(Task):
         if resuming and (run / "plan.json").is_file():
             self.plan = Plan.load(run / "plan.json")
             return
-        self.fingerprint = plan_dataset(self.dataset, progress=progress)
-        self.plans = plans_at_scales(self.dataset, self.fingerprint, self.card.size_divisor,
-                                     scales=() if self.cfg.budget is None else (2.0, 4.0), **self.cfg.plan_overrides())
-        self.plan = self.plans[1.0]
+        fingerprint = plan_dataset(self.dataset, progress=progress)
+        if self.cfg.budget is None:
+            self.plan = make_plan(self.dataset, divisor=self.card.size_divisor, fingerprint=fingerprint,
+                                  **self.cfg.plan_overrides())
+            return
+        plans = budget_plans(self.dataset, fingerprint, self.card.size_divisor, **self.cfg.plan_overrides())
+        self.plan = plans[0]
+        self.plans = {Candidate(p.target_spacing[0] / self.plan.target_spacing[0], p.batch_size, tuple(p.patch_size)): p
+                      for p in plans}
 
     def budget_request(self, device: torch.device, precision: str) -> dict:
         """Each resolution's plan timed: a step on random data, a median case's sliding window, and the
@@ -75,23 +80,29 @@ class SegmentationTask(Task):
         loss_fn = make_loss(self.recipe.loss, self.plan.label_set)
 
         def measure(candidate: Candidate) -> Timing:
-            plan = self.plans[candidate.scale]
+            plan = self.plans[dataclasses.replace(candidate, batch_size=self.plans_batch(candidate))]
             model = self.model_for(plan).to(device)
             batch = (torch.randn(candidate.batch_size, plan.num_channels, *plan.patch_size),
                      torch.randint(0, max(plan.label_set.values) + 1, (candidate.batch_size, 1, *plan.patch_size)))
+            before = resident_memory()
             step = time_step(model, lambda: batch, loss_fn, device, precision)
+            memory = max(0, peak_memory() - before)
             image = torch.randn(plan.num_channels, *plan.median_shape)
             with autocast(device, precision):
                 case_s = call_seconds(lambda: sliding_window_probabilities(
                     model, image, plan.patch_size, device=device, activation=plan.label_set.activation), device)
-            return Timing(step, case_s, preprocess_s)
+            return Timing(step, case_s, preprocess_s, memory)
 
-        candidates = [Candidate(scale, p.batch_size, tuple(p.patch_size)) for scale, p in self.plans.items()]
-        return dict(candidates=candidates, measure=measure, held_out=self.held_out)
+        return dict(candidates=list(self.plans), measure=measure, held_out=self.held_out)
+
+    def plans_batch(self, candidate: Candidate) -> int:
+        """The batch of the plan ``candidate`` was made of (the budget may have made it smaller)."""
+        return next(c.batch_size for c in self.plans if (c.scale, c.patch_size) == (candidate.scale, candidate.patch_size))
 
     def follow_budget(self, budget) -> None:
-        plan = self.plans.get(budget.candidate.scale, self.plan)  # a resumed run's plan is the fitted one
-        self.plan = dataclasses.replace(plan, batch_size=budget.candidate.batch_size)
+        c = budget.candidate  # a resumed run's plan is the fitted one
+        plan = self.plans[dataclasses.replace(c, batch_size=self.plans_batch(c))] if self.plans else self.plan
+        self.plan = dataclasses.replace(plan, batch_size=c.batch_size)
         self.held_out = budget.val_cases or self.held_out
 
     def model_for(self, plan: Plan) -> torch.nn.Module:

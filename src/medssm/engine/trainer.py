@@ -27,7 +27,7 @@ from typing import Iterator
 import torch
 
 from ..budget import BudgetPlan, parse_duration, plan_budget, validation_due
-from ..devices import check_precision, cpu_threads
+from ..devices import available_memory, check_precision, cpu_threads
 from ..files import read_json, write_json
 from ..nets.cards import ModelCard, Recipe
 from ..nets.registry import parse_model_kwargs
@@ -333,9 +333,11 @@ class _Training:
             return None
         request = self.task.budget_request(self.device, self.cfg.precision)
         plan = None
-        if self.main:
+        if self.main:  # said as it goes, also without progress bars: timing can take a while
             plan = plan_budget(parse_duration(self.cfg.budget), **request, over_budget=self.cfg.over_budget,
-                               batch_multiple=self.env.world_size, keep_batch=bool(self.cfg.batch_size))
+                               batch_multiple=self.env.world_size, keep_batch=bool(self.cfg.batch_size),
+                               elapsed_s=self.elapsed(), free_memory=available_memory(),
+                               say=lambda text: print(text, flush=True))
             print(plan, flush=True)
         return BudgetPlan.from_dict(distributed.broadcast(plan.to_dict() if self.main else None))
 

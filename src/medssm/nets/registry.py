@@ -18,6 +18,7 @@ from typing import Callable, Sequence
 
 import torch.nn as nn
 
+from ..devices import available_memory
 from ..files import read_json, read_safetensors, write_file, write_json
 from .cards import ModelCard
 
@@ -123,21 +124,10 @@ def _check_size(name: str, fn: Callable[..., nn.Module], kwargs: dict) -> None:
     except Exception:  # noqa: BLE001 - as above
         return
     need = sum(t.numel() * t.element_size() for t in (*probe.parameters(), *probe.buffers()))
-    free = _available_memory()
+    free = available_memory()
     if free is not None and need > free:
         raise ValueError(f"{name} with {kwargs}: its weights alone need {need / 2**30:.1f} GiB; this machine has "
                          f"{free / 2**30:.1f} GiB free")
-
-
-def _available_memory() -> int | None:
-    """Bytes of memory free for a new allocation (Linux's MemAvailable), or None where unknown."""
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
 
 
 def build_for_data(name: str, *, spatial_dims: int, in_channels: int, num_classes: int,

@@ -37,6 +37,7 @@ class Fingerprint:
     shapes_before_crop: list[list[int]]
     shapes_after_crop: list[list[int]]
     intensity_properties: list[dict]
+    thickness: list[float] | None = None  # per case, of its thinnest foreground structure: see structure_thickness
 
     def save(self, path: str | os.PathLike) -> Path:
         with atomic_path(path) as tmp:
@@ -57,10 +58,12 @@ def plan_dataset(dataset: NnUNetDataset, cases: list[str] | None = None, samples
     cases = sorted(dataset.cases if cases is None else cases)
     if not cases:
         raise ValueError(f"{dataset.root}: no cases to fingerprint")
-    spacings, before, after = [], [], []
+    spacings, before, after, thickness = [], [], [], []
     samples: list[list[np.ndarray]] = [[] for _ in range(dataset.num_channels)]
     for case in tqdm(cases, desc="fingerprint", unit="case", leave=False, disable=not progress):
         c = dataset.load_case(case)
+        thickness.append(structure_thickness(c.label, [v for v in dataset.label_set.values
+                                                       if v not in (0, dataset.ignore_label)]))
         box = nonzero_box(c.image)
         spacings.append(list(c.geometry.spacing))
         before.append(list(c.geometry.shape))
@@ -78,7 +81,24 @@ def plan_dataset(dataset: NnUNetDataset, cases: list[str] | None = None, samples
                           "min": float(v.min()), "max": float(v.max()),
                           "percentile_00_5": float(np.percentile(v, 0.5)),
                           "percentile_99_5": float(np.percentile(v, 99.5))})
-    return Fingerprint(cases, spacings, before, after, intensity)
+    return Fingerprint(cases, spacings, before, after, intensity, thickness)
+
+
+def structure_thickness(label: np.ndarray, values) -> float:
+    """How thick the thinnest foreground structure of a label map is, in voxels: for each label value,
+    twice its voxels over its boundary voxels (a line or sheet ``w`` voxels wide gives ``w``; a disc of
+    radius ``r`` gives ``r``); inf when no label is present. A structure only a few voxels thick vanishes
+    when the image is downsampled: the budget planner keeps such data at its own resolution."""
+    from scipy import ndimage
+
+    found = []
+    for v in values:
+        mask = label == v
+        n = int(mask.sum())
+        if n:
+            boundary = int((mask & ~ndimage.binary_erosion(mask, border_value=1)).sum())
+            found.append(2 * n / max(boundary, 1))
+    return float(min(found)) if found else float("inf")
 
 
 @dataclass
@@ -111,6 +131,7 @@ class Plan:
     version: int = PLAN_VERSION
     notes: dict = field(default_factory=dict)
     regions_class_order: list[int] | None = None  # for regions: the label painted for each region
+    thickness: float | None = None  # median over cases of the thinnest structure, voxels at the target spacing
 
     @property
     def label_set(self) -> LabelSet:
@@ -265,11 +286,21 @@ def make_plan(dataset: NnUNetDataset, divisor: int = 8, memory_budget_mb: float 
         median_spacing=[float(s) for s in np.median(spacings, axis=0)], median_shape=median_shape,
         patch_size=patch, batch_size=batch, divisor=divisor, memory_budget_mb=memory_budget_mb,
         bytes_per_voxel=bytes_per_voxel, notes={"fingerprint_cases": len(fp.cases)},
+        thickness=thickness_at(fp, target),
     )
     values.update({k: v for k, v in overrides.items() if k not in ("normalization", "use_mask_for_norm")})
     if "intensity_properties" in overrides:
         values["intensity_properties"] = per_channel(overrides["intensity_properties"])
     return Plan(**values).validate()
+
+
+def thickness_at(fp: Fingerprint, target_spacing) -> float | None:
+    """The median over cases of their thinnest structure, in voxels at ``target_spacing`` (None when the
+    fingerprint did not measure it)."""
+    if not fp.thickness:
+        return None
+    finite = [t * min(s) / min(target_spacing) for t, s in zip(fp.thickness, fp.spacings) if np.isfinite(t)]
+    return float(np.median(finite)) if finite else None
 
 
 def parse_overrides(items: list[str]) -> dict:
@@ -292,19 +323,35 @@ def parse_overrides(items: list[str]) -> dict:
     return out
 
 
-def plans_at_scales(dataset: NnUNetDataset, fingerprint: Fingerprint, divisor: int, scales=(2.0, 4.0),
-                    **overrides) -> dict[float, Plan]:
-    """``{1: the plan, 2: the plan at half the resolution, ...}``: the plan with ``overrides``, and
-    the same at ``scale`` times its target spacing for each of ``scales`` while the median image
-    stays at least 4 patches of ``divisor`` wide (a given patch size shrinks with the scale; a given
-    target spacing is kept, so it has no coarser plans). The budget planner's candidates."""
-    plans = {1.0: make_plan(dataset, divisor=divisor, fingerprint=fingerprint, **overrides)}
-    full = plans[1.0]
-    for scale in () if "target_spacing" in overrides else scales:
-        if min(full.median_shape) < 4 * scale * divisor:
+MIN_THICKNESS = 3.0  # voxels a structure keeps at the resolution it is trained at
+
+
+def budget_plans(dataset: NnUNetDataset, fingerprint: Fingerprint, divisor: int, **overrides) -> list[Plan]:
+    """The plans a time budget may train with, most preferred first (the budget planner's candidates).
+
+    The plan with ``overrides`` first. Then, by the rule of the thinnest structure (``Plan.thickness``,
+    measured by the fingerprint): where halving the resolution would leave it thinner than
+    ``MIN_THICKNESS`` voxels (vessels, nerves, a small hippocampus), crops of half and a quarter of the
+    patch along every axis at the dataset's own resolution (nnU-Net's way: full resolution, less
+    context); otherwise whole images at 1/2 and 1/4 of the resolution, while the structure keeps
+    ``MIN_THICKNESS`` voxels and the median image stays at least 4 patches of ``divisor`` wide. A
+    given patch shrinks with the resolution; a given target spacing or patch is kept at full resolution.
+    """
+    full = make_plan(dataset, divisor=divisor, fingerprint=fingerprint, **overrides)
+    plans = [full]
+    if full.thickness is not None and full.thickness / 2 < MIN_THICKNESS:
+        if "patch_size" in overrides:
+            return plans
+        for k in (2, 4):
+            patch = [max(divisor, round(p / k / divisor) * divisor) for p in full.patch_size]
+            if patch != plans[-1].patch_size:
+                plans.append(make_plan(dataset, divisor=divisor, fingerprint=fingerprint, **overrides, patch_size=patch))
+        return plans
+    for scale in () if "target_spacing" in overrides else (2.0, 4.0):
+        if min(full.median_shape) < 4 * scale * divisor or (full.thickness or math.inf) / scale < MIN_THICKNESS:
             break
         coarser = {**overrides, "target_spacing": [scale * s for s in full.target_spacing]}
         if "patch_size" in overrides:
             coarser["patch_size"] = [max(divisor, round(p / scale / divisor) * divisor) for p in full.patch_size]
-        plans[scale] = make_plan(dataset, divisor=divisor, fingerprint=fingerprint, **coarser)
+        plans.append(make_plan(dataset, divisor=divisor, fingerprint=fingerprint, **coarser))
     return plans
