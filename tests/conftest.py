@@ -21,3 +21,16 @@ def data_root() -> Path:
     if not (root / "Dataset001_LungXray" / "dataset.json").is_file():
         pytest.fail(f"real data not found at {root}: set MEDSSM_DATA to the shared data folder")
     return root
+
+
+@pytest.fixture(scope="session")
+def browser_path() -> str:
+    """The operating system's Chromium for the tests in a real browser (tests/browser.py); they skip
+    with the reason where there is none."""
+    from .browser import chromium_path
+
+    path = chromium_path()
+    if not path:
+        pytest.skip("no Chromium: scripts/test.sh installs Debian's chromium where apt-get can (or set "
+                    "MEDSSM_CHROMIUM to a Chromium or Chrome)")
+    return path

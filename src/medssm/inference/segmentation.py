@@ -4,7 +4,9 @@ sliding window, optional mirror test-time augmentation and optional probabilitie
 
 Never writes into IN; an existing output is replaced only with ``--overwrite`` or kept with
 ``--skip-existing`` (checked for every case before the first prediction); each output is written
-atomically, so an interrupted prediction leaves only complete files.
+atomically, so an interrupted prediction leaves only complete files. Beside the label maps,
+``OUT/predictions.json`` records the run, checkpoint and mirroring that made them (``medssm evaluate``
+names them in its summary and report).
 
 Example:
     medssm predict -i ../shared/data/Dataset002_Hippocampus/imagesTr -o preds -m runs/hippo --mirror
@@ -13,6 +15,7 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import os
 import time
 from pathlib import Path
@@ -21,7 +24,7 @@ import numpy as np
 import torch
 
 from ..devices import autocast, check_precision, cpu_threads, resolve_device
-from ..files import atomic_path, guard_outputs, output_folder
+from ..files import atomic_path, guard_outputs, output_folder, write_json
 from ..runs import load_run
 from ..ssm import use_backend
 
@@ -175,6 +178,10 @@ def _predict(cfg: PredictConfig) -> Path:
         if cfg.save_probabilities:
             with atomic_path(targets[1]) as tmp, open(tmp, "wb") as f:
                 np.savez_compressed(f, probabilities=probs.astype(np.float32), labels=np.array(names))
+    write_json(out / "predictions.json", {  # what made these label maps, for evaluate's summary and report
+        "run": str(run.path.resolve()), "model": run.model_name, "checkpoint": cfg.checkpoint, "mirror": mirror,
+        "input": str(Path(cfg.input).resolve()),
+        "created": datetime.datetime.now().astimezone().isoformat(timespec="seconds")})
     done = len(jobs) - len({c for c, _, _ in failed})
     print(f"{done} case(s) predicted with {run.checkpoint(cfg.checkpoint)} on {device}"
           f"{' with mirroring' if mirror else ''} in {time.perf_counter() - started:.0f} s -> {out}")

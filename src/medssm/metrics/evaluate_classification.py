@@ -4,7 +4,9 @@ Reads a predictions CSV (from ``medssm predict``); the true labels come from its
 column(s) or from ``--reference`` (a .npz, image folders or CSV, matched by path). Writes
 ``metrics.json`` (accuracy, AUC, macro F1, precision, sensitivity, specificity, per class and
 averaged, in the MedMNIST v2 convention), ``confusion_matrix.png`` and ``roc.png``; for
-multi-label predictions the same per finding, and ``roc.png`` with a curve per finding.
+multi-label predictions the same per finding, and ``roc.png`` with a curve per finding. Beside them
+``cases.csv`` (every sample with its target and probabilities, in the predictions CSV format) and
+``report.html`` (:mod:`.html_report`).
 
 The CSV: ``path``, then ``label`` (index), ``label_name`` and ``target`` for one class per sample,
 or ``findings`` (the findings over 0.5, ``;``-separated) and a ``target_<finding>`` per finding
@@ -14,6 +16,7 @@ or ``findings`` (the findings over 0.5, ``;``-separated) and a ``target_<finding
 from __future__ import annotations
 
 import csv
+import datetime
 import io
 import json
 import os
@@ -26,6 +29,7 @@ import numpy as np
 
 from ..files import atomic_path
 from ..progress import stage
+from .html_report import write_html_report
 from .classification import (classification_metrics, format_metrics, plot_confusion_matrix, plot_roc,
                              predict_labels)
 
@@ -50,6 +54,8 @@ class ClassifierEvaluateConfig:
         "score the samples of --reference that have a prediction, warn about the others and count them "
         "(default: a sample without prediction is an error)")})
     overwrite: bool = field(default=False, metadata={"help": "replace an existing evaluation"})
+    html: bool = field(default=True, metadata={
+        "help": "write report.html: the metrics, confusion matrix, ROC curves and a sortable table of the samples"})
     progress: bool = field(default=True, metadata={"help": "print each stage and its time (on stderr)"})
 
 
@@ -116,15 +122,16 @@ def read_predictions(path: str | os.PathLike) -> tuple[list[str], np.ndarray, np
 
 
 def evaluate_predictions(y_true, probs, classes: Sequence[str], out: str | os.PathLike | None = None,
-                         title: str = "", missing: int = 0) -> dict:
-    """Metrics of ``probs`` against ``y_true``; with ``out``, also metrics.json and the PNGs. ``missing``:
-    the references without prediction (left out, counted in the metrics as ``n_missing``)."""
+                         title: str = "", missing: int = 0, about: dict | None = None) -> dict:
+    """Metrics of ``probs`` against ``y_true``; with ``out``, also metrics.json (with ``about``: what
+    was evaluated) and the PNGs. ``missing``: the references without prediction (left out, counted in
+    the metrics as ``n_missing``)."""
     m = {**classification_metrics(y_true, probs, classes), "n_missing": missing}
     if out is not None:
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)
         with atomic_path(out / "metrics.json") as tmp:
-            tmp.write_text(json.dumps(m, indent=2))
+            tmp.write_text(json.dumps({**m, **(about or {})}, indent=2))
         if "confusion_matrix" in m:  # one class per sample
             plot_confusion_matrix(m["confusion_matrix"], classes, out / "confusion_matrix.png", title=title)
         plot_roc(y_true, probs, classes, out / "roc.png", title=title)
@@ -169,8 +176,15 @@ def evaluate_classifier(cfg: ClassifierEvaluateConfig) -> dict:
     if missing:
         print(f"warning: {len(missing)} samples of {cfg.reference} [{cfg.split}] have no prediction and are not "
               f"scored, e.g. {missing[0]!r}", file=sys.stderr)
+    about = {"predictions": str(pred_path.resolve()), "reference": cfg.reference and str(cfg.reference),
+             "split": cfg.split if cfg.reference else None,
+             "created": datetime.datetime.now().astimezone().isoformat(timespec="seconds")}
     with stage("scoring and drawing the " + ("ROC curves" if multi else "confusion matrix and ROC curves"), cfg.progress):
-        m = evaluate_predictions(targets, probs, classes, out, title=pred_path.stem, missing=len(missing))
+        m = evaluate_predictions(targets, probs, classes, out, title=pred_path.stem, missing=len(missing),
+                                 about=about)
+        write_predictions(out / "cases.csv", names, probs, classes, targets)
     print(format_metrics(m))
-    print(f"metrics.json, {'' if multi else 'confusion_matrix.png, '}roc.png -> {out}")
+    print(f"metrics.json, {'' if multi else 'confusion_matrix.png, '}roc.png, cases.csv -> {out}")
+    if cfg.html:
+        print(f"report: {write_html_report(out)}")
     return m

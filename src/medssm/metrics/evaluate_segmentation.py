@@ -1,5 +1,6 @@
 """``medssm evaluate PRED REF``: per case and per structure (each class, or each region) Dice, IoU and
-HD95, a CSV, a summary JSON and overlay PNGs.
+HD95, a CSV, a summary JSON, overlay PNGs and ``report.html`` (metrics, cases, and a viewer
+of each case: :mod:`.html_report`).
 
 What is scored comes from the labels: dataset.json's (``--labels``, default REF/../dataset.json) or
 a run's, its classes or its nnU-Net regions; ``--regions REGIONS.json`` scores regions of any
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import datetime
 import io
 import json
 import math
@@ -28,6 +30,7 @@ import numpy as np
 
 from ..files import atomic_path, read_json
 from ..labels import LabelError, LabelSet
+from .html_report import write_html_report
 from .segmentation import case_metrics, summarize
 
 
@@ -58,6 +61,8 @@ class EvaluateConfig:
     overlays: bool = dataclasses.field(default=True, metadata={"help": "write overlay PNGs"})
     max_overlays: int = dataclasses.field(default=0, metadata={"help": "at most this many overlays (0: all)"})
     overwrite: bool = dataclasses.field(default=False, metadata={"help": "replace an existing evaluation"})
+    html: bool = dataclasses.field(default=True, metadata={
+        "help": "write report.html: the metrics, a sortable table of the cases and a viewer of each"})
     progress: bool = True
 
 
@@ -169,9 +174,10 @@ def evaluate(cfg: EvaluateConfig) -> Path:
         print(f"warning: {len(missing)} of {len(refs)} reference(s) have no prediction and are not scored: "
               f"{', '.join(missing[:10])}" + (" ..." if len(missing) > 10 else ""), file=sys.stderr)
 
-    rows, without_image, drawn = [], [], 0
+    rows, without_image, drawn, classes = [], [], 0, {}
     for case, (pred, ref, spacing) in tqdm(cases.items(), desc="evaluate", unit="case", disable=not cfg.progress):
         structures = labels.structures if labels else {f"label_{int(v)}": int(v) for v in np.unique(ref) if v > 0}
+        classes.update(structures)
         for name, m in case_metrics(pred, ref, structures, spacing).items():
             rows.append({"case": case, "class": name, **{k: m[k] for k in ("dice", "iou", "hd95", "n_pred", "n_ref")}})
         if cfg.overlays and (cfg.max_overlays <= 0 or drawn < cfg.max_overlays):
@@ -196,6 +202,10 @@ def evaluate(cfg: EvaluateConfig) -> Path:
                "labels": labels.to_dict() if labels else None,
                "structures": "regions" if labels and labels.has_regions else "classes",
                "n_missing": len(missing), "missing": missing,
+               "classes": classes, "images": str(images.resolve()) if images and images.is_dir() else None,
+               "predictions": read_json(pred_dir / "predictions.json", "prediction record")
+               if (pred_dir / "predictions.json").is_file() else None,
+               "created": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
                "metrics": {"dice": "MONAI compute_dice", "iou": "MONAI compute_iou",
                            "hd95": "MONAI compute_hausdorff_distance(percentile=95), in the images' spacing units",
                            "empty": "absent from both: 1/1/0; absent from one: 0/0/NaN (NaN left out of means)"}}
@@ -205,6 +215,8 @@ def evaluate(cfg: EvaluateConfig) -> Path:
     mean = summary["mean"]
     print(f"{len(cases)} cases: Dice {mean['dice']:.4f}  IoU {mean['iou']:.4f}  HD95 {mean['hd95']:.3f}"
           + (f" ({len(missing)} reference(s) without prediction not scored)" if missing else "") + f"  -> {out}")
+    if cfg.html:
+        print(f"report: {write_html_report(out)}")
     return out
 
 

@@ -5,6 +5,9 @@ Every model is trained on the same split with the same time budget and the same 
 predicts the held-out fold (and a test set when there is one) through the same prediction and
 evaluation commands a user runs, and its cost is measured. Then one report:
 
+    OUT/report.html     the page to open: the table, the charts with values on hover, and the same
+                        held-out case of every model side by side (segmentation), or each model's
+                        confusion matrix and ROC curves (classification)
     OUT/report.md       the table (Dice / HD95 or ACC / AUC, parameters, MACs with the scan's
                         FLOPs, step time, peak memory, wall time) and the figures
     OUT/compare.json    every number of the table, and each model's validation curve
@@ -34,6 +37,7 @@ from ..budget import BudgetPlan, BudgetTooShort
 from ..engine.options import DEFAULT_MODELS
 from ..figures import pyplot, save_figure
 from ..files import output_folder, read_json, write_json
+from ..metrics.html_report import write_html_report
 from ..nets.registry import get_model_card, list_models
 from ..runs import Run, has_checkpoint, load_run
 
@@ -123,6 +127,7 @@ def compare(cfg: CompareConfig) -> Path:
         results.append(found[name])
     write_report(out, cfg, task, results)
     print(f"report: {out / 'report.md'}")
+    print(f"report: {write_html_report(out)}")
     return out
 
 

@@ -17,7 +17,8 @@ Output::
 
     OUT/run/            the training run (checkpoints, log.csv/json, curves.png, splits.json, plan.json)
     OUT/predictions/    label maps of the held-out cases (PNG, 256²)
-    OUT/report/         report.md, summary.json, metrics.csv, curves.png, overlays/*.png, timings.json
+    OUT/report/         report.html (the page to open), report.md, summary.json, metrics.csv, curves.png,
+                        overlays/*.png, timings.json
 
 Example:
     medssm quickstart --data ../shared/data -o runs/quickstart
@@ -36,6 +37,7 @@ from pathlib import Path
 import torch
 
 from ..files import atomic_path
+from ..metrics.html_report import write_html_report
 from ..runs import has_checkpoint
 
 LUNG = "Dataset001_LungXray"
@@ -183,6 +185,7 @@ def quickstart(cfg: QuickstartConfig) -> Path:
     write_report(report, cfg, plan_txt, summary, timings, json.loads((run / "log.json").read_text()))
     print(f"quickstart done in {timings['total_s'] / 60:.1f} min (expected {expected:.0f}): held-out Dice "
           f"{summary['mean']['dice']:.4f} on all {summary['n_cases']} held-out cases; report in {report}")
+    print(f"report: {write_html_report(report)}")
     return report
 
 
