@@ -1,4 +1,5 @@
-"""Shared test set-up: deterministic seeds, 1 thread per worker, and the real data root."""
+"""Shared test set-up: deterministic seeds, 1 thread per worker, the real data root and small copies of it
+(never changed in place: a test that changes one copies it first)."""
 
 import os
 from pathlib import Path
@@ -21,6 +22,23 @@ def data_root() -> Path:
     if not (root / "Dataset001_LungXray" / "dataset.json").is_file():
         pytest.fail(f"real data not found at {root}: set MEDSSM_DATA to the shared data folder")
     return root
+
+
+@pytest.fixture(scope="session")
+def lung(data_root, tmp_path_factory) -> Path:
+    """The first 6 lung X-ray cases at 64², as an nnU-Net raw dataset."""
+    from .subsets import lung_subset
+
+    return lung_subset(data_root, tmp_path_factory.mktemp("lung") / "Dataset001_LungXray", n=6, size=64)
+
+
+@pytest.fixture(scope="session")
+def pneumonia(data_root, tmp_path_factory) -> Path:
+    """24/12/16 real PneumoniaMNIST images of both classes, as a .npz of the official layout."""
+    from .subsets import medmnist_subset
+
+    return medmnist_subset(data_root, "pneumoniamnist", tmp_path_factory.mktemp("mnist") / "pneumoniamnist.npz",
+                           {"train": 24, "val": 12, "test": 16})
 
 
 @pytest.fixture(scope="session")

@@ -18,23 +18,11 @@ from medssm.cli import main
 from medssm.nets import registry
 from medssm.runs import RunBusyError, claim_run, load_run
 
-from .subsets import lung_subset, medmnist_subset, tree_snapshot
+from .subsets import tree_snapshot
 
 SEG = ["--model", "lightm_unet_2d_tiny", "--epochs", "1", "--iterations-per-epoch", "2", "--val-every", "1",
        "--patch-size", "64", "64", "--batch-size", "2", "--no-progress"]
 CLS = ["--model", "medmamba_tiny", "--epochs", "1", "--batch-size", "8", "--iterations-per-epoch", "2", "--no-progress"]
-
-
-@pytest.fixture(scope="module")
-def lung(data_root, tmp_path_factory):
-    return lung_subset(data_root, tmp_path_factory.mktemp("lung") / "Dataset001_LungXray", n=6, size=64)
-
-
-@pytest.fixture(scope="module")
-def pneumonia(data_root, tmp_path_factory):
-    """24/12/16 real PneumoniaMNIST images of both classes, as a .npz of the official layout."""
-    return medmnist_subset(data_root, "pneumoniamnist", tmp_path_factory.mktemp("medmnist") / "pneumoniamnist.npz",
-                           {"train": 24, "val": 12, "test": 16})
 
 
 @pytest.fixture(scope="module")
@@ -383,7 +371,8 @@ def test_an_unknown_argument_in_model_json_names_the_file(seg_run, lung, tmp_pat
 def test_export_parity_failure_is_one_line_and_an_existing_file_is_kept(tmp_path, capsys):
     onnx = tmp_path / "m.onnx"
     onnx.write_bytes(b"mine")
-    args = ["export", "lightm_unet_2d_tiny", "--onnx", str(onnx), "--input-size", "32", "32", "--no-progress"]
+    args = ["export", "medmamba_tiny", "--onnx", str(onnx), "--model-kwargs", '{"in_chans": 1, "num_classes": 2}',
+            "--input-size", "28", "28", "--no-dynamic-spatial", "--no-progress"]
     assert main(args) == 2
     assert "--overwrite" in error_of(capsys) and onnx.read_bytes() == b"mine"
     assert main([*args, "--overwrite", "--rtol", "1e-30"]) == 2

@@ -31,11 +31,6 @@ def lung_config(ds: Path, out: Path, **kw) -> TrainConfig:
 
 
 @pytest.fixture(scope="module")
-def lung(data_root, tmp_path_factory) -> Path:
-    return lung_subset(data_root, tmp_path_factory.mktemp("lung") / "Dataset001_LungXray", n=6, size=64)
-
-
-@pytest.fixture(scope="module")
 def lung_run(lung, tmp_path_factory) -> Path:
     """A run that has learnt something of the lungs in its 12 steps (the recipe's rate is for 25,000)."""
     return train(lung_config(lung, tmp_path_factory.mktemp("runs") / "lung", iterations_per_epoch=6, lr=3e-3))

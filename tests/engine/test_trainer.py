@@ -20,7 +20,7 @@ from medssm.engine.classification import ClassifierTrainConfig, train_classifier
 from medssm.engine.segmentation import TrainConfig, train
 from medssm.runs import load_run
 
-from ..subsets import lung_subset, medmnist_subset
+from ..subsets import medmnist_subset
 
 OLD = Path(__file__).resolve().parents[1] / "fixtures" / "runs_before_one_trainer"
 OLD_SEG = ["--model", "lightm_unet_2d_tiny", "--model-kwargs", '{"init_filters": 4, "norm_groups": 2}', "--epochs", "2",
@@ -28,17 +28,6 @@ OLD_SEG = ["--model", "lightm_unet_2d_tiny", "--model-kwargs", '{"init_filters":
            "--device", "cpu", "--no-progress"]
 OLD_CLS = ["--model", "medmamba_tiny", "--model-kwargs", '{"dims": [8, 16, 32, 64]}', "--epochs", "2",
            "--batch-size", "8", "--iterations-per-epoch", "2", "--ema", "0.9", "--device", "cpu", "--no-progress"]
-
-
-@pytest.fixture(scope="module")
-def lung(data_root, tmp_path_factory):
-    return lung_subset(data_root, tmp_path_factory.mktemp("lung") / "Dataset001_LungXray", n=6, size=64)
-
-
-@pytest.fixture(scope="module")
-def pneumonia(data_root, tmp_path_factory):
-    return medmnist_subset(data_root, "pneumoniamnist", tmp_path_factory.mktemp("mnist") / "pneumoniamnist.npz",
-                           {"train": 24, "val": 12, "test": 16})
 
 
 @pytest.mark.parametrize("task", ["segmentation", "classification"])

@@ -81,6 +81,18 @@ def _nnunet(entry: str, argv: list[str], env: dict, timeout: int = 400) -> str:
     return proc.stdout
 
 
+def nnunet_env(tmp_path, raw, pre, results) -> dict:
+    """nnU-Net's environment for a test: its three folders, medssm's trainers and the test's own
+    (TEST_TRAINER, in a folder of its own), one process, no compilation."""
+    trainers = tmp_path / "my_trainers"
+    trainers.mkdir()
+    (trainers / "medssm_test_trainers.py").write_text(textwrap.dedent(TEST_TRAINER))
+    return {**os.environ, "nnUNet_raw": str(raw), "nnUNet_preprocessed": str(pre), "nnUNet_results": str(results),
+            "nnUNet_extTrainer": os.pathsep.join([medssm_nnunet.TRAINER_DIR, str(trainers)]),
+            "nnUNet_def_n_proc": "1", "nnUNet_n_proc_DA": "1", "nnUNet_compile": "false",
+            "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+
+
 def test_trainers_build_networks_with_the_current_signature():
     import inspect
 
@@ -118,13 +130,7 @@ def test_plan_preprocess_train_predict_with_stock_nnunet(tmp_path, data_root):
     (dataset / "dataset.json").write_text(json.dumps({
         "channel_names": {"0": "X-ray"}, "labels": {"background": 0, "lung": 1},
         "numTraining": len(CASES), "file_ending": ".png"}))
-    trainers = tmp_path / "my_trainers"
-    trainers.mkdir()
-    (trainers / "medssm_test_trainers.py").write_text(textwrap.dedent(TEST_TRAINER))
-    env = {**os.environ, "nnUNet_raw": str(raw), "nnUNet_preprocessed": str(pre), "nnUNet_results": str(results),
-           "nnUNet_extTrainer": os.pathsep.join([medssm_nnunet.TRAINER_DIR, str(trainers)]),
-           "nnUNet_def_n_proc": "1", "nnUNet_n_proc_DA": "1", "nnUNet_compile": "false",
-           "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    env = nnunet_env(tmp_path, raw, pre, results)
 
     _nnunet("nnunetv2.experiment_planning.plan_and_preprocess_entrypoints:plan_and_preprocess_entry",
             ["-d", "501", "-c", "2d", "-np", "1", "-npfp", "1", "--verify_dataset_integrity"], env)
@@ -178,13 +184,7 @@ def test_stock_nnunet_trains_a_medssm_network_on_regions(tmp_path, data_root):
     raw, pre, results = tmp_path / "raw", tmp_path / "preprocessed", tmp_path / "results"
     source = hippocampus_subset(data_root, tmp_path / "hippo", n=4)
     region_version(source, raw / "Dataset502_HippoRegions", HIPPOCAMPUS_REGIONS)
-    trainers = tmp_path / "my_trainers"
-    trainers.mkdir()
-    (trainers / "medssm_test_trainers.py").write_text(textwrap.dedent(TEST_TRAINER))
-    env = {**os.environ, "nnUNet_raw": str(raw), "nnUNet_preprocessed": str(pre), "nnUNet_results": str(results),
-           "nnUNet_extTrainer": os.pathsep.join([medssm_nnunet.TRAINER_DIR, str(trainers)]),
-           "nnUNet_def_n_proc": "1", "nnUNet_n_proc_DA": "1", "nnUNet_compile": "false",
-           "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    env = nnunet_env(tmp_path, raw, pre, results)
     _nnunet("nnunetv2.experiment_planning.plan_and_preprocess_entrypoints:plan_and_preprocess_entry",
             ["-d", "502", "-c", "3d_fullres", "-np", "1", "-npfp", "1", "--verify_dataset_integrity"], env)
     plans_file = pre / "Dataset502_HippoRegions" / "nnUNetPlans.json"
