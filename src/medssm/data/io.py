@@ -206,3 +206,34 @@ def _natural_image_dtype(array: np.ndarray, ending: str, path: Path) -> np.ndarr
     if array.size and (array.min() < 0 or array.max() > top):
         raise ImageFileError(f"{path}: values {array.min()}..{array.max()} do not fit {ending} (0..{top})")
     return array.astype(np.uint8 if array.size == 0 or array.max() <= 255 else np.uint16)
+
+
+def label_files(folder: str | os.PathLike) -> dict[str, Path]:
+    """``{case: path}`` for every image file in ``folder`` (case = file name without its ending)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{folder}: not a folder")
+    out = {}
+    for p in sorted(folder.iterdir()):
+        if p.is_file() and not p.name.startswith("."):
+            try:
+                out[p.name[: -len(file_ending(p))]] = p
+            except ImageFileError:
+                continue
+    return out
+
+
+def images_beside(ref: Path) -> Path | None:
+    """The image folder of a label folder: ``imagesTs`` beside ``labelsTs``, ``imagesTr`` beside
+    ``labelsTr`` (any ``labelsXx``); None for another name."""
+    return ref.parent / ("images" + ref.name[len("labels"):]) if ref.name.startswith("labels") else None
+
+
+def first_channel_files(folder: Path | None) -> dict[str, Path]:
+    """``{case: image}`` of an image folder: ``{case}_0000{ending}`` (an nnU-Net channel file) or
+    ``{case}{ending}``; empty when there is no folder."""
+    if folder is None or not folder.is_dir():
+        return {}
+    files = label_files(folder)
+    plain = {name: path for name, path in files.items() if not name.endswith("_0000")}
+    return {**plain, **{name[: -len("_0000")]: path for name, path in files.items() if name.endswith("_0000")}}

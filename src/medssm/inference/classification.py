@@ -20,7 +20,7 @@ import torch
 from ..data.classification import ClassificationDataset, open_classification_data
 from ..devices import cpu_threads, resolve_device
 from ..files import guard_outputs
-from ..metrics.evaluate_classification import write_predictions
+from ..metrics.classification import write_predictions
 from ..runs import load_run
 from ..ssm import use_backend
 

@@ -15,9 +15,7 @@ or ``findings`` (the findings over 0.5, ``;``-separated) and a ``target_<finding
 
 from __future__ import annotations
 
-import csv
 import datetime
-import io
 import json
 import os
 import sys
@@ -29,12 +27,11 @@ import numpy as np
 
 from ..files import atomic_path
 from ..progress import stage
+from .classification import (classification_metrics, format_metrics, plot_confusion_matrix, plot_roc, read_predictions,
+                             write_predictions)
 from .html_report import write_html_report
-from .classification import (classification_metrics, format_metrics, plot_confusion_matrix, plot_roc,
-                             predict_labels)
 
-__all__ = ["ClassifierEvaluateConfig", "evaluate_classifier", "evaluate_predictions", "write_predictions",
-           "read_predictions"]
+__all__ = ["ClassifierEvaluateConfig", "evaluate_classifier", "evaluate_predictions"]
 
 
 @dataclass
@@ -57,68 +54,6 @@ class ClassifierEvaluateConfig:
     html: bool = field(default=True, metadata={
         "help": "write report.html: the metrics, confusion matrix, ROC curves and a sortable table of the samples"})
     progress: bool = field(default=True, metadata={"help": "print each stage and its time (on stderr)"})
-
-
-def write_predictions(path: str | os.PathLike, names: list[str], probs: np.ndarray, classes: list[str],
-                      targets: np.ndarray | None = None) -> Path:
-    """Write the predictions CSV (atomically); see the module docstring for its columns. ``targets``
-    ``(N, K)`` (or ``probs`` of a multi-label model with ``targets`` None) make a multi-label CSV:
-    pass ``targets`` of -1 for unknown findings."""
-    multi = targets is not None and np.ndim(targets) == 2
-    buf = io.StringIO()
-    w = csv.writer(buf)
-    if multi:
-        w.writerow(["path", "findings"] + [f"target_{c}" for c in classes] + [f"prob_{c}" for c in classes])
-        for i, name in enumerate(names):
-            found = ";".join(c for c, v in zip(classes, probs[i]) if v > 0.5)
-            w.writerow([name, found] + ["" if t < 0 else int(t) for t in targets[i]] + [f"{v:.6g}" for v in probs[i]])
-    else:
-        pred = predict_labels(probs)
-        w.writerow(["path", "label", "label_name", "target"] + [f"prob_{c}" for c in classes])
-        for i, name in enumerate(names):
-            t = "" if targets is None or targets[i] < 0 else int(targets[i])
-            w.writerow([name, int(pred[i]), classes[pred[i]], t] + [f"{v:.6g}" for v in probs[i]])
-    path = Path(path)
-    with atomic_path(path) as tmp:
-        tmp.write_text(buf.getvalue())
-    return path
-
-
-def read_predictions(path: str | os.PathLike) -> tuple[list[str], np.ndarray, np.ndarray, list[str]]:
-    """(paths, probabilities (N, K), targets with -1 where absent: (N,) or, multi-label, (N, K), class or
-    finding names) of a predictions CSV. A row with a probability that is not a finite number in [0, 1]
-    is malformed."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such predictions CSV")
-    rows = list(csv.reader(path.read_text(encoding="utf-8-sig").splitlines()))
-    if not rows or "path" not in rows[0]:
-        raise ValueError(f"{path}: not a predictions CSV (expected a header with path and prob_<class> columns)")
-    head = rows[0]
-    multi = "findings" in head
-    prob_cols = [i for i, h in enumerate(head) if h.startswith("prob_")]
-    if len(prob_cols) < (1 if multi else 2):
-        raise ValueError(f"{path}: needs one prob_<class> column per class (at least 2), found {len(prob_cols)}")
-    classes = [head[i][len("prob_"):] for i in prob_cols]
-    ip = head.index("path")
-    target_cols = ([head.index(f"target_{c}") if f"target_{c}" in head else None for c in classes] if multi
-                   else [head.index("target") if "target" in head else None])
-    names, probs, targets = [], [], []
-    for n, r in enumerate(rows[1:], start=2):
-        if not r:
-            continue
-        try:
-            names.append(r[ip])
-            row = [float(r[i]) for i in prob_cols]
-            if not all(0.0 <= v <= 1.0 for v in row):  # NaN fails too
-                raise ValueError(f"a probability is not a number in [0, 1]: {[r[i] for i in prob_cols]}")
-            probs.append(row)
-            cells = [r[i].strip() if i is not None else "" for i in target_cols]
-            found = [int(c) if c != "" else -1 for c in cells]
-        except (ValueError, IndexError) as e:
-            raise ValueError(f"{path}, line {n}: malformed row ({e})") from None
-        targets.append(found if multi else found[0])
-    return names, np.asarray(probs, dtype=np.float64), np.asarray(targets, dtype=np.int64), classes
 
 
 def evaluate_predictions(y_true, probs, classes: Sequence[str], out: str | os.PathLike | None = None,

@@ -28,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..data.io import first_channel_files, images_beside, label_files
 from ..files import atomic_path, read_json
 from ..labels import LabelError, LabelSet
 from .html_report import write_html_report
@@ -66,23 +67,6 @@ class EvaluateConfig:
     progress: bool = True
 
 
-def label_files(folder: str | os.PathLike) -> dict[str, Path]:
-    """``{case: path}`` for every image file in ``folder`` (case = file name without its ending)."""
-    from ..data.io import ImageFileError, file_ending
-
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise FileNotFoundError(f"{folder}: not a folder")
-    out = {}
-    for p in sorted(folder.iterdir()):
-        if p.is_file() and not p.name.startswith("."):
-            try:
-                out[p.name[: -len(file_ending(p))]] = p
-            except ImageFileError:
-                continue
-    return out
-
-
 def read_labels(path: str | os.PathLike | None, ref: Path, regions: str | None = None) -> LabelSet | None:
     """What to score: ``regions`` (a JSON of ``{name: [values]}``, or a dataset.json with regions), else
     the labels of a dataset.json, a training run, or REF/../dataset.json; None when there is none."""
@@ -108,22 +92,6 @@ def read_labels(path: str | os.PathLike | None, ref: Path, regions: str | None =
     if path:
         raise FileNotFoundError(f"{p}: not found")
     return None
-
-
-def images_beside(ref: Path) -> Path | None:
-    """The image folder of a label folder: ``imagesTs`` beside ``labelsTs``, ``imagesTr`` beside
-    ``labelsTr`` (any ``labelsXx``); None for another name."""
-    return ref.parent / ("images" + ref.name[len("labels"):]) if ref.name.startswith("labels") else None
-
-
-def first_channel_files(folder: Path | None) -> dict[str, Path]:
-    """``{case: image}`` of an image folder: ``{case}_0000{ending}`` (an nnU-Net channel file) or
-    ``{case}{ending}``; empty when there is no folder."""
-    if folder is None or not folder.is_dir():
-        return {}
-    files = label_files(folder)
-    plain = {name: path for name, path in files.items() if not name.endswith("_0000")}
-    return {**plain, **{name[: -len("_0000")]: path for name, path in files.items() if name.endswith("_0000")}}
 
 
 def evaluate(cfg: EvaluateConfig) -> Path:

@@ -263,7 +263,7 @@ def _files_section(folder: Path, extra: list[tuple[str, str]] = ()) -> dict:
 
 def _segmentation_cases(folder: Path) -> tuple[dict, list[dict], list, dict]:
     """(summary, metric rows, classes, files) of a segmentation evaluation folder."""
-    from .evaluate_segmentation import first_channel_files, label_files
+    from ..data.io import first_channel_files, label_files
 
     summary = read_json(folder / "summary.json", "evaluation summary")
     rows = _read_csv(folder / "metrics.csv") if (folder / "metrics.csv").is_file() else []
@@ -425,7 +425,7 @@ def _roc_chart(title: str, series: list[dict]) -> dict:
 
 
 def _read_scored(folder: Path):
-    from .evaluate_classification import read_predictions
+    from .classification import read_predictions
 
     path = folder / "cases.csv"
     return read_predictions(path) if path.is_file() else None
