@@ -194,7 +194,7 @@ def test_quickstart_does_its_fixed_work_on_a_slow_machine(lung, tmp_path, capsys
     from medssm.workflows import quickstart as qs
     from medssm.workflows.quickstart import QuickstartConfig, quickstart
 
-    monkeypatch.setattr(loop, "time_step", lambda *a, **k: 600.0)  # a very slow (or busy) machine
+    monkeypatch.setattr(loop, "time_step", lambda *a, **k: (600.0, 0))  # a very slow (or busy) machine
     monkeypatch.setattr(devices, "cpu_has_native_bf16", lambda: False)  # precision "auto" picks fp32 there
     small = dict(data=str(lung), model="lightm_unet_2d_tiny", epochs=2, iterations_per_epoch=3, target_spacing=1.0,
                  patch_size=64, batch_size=2, val_cases=1, val_every=1, progress=False)
@@ -210,7 +210,7 @@ def test_quickstart_does_its_fixed_work_on_a_slow_machine(lung, tmp_path, capsys
     held_out = json.loads((tmp_path / "qs" / "run" / "splits.json").read_text())[0]["val"]
     assert json.loads((report / "summary.json").read_text())["n_cases"] == len(held_out)
     monkeypatch.undo()
-    monkeypatch.setattr(loop, "time_step", lambda *a, **k: 600.0)
+    monkeypatch.setattr(loop, "time_step", lambda *a, **k: (600.0, 0))
     quickstart(QuickstartConfig(out=str(tmp_path / "qs2"), **{**small, "epochs": 1, "val_every": 1}))
     out = capsys.readouterr().out  # another job than the default: no idle reference to compare with
     assert "expected" in out and "idle 2-core CPU" not in out and "slower or busier" not in out

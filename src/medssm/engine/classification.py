@@ -34,9 +34,8 @@ class ClassificationTask(Task):
 
     name, score, default_val_every = "classification", "val_auc", 1
 
-    def run_folder(self) -> Path:
-        model = self.cfg.model or DEFAULT_MODELS[self.name, 2]  # MedMamba-T whatever the dimensionality
-        return Path(self.cfg.out) if self.cfg.out else Path("runs") / f"{Path(str(self.cfg.data)).stem}_{model.replace(':', '_')}"
+    def default_model(self) -> str:
+        return DEFAULT_MODELS[self.name, 2]  # MedMamba-T, whatever the dimensionality
 
     def open(self, run: Path) -> None:
         cfg = self.cfg
@@ -45,7 +44,8 @@ class ClassificationTask(Task):
                                                           label_columns=cfg.label_columns)
         self.multi_label, self.classes = self.train_src.multi_label, self.train_src.classes
         self.loss_fn = cfg.make_loss(self.train_src.labels, len(self.classes))
-        self.card = get_model_card(cfg.model or DEFAULT_MODELS[self.name, self.train_src.spatial_dims])
+        self.spatial_dims = self.train_src.spatial_dims
+        self.card = get_model_card(cfg.model or self.default_model())
         if cfg.drop_path is not None:
             self.model_kwargs = {"drop_path_rate": cfg.drop_path, **self.model_kwargs}
         native = self.train_src.native_size or self.card.input_size
@@ -56,9 +56,9 @@ class ClassificationTask(Task):
         self.batch_size = self.recipe.batch_size or 32
 
     def dataset(self, source, train: bool) -> ClassificationDataset:
-        cfg = self.cfg
-        return ClassificationDataset(source, self.input_size, train=train, crop_scale=cfg.crop_scale, hflip=cfg.hflip,
-                                     vflip=cfg.vflip, normalize=self.card.normalize)
+        c = self.cfg
+        return ClassificationDataset(source, self.input_size, train, None, c.crop_scale, hflip=c.hflip, vflip=c.vflip,
+                                     normalize=self.card.normalize)
 
     def budget_request(self, device: torch.device, precision: str) -> dict:
         """A real training step (data loading and augmentation included) and the validation of a sample."""
@@ -67,12 +67,12 @@ class ClassificationTask(Task):
             draws = torch.utils.data.RandomSampler(self.dataset(self.train_src, True), replacement=True,
                                                    num_samples=3 * candidate.batch_size)
             loader = iter(torch.utils.data.DataLoader(draws.data_source, batch_size=candidate.batch_size, sampler=draws))
-            step = time_step(model, lambda: next(loader)[:2], self.loss_fn.to(device), device, precision)
+            step, memory = time_step(model, lambda: next(loader)[:2], self.loss_fn.to(device), device, precision)
             few = torch.utils.data.Subset(self.dataset(self.val_src, False), range(min(64, len(self.val_src))))
             t = time.perf_counter()
             with autocast(device, precision):
                 predict_proba(model, few, batch_size=64, device=device, multi_label=self.multi_label)
-            return Timing(step, (time.perf_counter() - t) / len(few))
+            return Timing(step, (time.perf_counter() - t) / len(few), memory=memory)
 
         return dict(candidates=[Candidate(1.0, self.batch_size)], measure=measure, held_out=len(self.val_src),
                     samples_per_epoch=len(self.train_src))

@@ -5,7 +5,7 @@ curves, one printed line).
 Example:
     >>> seed_everything(cfg.seed)
     >>> loss = train_step(ddp_model, images, labels, loss_fn, optimizer, scheduler, grad_clip=12.0)
-    >>> seconds = time_step(model, lambda: (images, labels), loss_fn, device, "bf16")
+    >>> seconds, memory = time_step(model, lambda: (images, labels), loss_fn, device, "bf16")
     >>> recorder.end_epoch(row, epochs, improved, model, evaluated, optimizer=optimizer, scheduler=scheduler)
 """
 
@@ -21,7 +21,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from ..devices import autocast
+from ..devices import autocast, peak_memory, resident_memory
 from ..runs import checkpoint_folder, save_checkpoint
 from . import distributed
 from .history import History
@@ -95,16 +95,17 @@ def call_seconds(fn: Callable[[], object], device: torch.device | str = "cpu") -
 
 
 def time_step(model: torch.nn.Module, next_batch: Callable[[], tuple[torch.Tensor, torch.Tensor]], loss_fn,
-              device: torch.device | str = "cpu", precision: str = "fp32", steps: int = 2) -> float:
-    """Seconds of one training step of ``model`` as the trainer takes it (the batch from ``next_batch``,
-    forward under the run's precision, loss, backward, Adam update) on ``device``, its kernels
-    finished: the best of ``steps`` after a first, uncounted one (it compiles the scan kernels). This
-    process alone: the budget is timed on rank 0 while the other ranks wait."""
+              device: torch.device | str = "cpu", precision: str = "fp32", steps: int = 2) -> tuple[float, int]:
+    """(seconds, bytes) of one training step of ``model`` as the trainer takes it (the batch from
+    ``next_batch``, forward under the run's precision, loss, backward, Adam update) on ``device``, its
+    kernels finished: the best time of ``steps`` after a first, uncounted one (it compiles the scan
+    kernels), and the memory the process grew by beyond what it held before (its peak resident set).
+    This process alone: the budget is timed on rank 0 while the other ranks wait."""
     device = torch.device(device)
     model.train()
     optimizer = torch.optim.Adam(model.parameters(), 1e-4)
     scaler = grad_scaler(device, precision)
-    times = []
+    times, before = [], resident_memory()
     for _ in range(steps + 1):
         _synchronize(device)
         start = time.perf_counter()
@@ -115,7 +116,7 @@ def time_step(model: torch.nn.Module, next_batch: Callable[[], tuple[torch.Tenso
         backward_and_step(loss, model, optimizer, scaler)
         _synchronize(device)
         times.append(time.perf_counter() - start)
-    return min(times[1:])
+    return min(times[1:]), max(0, peak_memory() - before)
 
 
 class EpochRecorder:

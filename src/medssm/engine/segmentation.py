@@ -18,7 +18,7 @@ from ..budget import Candidate, Timing
 from ..data.segmentation.nnunet import NnUNetDataset, resolve_data, verify_dataset
 from ..data.segmentation.plan import Plan, budget_plans, make_plan, plan_dataset
 from ..data.segmentation.splits import read_or_make_splits, save_splits
-from ..devices import autocast, peak_memory, resident_memory
+from ..devices import autocast
 from ..inference.sliding import sliding_window_probabilities
 from ..metrics.segmentation import dice_of_masks
 from ..nets.registry import build_for_data, get_model_card
@@ -33,22 +33,18 @@ class SegmentationTask(Task):
 
     name, score, default_val_every = "segmentation", "val_dice", 5
 
+    def default_model(self) -> str:
+        return DEFAULT_MODELS[self.name, NnUNetDataset(resolve_data(self.cfg.data)).spatial_dims]
+
     def run_folder(self) -> Path:
-        if self.cfg.out:
-            return Path(self.cfg.out)
-        dataset = NnUNetDataset(resolve_data(self.cfg.data))
-        model = self.cfg.model or DEFAULT_MODELS[self.name, dataset.spatial_dims]
-        return Path("runs") / f"{dataset.name}_{model.replace(':', '_')}_fold{self.cfg.fold}"
+        return super().run_folder() if self.cfg.out else Path(f"{super().run_folder()}_fold{self.cfg.fold}")
 
     def open(self, run: Path) -> None:
         cfg = self.cfg
         root = resolve_data(cfg.data)
         self.dataset = verify_dataset(root)  # DatasetError listing every bad case; nothing written yet
-        dims = self.dataset.spatial_dims
-        self.card = get_model_card(cfg.model or DEFAULT_MODELS[self.name, dims])
-        if self.card.task == "segmentation" and dims not in self.card.spatial_dims:
-            raise ValueError(f"{self.card.name} takes {'/'.join(f'{d}D' for d in self.card.spatial_dims)} input; "
-                             f"{root} is {dims}D (try {DEFAULT_MODELS[self.name, dims]})")
+        self.spatial_dims = self.dataset.spatial_dims
+        self.card = get_model_card(cfg.model or self.default_model())
         # Too few cases for 5 folds, or a splits.json naming other cases: refused before anything is written.
         self.splits = read_or_make_splits(run / "splits.json", self.dataset.cases)
         held_out = self.splits[cfg.fold]["val"]
@@ -66,8 +62,7 @@ class SegmentationTask(Task):
             return
         plans = budget_plans(self.dataset, fingerprint, self.card.size_divisor, **self.cfg.plan_overrides())
         self.plan = plans[0]
-        self.plans = {Candidate(p.target_spacing[0] / self.plan.target_spacing[0], p.batch_size, tuple(p.patch_size)): p
-                      for p in plans}
+        self.plans = {(p.target_spacing[0] / self.plan.target_spacing[0], tuple(p.patch_size)): p for p in plans}
 
     def budget_request(self, device: torch.device, precision: str) -> dict:
         """Each resolution's plan timed: a step on random data, a median case's sliding window, and the
@@ -80,29 +75,23 @@ class SegmentationTask(Task):
         loss_fn = make_loss(self.recipe.loss, self.plan.label_set)
 
         def measure(candidate: Candidate) -> Timing:
-            plan = self.plans[dataclasses.replace(candidate, batch_size=self.plans_batch(candidate))]
+            plan = self.plans[candidate.scale, candidate.patch_size]
             model = self.model_for(plan).to(device)
             batch = (torch.randn(candidate.batch_size, plan.num_channels, *plan.patch_size),
                      torch.randint(0, max(plan.label_set.values) + 1, (candidate.batch_size, 1, *plan.patch_size)))
-            before = resident_memory()
-            step = time_step(model, lambda: batch, loss_fn, device, precision)
-            memory = max(0, peak_memory() - before)
+            step, memory = time_step(model, lambda: batch, loss_fn, device, precision)
             image = torch.randn(plan.num_channels, *plan.median_shape)
             with autocast(device, precision):
                 case_s = call_seconds(lambda: sliding_window_probabilities(
                     model, image, plan.patch_size, device=device, activation=plan.label_set.activation), device)
             return Timing(step, case_s, preprocess_s, memory)
 
-        return dict(candidates=list(self.plans), measure=measure, held_out=self.held_out)
-
-    def plans_batch(self, candidate: Candidate) -> int:
-        """The batch of the plan ``candidate`` was made of (the budget may have made it smaller)."""
-        return next(c.batch_size for c in self.plans if (c.scale, c.patch_size) == (candidate.scale, candidate.patch_size))
+        candidates = [Candidate(scale, p.batch_size, patch) for (scale, patch), p in self.plans.items()]
+        return dict(candidates=candidates, measure=measure, held_out=self.held_out)
 
     def follow_budget(self, budget) -> None:
         c = budget.candidate  # a resumed run's plan is the fitted one
-        plan = self.plans[dataclasses.replace(c, batch_size=self.plans_batch(c))] if self.plans else self.plan
-        self.plan = dataclasses.replace(plan, batch_size=c.batch_size)
+        self.plan = dataclasses.replace(self.plans.get((c.scale, c.patch_size), self.plan), batch_size=c.batch_size)
         self.held_out = budget.val_cases or self.held_out
 
     def model_for(self, plan: Plan) -> torch.nn.Module:

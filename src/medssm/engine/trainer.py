@@ -36,7 +36,7 @@ from ..ssm import use_backend
 from . import distributed
 from .ema import WeightAverage
 from .loop import EpochRecorder, grad_scaler, seed_everything, train_step
-from .options import TrainOptions
+from .options import DEFAULT_MODELS, TrainOptions
 from .schedules import make_optimizer, make_scheduler, restart, set_total_steps
 
 __all__ = ["Task", "fit"]
@@ -62,13 +62,19 @@ class Task:
     def __init__(self, cfg: TrainOptions):
         self.cfg = cfg
 
-    def run_folder(self) -> Path:
-        """``--out``, or the default run folder of the data and the model (read cheaply: before resuming
-        is decided, the options are not final)."""
+    def default_model(self) -> str:
+        """The model trained without ``--model`` (read cheaply: before resuming is decided, the options
+        are not final)."""
         raise NotImplementedError
 
+    def run_folder(self) -> Path:
+        """``--out``, or ``runs/DATA_MODEL``."""
+        model = (self.cfg.model or self.default_model()).replace(":", "_")
+        return Path(self.cfg.out) if self.cfg.out else Path("runs") / f"{Path(str(self.cfg.data)).stem}_{model}"
+
     def open(self, run: Path) -> None:
-        """Check the options and the data before anything is written into ``run``; set ``card``."""
+        """Check the options and the data before anything is written into ``run``; set ``card`` and
+        ``spatial_dims`` (the data's)."""
         raise NotImplementedError
 
     def prepare(self, run: Path, resuming: bool, progress: bool) -> None:
@@ -136,8 +142,12 @@ def fit(task: Task) -> Path:
             task.cfg = cfg = resumed_options(cfg, run)
         task.model_kwargs = parse_model_kwargs(cfg.model_kwargs)
         task.open(run)
-        if task.card.task != task.name:
-            raise ValueError(f"{task.card.name} is a {task.card.task} model; {cfg.data} is a {task.name} dataset")
+        card = task.card
+        if card.task != task.name:
+            raise ValueError(f"{card.name} is a {card.task} model; {cfg.data} is a {task.name} dataset")
+        if task.spatial_dims not in card.spatial_dims:
+            raise ValueError(f"{card.name} takes {'/'.join(f'{d}D' for d in card.spatial_dims)} input; {cfg.data} is "
+                             f"{task.spatial_dims}D (try {DEFAULT_MODELS[task.name, task.spatial_dims]})")
         task.recipe = cfg.resolve_recipe(task.card)
         with claim_run(run) if env.rank == 0 else contextlib.nullcontext():
             return _Training(task, env, device, run).run()

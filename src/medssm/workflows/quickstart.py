@@ -109,7 +109,7 @@ def estimate_seconds(cfg: QuickstartConfig, held_out: int, mirror: bool) -> dict
     model = build_for_data(cfg.model, spatial_dims=2, in_channels=1, num_classes=2, patch_size=patch)
     batch = torch.randn(cfg.batch_size, 1, *patch), torch.randint(0, 2, (cfg.batch_size, 1, *patch))
     lung = LabelSet({"background": 0, "lung": 1})
-    step = time_step(model, lambda: batch, make_loss("dice_ce", lung), cpu, cfg.precision)
+    step, _ = time_step(model, lambda: batch, make_loss("dice_ce", lung), cpu, cfg.precision)
     image = torch.randn(1, *patch)  # a preprocessed case is one patch at this resolution
     with autocast(cpu, cfg.precision):
         case = call_seconds(lambda: sliding_window_probabilities(model, image, patch, mirror=mirror))
