@@ -19,6 +19,7 @@ from medssm.ssm.fused_mamba import linear_channels_first
 
 from .blocks import NoMixer
 from .cards import Recipe
+from .checkpointing import checkpointed
 from .depthwise import depthwise_conv
 from .registry import register_model
 
@@ -51,6 +52,15 @@ def dw_conv(spatial_dims: int, in_channels: int, out_channels: int, kernel_size:
     )
 
 
+class Head(nn.Sequential):
+    """GroupNorm → ReLU → depthwise-separable 1x1 conv (with biases) to the classes, at full resolution
+    (a Sequential, keys ``conv_final.0``, ``conv_final.2.0.conv`` ...)."""
+
+    @checkpointed
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x)
+
+
 class RVMLayer(nn.Module):
     """Residual Vision Mamba layer (the authors' ``MambaLayer``) on a (B, C_in, *S) feature map.
 
@@ -68,6 +78,7 @@ class RVMLayer(nn.Module):
         self.proj = nn.Linear(in_channels, out_channels)
         self.skip_scale = nn.Parameter(torch.ones(1))
 
+    @checkpointed
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dtype == torch.float16:
             x = x.float()
@@ -88,6 +99,7 @@ class ResMambaBlock(nn.Module):
         self.conv1 = RVMLayer(channels, channels, **mamba_kwargs)
         self.conv2 = RVMLayer(channels, channels, **mamba_kwargs)
 
+    @checkpointed
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.conv1(self.act(self.norm1(x)))
         return x + self.conv2(self.act(self.norm2(h)))
@@ -104,6 +116,7 @@ class ResUpBlock(nn.Module):
         self.conv = dw_conv(spatial_dims, channels, channels, kernel_size=3)
         self.skip_scale = nn.Parameter(torch.ones(1))
 
+    @checkpointed
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.conv(self.act(self.norm1(x))) + self.skip_scale * x
         return self.act(self.norm2(h))
@@ -168,7 +181,7 @@ class LightMUNet(nn.Module):
                 Conv(spatial_dims, c, c // 2, 1),
                 nn.Upsample(scale_factor=2, mode=UPSAMPLE_MODE[spatial_dims], align_corners=False),
             ))
-        self.conv_final = nn.Sequential(
+        self.conv_final = Head(
             nn.GroupNorm(norm_groups, init_filters),
             nn.ReLU(inplace=True),
             dw_conv(spatial_dims, init_filters, out_channels, kernel_size=1, bias=True),

@@ -24,6 +24,7 @@ from ..ssm.orders import CROSS_SCAN_2D, CROSS_SCAN_3D, cross_merge, cross_scan, 
 from ..ssm import selective_scan
 from .blocks import NoMixer
 from .cards import CLASSIFIER_DEFAULT
+from .checkpointing import checkpointed
 from .registry import register_model
 
 __all__ = ["MedMamba", "SS2D", "SSConvSSM", "PatchEmbed", "PatchMerging", "DropPath"]
@@ -201,6 +202,7 @@ class SSConvSSM(nn.Module):
             conv(half, half, 1), nn.ReLU(),
         )
 
+    @checkpointed
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         left, right = x.chunk(2, dim=-1)  # (B, *S, C/2) each
         right = self.drop_path(self.self_attention(self.ln_1(right)))

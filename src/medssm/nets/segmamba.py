@@ -24,6 +24,7 @@ from ..ssm.mamba import Mamba
 from ..ssm.orders import image_to_tokens, tokens_to_image
 from .blocks import NoMixer
 from .cards import Recipe
+from .checkpointing import checkpointed
 from .registry import register_model
 
 __all__ = ["SegMamba", "GSC", "MambaLayer", "UnetResBlock", "UnetrBasicBlock", "UnetrUpBlock", "UnetOutBlock"]
@@ -82,6 +83,7 @@ class UnetrBasicBlock(nn.Module):
         super().__init__()
         self.layer = UnetResBlock(spatial_dims, in_channels, out_channels)
 
+    @checkpointed
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.layer(x)
 
@@ -94,6 +96,7 @@ class UnetrUpBlock(nn.Module):
         self.transp_conv = _monai_conv(_conv(spatial_dims, transposed=True)(in_channels, out_channels, 2, stride=2, bias=False))
         self.conv_block = UnetResBlock(spatial_dims, 2 * out_channels, out_channels)
 
+    @checkpointed
     def forward(self, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
         return self.conv_block(torch.cat((self.transp_conv(x), skip), dim=1))
 
@@ -133,6 +136,7 @@ class GSC(nn.Module):
         self.norm4 = _instance_norm(spatial_dims, channels)
         self.act = nn.ReLU()
 
+    @checkpointed
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         a = self.act(self.norm2(self.proj2(self.act(self.norm(self.proj(x))))))
         b = self.act(self.norm3(self.proj3(x)))
@@ -151,6 +155,7 @@ class MambaLayer(nn.Module):
         self.mamba = NoMixer() if no_mamba else Mamba(dim, d_state=d_state, d_conv=d_conv, expand=expand,
                                                       orders=TRI_ORIENTATED)
 
+    @checkpointed
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         spatial = x.shape[2:]
         tokens = image_to_tokens(x)  # (B, L, C), raster order
@@ -167,6 +172,7 @@ class MlpChannel(nn.Module):
         self.act = nn.GELU()
         self.fc2 = conv(hidden, channels, 1)
 
+    @checkpointed
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc2(self.act(self.fc1(x)))
 

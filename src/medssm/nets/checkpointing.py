@@ -1,0 +1,214 @@
+"""Activation checkpointing as a runtime switch: :func:`set_checkpointing` (as MONAI's
+``use_checkpoint`` for SwinUNETR, for every network of the library and MONAI's baselines).
+
+A checkpointed block keeps only its input for the backward; its activations are recomputed in the
+backward, block by block, so a training step keeps about one block's activations at a time, for
+about one more forward pass of compute. The gradients are those of the plain network (the same
+operations run again on the same values; random draws, e.g. drop path, are replayed; batch norm's
+running statistics are updated once, not twice).
+
+How a network runs is not what it is: like the scan backend (:func:`medssm.ssm.use_backend`),
+checkpointing is not a constructor argument and is not written to ``model.json``; it is switched on
+a built model, and acts only in training mode with gradients enabled (outside export and tracing).
+In evaluation or under ``torch.no_grad()`` a block costs one attribute check more.
+
+The blocks (the outermost of them, never one inside another):
+
+- LightM-UNet: every ResMambaBlock and down-sampling Mamba layer (the encoder), every ResUpBlock and
+  the head (the decoder);
+- SegMamba: every gated spatial convolution (GSC) and tri-orientated Mamba layer and each stage's
+  skip MLP (the encoder), every residual block of the decoder (``encoder1..5``, ``decoder1..5``);
+- MedMamba: every SS-Conv-SSM block;
+- MONAI networks: every outermost MONAI building block (a class of ``monai.networks.blocks``:
+  ``ResBlock``, ``ResidualUnit``, ``Convolution``, ``UnetResBlock``, ``UnetrUpBlock``,
+  ``TransformerBlock`` ...; ResNet's ``ResNetBlock``); a module with MONAI's own ``use_checkpoint``
+  (SwinUNETR's Swin transformer) checkpoints itself through that flag, which the switch turns on
+  only in training with gradients. Covers SegResNet, UNet, DynUNet, UNETR, SwinUNETR, ResNet.
+  A network with none of these blocks is refused with a one-line error.
+
+Example:
+    >>> model = medssm.create_model("segmamba_3d", in_channels=4, out_channels=4)
+    >>> blocks = medssm.nets.set_checkpointing(model)        # names of the checkpointed blocks
+    >>> medssm.nets.set_checkpointing(model, enabled=False)  # back to plain
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import types
+from typing import Callable, Iterator
+
+import torch
+import torch.nn as nn
+from torch.utils.checkpoint import checkpoint
+
+from ..ssm.backends import is_exporting
+from ..ssm.fused_mamba import saving_for_recompute
+
+__all__ = ["set_checkpointing", "checkpointing_enabled", "checkpoint_blocks", "checkpointed"]
+
+_FLAG = "_medssm_checkpointing"  # instance attribute of a medssm block: checkpoint it
+_MONAI_FORWARD = "_medssm_checkpoint_forward"  # instance attribute: the forward a MONAI block had before
+_RESNET_BLOCKS = ("ResNetBlock", "ResNetBottleneck")  # monai.networks.nets.resnet's blocks
+
+
+def checkpointing_active(module: nn.Module) -> bool:
+    """Whether a block switched on runs checkpointed now: training, gradients on, not exporting."""
+    return module.training and torch.is_grad_enabled() and not is_exporting()
+
+
+def checkpointed(forward: Callable) -> Callable:
+    """Decorator for the ``forward`` of a medssm block that :func:`set_checkpointing` may switch on."""
+
+    @functools.wraps(forward)
+    def wrapper(self, *args, **kwargs):
+        if self.__dict__.get(_FLAG) and checkpointing_active(self):
+            return run_checkpointed(self, functools.partial(forward, self), *args, **kwargs)
+        return forward(self, *args, **kwargs)
+
+    wrapper.medssm_checkpoint_block = True
+    return wrapper
+
+
+def run_checkpointed(block: nn.Module, fn: Callable, *args, **kwargs):
+    """``fn(*args, **kwargs)`` under ``torch.utils.checkpoint`` (non-reentrant): only the inputs are kept,
+    the rest recomputed in the backward (random state replayed, batch-norm statistics updated once)."""
+    return checkpoint(fn, *args, use_reentrant=False, context_fn=functools.partial(_contexts, block), **kwargs)
+
+
+def _contexts(block: nn.Module):
+    return saving_for_recompute(), _recomputing(block)
+
+
+@contextlib.contextmanager
+def _recomputing(block: nn.Module) -> Iterator[None]:
+    """The recomputation's context: the fused Mamba layer saves as in the forward, and batch norms
+    in training mode get their running statistics back afterwards (they were updated by the forward)."""
+    norms = [m for m in block.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+             and m.training and m.track_running_stats]
+    kept = [{k: v.clone() for k, v in m.named_buffers(recurse=False) if v is not None} for m in norms]
+    with saving_for_recompute():
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for m, buffers in zip(norms, kept):
+                    for k, v in buffers.items():
+                        getattr(m, k).copy_(v)
+
+
+def _is_medssm_block(module: nn.Module) -> bool:
+    return getattr(type(module).forward, "medssm_checkpoint_block", False)
+
+
+def _is_monai_block(module: nn.Module) -> bool:
+    cls = type(module)
+    return cls.__module__.startswith("monai.networks.blocks") or (
+        cls.__module__ == "monai.networks.nets.resnet" and cls.__name__ in _RESNET_BLOCKS)
+
+
+def _checkpoints_itself(module: nn.Module) -> bool:
+    """A MONAI module with its own ``use_checkpoint`` flag (SwinUNETR's Swin transformer and its parts)."""
+    return type(module).__module__.startswith("monai.") and isinstance(module.__dict__.get("use_checkpoint"), bool)
+
+
+def checkpoint_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """(name, module) of the blocks :func:`set_checkpointing` acts on: the outermost medssm blocks,
+    MONAI modules with their own ``use_checkpoint``, and MONAI building blocks."""
+    found, seen = [], set()
+
+    def visit(module: nn.Module, name: str) -> None:
+        if id(module) in seen:  # a module held twice (DynUNet's skip layers hold its stages again)
+            return
+        seen.add(id(module))
+        if _is_medssm_block(module) or _checkpoints_itself(module) or _is_monai_block(module):
+            found.append((name, module))
+            return
+        for child_name, child in module.named_children():
+            visit(child, f"{name}.{child_name}" if name else child_name)
+
+    visit(_unwrap(model), "")
+    return found
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    """The network inside DistributedDataParallel / DataParallel."""
+    return model.module if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)) else model
+
+
+def set_checkpointing(model: nn.Module, enabled: bool = True) -> list[str]:
+    """Switch activation checkpointing on (or off) for every block of ``model`` that supports it.
+
+    Acts at run time only: nothing is added to the model's arguments, parameters or state dict. In
+    training mode with gradients enabled, each block keeps only its input and recomputes the rest in
+    the backward; in evaluation, under ``torch.no_grad()`` or while exporting, blocks run as usual.
+
+    Args:
+        model: a medssm network (``create_model``), a MONAI network, or either inside DDP.
+        enabled: on (True) or off (False).
+
+    Returns:
+        The names of the blocks switched (module paths, e.g. ``vit.stages.0.1``).
+
+    Raises:
+        ValueError: the network has no block this function knows how to checkpoint.
+    """
+    blocks = checkpoint_blocks(model)
+    if not blocks:
+        raise ValueError(f"set_checkpointing: {type(_unwrap(model)).__name__} has no block to checkpoint (medssm's "
+                         f"networks and MONAI's, whose building blocks come from monai.networks.blocks, are supported)")
+    for _, block in blocks:
+        if _is_medssm_block(block):
+            block.__dict__[_FLAG] = bool(enabled)
+        elif enabled:
+            _patch_monai(block)
+        else:
+            _unpatch_monai(block)
+    return [name for name, _ in blocks]
+
+
+def checkpointing_enabled(model: nn.Module) -> bool:
+    """Whether :func:`set_checkpointing` switched ``model``'s blocks on."""
+    return any(block.__dict__.get(_FLAG) or _MONAI_FORWARD in block.__dict__ for _, block in checkpoint_blocks(model))
+
+
+def _patch_monai(block: nn.Module) -> None:
+    """Give a MONAI block an instance ``forward`` that checkpoints it when active (its class is untouched;
+    ``copy.deepcopy`` rebinds the method to the copy)."""
+    if _MONAI_FORWARD in block.__dict__:
+        return
+    block.__dict__[_MONAI_FORWARD] = block.__dict__.get("forward")  # None: the class's forward
+    block.forward = types.MethodType(_own_flag_forward if _checkpoints_itself(block) else _checkpointed_forward, block)
+
+
+def _unpatch_monai(block: nn.Module) -> None:
+    if _MONAI_FORWARD not in block.__dict__:
+        return
+    previous = block.__dict__.pop(_MONAI_FORWARD)
+    del block.forward
+    if previous is not None:
+        block.forward = previous
+    if _checkpoints_itself(block):
+        _set_own_flags(block, False)
+
+
+def _checkpointed_forward(self: nn.Module, *args, **kwargs):
+    forward = self.__dict__[_MONAI_FORWARD] or functools.partial(type(self).forward, self)
+    if checkpointing_active(self):
+        return run_checkpointed(self, forward, *args, **kwargs)
+    return forward(*args, **kwargs)
+
+
+def _own_flag_forward(self: nn.Module, *args, **kwargs):
+    """MONAI's own ``use_checkpoint``, on only while checkpointing is active (MONAI's flag alone would
+    also checkpoint in evaluation)."""
+    _set_own_flags(self, checkpointing_active(self))
+    forward = self.__dict__[_MONAI_FORWARD] or functools.partial(type(self).forward, self)
+    return forward(*args, **kwargs)
+
+
+def _set_own_flags(module: nn.Module, value: bool) -> None:
+    for m in module.modules():
+        if isinstance(m.__dict__.get("use_checkpoint"), bool):
+            m.use_checkpoint = value
