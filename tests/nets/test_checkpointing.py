@@ -131,6 +131,36 @@ def test_costs_nothing_in_evaluation_or_without_gradients(name, kwargs, shape, m
     model.train()(x)  # switched off: plain again
 
 
+@pytest.mark.parametrize("blocks", ["mamba", ("encoder",), ("decoder", "mamba")])
+@pytest.mark.parametrize("name, kwargs, shape", [CASES[i] for i in (1, 4, 7)], ids=[IDS[i] for i in (1, 4, 7)])
+def test_blocks_of_some_kinds(name, kwargs, shape, blocks):
+    """Only the Mamba layers (or encoder / decoder blocks): the same gradients; the plain path elsewhere."""
+    if name.startswith("medmamba") and blocks == ("encoder",):
+        blocks = ("decoder", "encoder")
+    seed = len(str(blocks))
+    plain = build(name, kwargs, seed)
+    checked = copy.deepcopy(plain)
+    names = set_checkpointing(checked, blocks=blocks)
+    kinds = {checkpointing_module._kind(checked.get_submodule(n)) for n in names}
+    assert kinds <= set((blocks,) if isinstance(blocks, str) else blocks)
+    if blocks == "mamba":
+        assert kinds == {"mamba"} and len(names) >= 4
+    x = torch.randn(*shape, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
+    (out, grads, _), (out_c, grads_c, _) = step(plain, x, seed), step(checked, x, seed)
+    torch.testing.assert_close(out_c, out, rtol=1e-12, atol=1e-14)
+    for key, g in grads.items():
+        torch.testing.assert_close(grads_c[key], g, rtol=1e-12, atol=1e-14, msg=key)
+    assert set_checkpointing(checked, enabled=False) == names and not checkpointing_enabled(checked)
+
+
+def test_a_network_without_mamba_layers_has_no_mamba_block():
+    model = medssm.create_model("monai:SegResNet", spatial_dims=2, in_channels=1, out_channels=2)
+    with pytest.raises(ValueError, match="has no mamba block"):
+        set_checkpointing(model, blocks="mamba")
+    with pytest.raises(ValueError, match="blocks must be some of"):
+        set_checkpointing(model, blocks="stage")
+
+
 def test_not_part_of_the_model(tmp_path):
     """Nothing in the arguments, the state dict or model.json; a saved model loads without it."""
     model = medssm.create_model("segmamba_tiny", in_channels=1, out_channels=2)
@@ -155,5 +185,5 @@ def test_a_copy_checkpoints_itself():
 
 
 def test_unsupported_network_is_refused():
-    with pytest.raises(ValueError, match="Sequential has no block to checkpoint"):
+    with pytest.raises(ValueError, match="Sequential has no mamba or encoder or decoder block to checkpoint"):
         set_checkpointing(nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU()))

@@ -12,23 +12,29 @@ checkpointing is not a constructor argument and is not written to ``model.json``
 a built model, and acts only in training mode with gradients enabled (outside export and tracing).
 In evaluation or under ``torch.no_grad()`` a block costs one attribute check more.
 
-The blocks (the outermost of them, never one inside another):
+The blocks, by kind (``blocks=``; the outermost of those chosen, never one inside another):
 
-- LightM-UNet: every ResMambaBlock and down-sampling Mamba layer (the encoder), every ResUpBlock and
-  the head (the decoder);
-- SegMamba: every gated spatial convolution (GSC) and tri-orientated Mamba layer and each stage's
-  skip MLP (the encoder), every residual block of the decoder (``encoder1..5``, ``decoder1..5``);
-- MedMamba: every SS-Conv-SSM block;
+- LightM-UNet: Mamba: every residual vision Mamba layer; encoder: every ResMambaBlock (two Mamba
+  layers with their norms); decoder: every ResUpBlock and the head;
+- SegMamba: Mamba: every tri-orientated Mamba layer; encoder: every gated spatial convolution
+  (GSC) and skip MLP; decoder: every residual block (``encoder1..5``, ``decoder1..5``);
+- MedMamba: Mamba: every SS2D; encoder: every SS-Conv-SSM block;
 - MONAI networks: every outermost MONAI building block (a class of ``monai.networks.blocks``:
   ``ResBlock``, ``ResidualUnit``, ``Convolution``, ``UnetResBlock``, ``UnetrUpBlock``,
   ``TransformerBlock`` ...; ResNet's ``ResNetBlock``); a module with MONAI's own ``use_checkpoint``
   (SwinUNETR's Swin transformer) checkpoints itself through that flag, which the switch turns on
   only in training with gradients. Covers SegResNet, UNet, DynUNet, UNETR, SwinUNETR, ResNet.
-  A network with none of these blocks is refused with a one-line error.
+  MONAI's blocks count as encoder and decoder blocks. A network with none of these blocks is
+  refused with a one-line error.
+
+The Mamba layers keep the most memory for the least compute: SegMamba at 48^3 (one thread, fp32),
+checkpointing them alone cut the activations kept by about 45 % for 2 % more time; every block
+cut them by about 70 % for 32 % more time (``benchmarks/models.py``).
 
 Example:
     >>> model = medssm.create_model("segmamba_3d", in_channels=4, out_channels=4)
     >>> blocks = medssm.nets.set_checkpointing(model)        # names of the checkpointed blocks
+    >>> medssm.nets.set_checkpointing(model, blocks="mamba")  # only the Mamba layers
     >>> medssm.nets.set_checkpointing(model, enabled=False)  # back to plain
 """
 
@@ -37,7 +43,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import types
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Sequence
 
 import torch
 import torch.nn as nn
@@ -46,8 +52,9 @@ from torch.utils.checkpoint import checkpoint
 from ..ssm.backends import is_exporting
 from ..ssm.fused_mamba import saving_for_recompute
 
-__all__ = ["set_checkpointing", "checkpointing_enabled", "checkpoint_blocks", "checkpointed"]
+__all__ = ["set_checkpointing", "checkpointing_enabled", "checkpoint_blocks", "checkpointed", "KINDS"]
 
+KINDS = ("mamba", "encoder", "decoder")  # what a block is: a Mamba layer, an encoder block, a decoder block
 _FLAG = "_medssm_checkpointing"  # instance attribute of a medssm block: checkpoint it
 _MONAI_FORWARD = "_medssm_checkpoint_forward"  # instance attribute: the forward a MONAI block had before
 _RESNET_BLOCKS = ("ResNetBlock", "ResNetBottleneck")  # monai.networks.nets.resnet's blocks
@@ -58,17 +65,23 @@ def checkpointing_active(module: nn.Module) -> bool:
     return module.training and torch.is_grad_enabled() and not is_exporting()
 
 
-def checkpointed(forward: Callable) -> Callable:
-    """Decorator for the ``forward`` of a medssm block that :func:`set_checkpointing` may switch on."""
+def checkpointed(kind: str) -> Callable[[Callable], Callable]:
+    """Decorator for the ``forward`` of a medssm block of ``kind`` (one of :data:`KINDS`) that
+    :func:`set_checkpointing` may switch on."""
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
 
-    @functools.wraps(forward)
-    def wrapper(self, *args, **kwargs):
-        if self.__dict__.get(_FLAG) and checkpointing_active(self):
-            return run_checkpointed(self, functools.partial(forward, self), *args, **kwargs)
-        return forward(self, *args, **kwargs)
+    def decorate(forward: Callable) -> Callable:
+        @functools.wraps(forward)
+        def wrapper(self, *args, **kwargs):
+            if self.__dict__.get(_FLAG) and checkpointing_active(self):
+                return run_checkpointed(self, functools.partial(forward, self), *args, **kwargs)
+            return forward(self, *args, **kwargs)
 
-    wrapper.medssm_checkpoint_block = True
-    return wrapper
+        wrapper.medssm_checkpoint_kind = kind
+        return wrapper
+
+    return decorate
 
 
 def run_checkpointed(block: nn.Module, fn: Callable, *args, **kwargs):
@@ -98,8 +111,9 @@ def _recomputing(block: nn.Module) -> Iterator[None]:
                         getattr(m, k).copy_(v)
 
 
-def _is_medssm_block(module: nn.Module) -> bool:
-    return getattr(type(module).forward, "medssm_checkpoint_block", False)
+def _kind(module: nn.Module) -> str | None:
+    """The kind of a medssm block, None for other modules."""
+    return getattr(type(module).forward, "medssm_checkpoint_kind", None)
 
 
 def _is_monai_block(module: nn.Module) -> bool:
@@ -113,16 +127,26 @@ def _checkpoints_itself(module: nn.Module) -> bool:
     return type(module).__module__.startswith("monai.") and isinstance(module.__dict__.get("use_checkpoint"), bool)
 
 
-def checkpoint_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """(name, module) of the blocks :func:`set_checkpointing` acts on: the outermost medssm blocks,
-    MONAI modules with their own ``use_checkpoint``, and MONAI building blocks."""
+def _selected(module: nn.Module, blocks: tuple[str, ...]) -> bool:
+    """Whether ``module`` is a block of one of the kinds ``blocks`` (MONAI's blocks count as encoder and
+    decoder blocks: MONAI does not say which)."""
+    kind = _kind(module)
+    if kind is not None:
+        return kind in blocks
+    return ("encoder" in blocks or "decoder" in blocks) and (_checkpoints_itself(module) or _is_monai_block(module))
+
+
+def checkpoint_blocks(model: nn.Module, blocks: Sequence[str] = KINDS) -> list[tuple[str, nn.Module]]:
+    """(name, module) of the blocks :func:`set_checkpointing` acts on: the outermost medssm blocks of the
+    kinds ``blocks``, MONAI modules with their own ``use_checkpoint``, and MONAI building blocks."""
+    blocks = _check_kinds(blocks)
     found, seen = [], set()
 
     def visit(module: nn.Module, name: str) -> None:
         if id(module) in seen:  # a module held twice (DynUNet's skip layers hold its stages again)
             return
         seen.add(id(module))
-        if _is_medssm_block(module) or _checkpoints_itself(module) or _is_monai_block(module):
+        if _selected(module, blocks):
             found.append((name, module))
             return
         for child_name, child in module.named_children():
@@ -132,13 +156,21 @@ def checkpoint_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return found
 
 
+def _check_kinds(blocks: Sequence[str] | str) -> tuple[str, ...]:
+    blocks = (blocks,) if isinstance(blocks, str) else tuple(blocks)
+    unknown = [b for b in blocks if b not in KINDS]
+    if unknown or not blocks:
+        raise ValueError(f"set_checkpointing: blocks must be some of {', '.join(KINDS)}, got {blocks}")
+    return blocks
+
+
 def _unwrap(model: nn.Module) -> nn.Module:
     """The network inside DistributedDataParallel / DataParallel."""
     return model.module if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)) else model
 
 
-def set_checkpointing(model: nn.Module, enabled: bool = True) -> list[str]:
-    """Switch activation checkpointing on (or off) for every block of ``model`` that supports it.
+def set_checkpointing(model: nn.Module, enabled: bool = True, blocks: Sequence[str] = KINDS) -> list[str]:
+    """Switch activation checkpointing on (or off) for the blocks of ``model`` that support it.
 
     Acts at run time only: nothing is added to the model's arguments, parameters or state dict. In
     training mode with gradients enabled, each block keeps only its input and recomputes the rest in
@@ -146,31 +178,41 @@ def set_checkpointing(model: nn.Module, enabled: bool = True) -> list[str]:
 
     Args:
         model: a medssm network (``create_model``), a MONAI network, or either inside DDP.
-        enabled: on (True) or off (False).
+        enabled: on (True) or off (False: every block of the model, whatever ``blocks``).
+        blocks: which kinds of block: ``"mamba"`` (the Mamba layers: they keep the most memory for
+            the least compute), ``"encoder"``, ``"decoder"`` (MONAI's blocks are both), or several;
+            where one block holds another, the outer one is checkpointed.
 
     Returns:
-        The names of the blocks switched (module paths, e.g. ``vit.stages.0.1``).
+        The names of the blocks switched on (module paths, e.g. ``vit.stages.0.1``); with
+        ``enabled=False``, those switched off.
 
     Raises:
-        ValueError: the network has no block this function knows how to checkpoint.
+        ValueError: the network has no block of the kinds asked for.
     """
-    blocks = checkpoint_blocks(model)
-    if not blocks:
-        raise ValueError(f"set_checkpointing: {type(_unwrap(model)).__name__} has no block to checkpoint (medssm's "
-                         f"networks and MONAI's, whose building blocks come from monai.networks.blocks, are supported)")
-    for _, block in blocks:
-        if _is_medssm_block(block):
-            block.__dict__[_FLAG] = bool(enabled)
-        elif enabled:
-            _patch_monai(block)
+    blocks = _check_kinds(blocks)
+    switched_off = []  # off first: a block of another kind, or inside a chosen one, runs plain
+    for name, module in _unwrap(model).named_modules():
+        if module.__dict__.pop(_FLAG, None) or _unpatch_monai(module):
+            switched_off.append(name)
+    if not enabled:
+        return switched_off
+    chosen = checkpoint_blocks(model, blocks)
+    if not chosen:
+        raise ValueError(f"set_checkpointing: {type(_unwrap(model)).__name__} has no {' or '.join(blocks)} block to "
+                         f"checkpoint (medssm's networks and MONAI's, whose building blocks come from "
+                         f"monai.networks.blocks, are supported; MONAI's count as encoder and decoder blocks)")
+    for _, block in chosen:
+        if _kind(block) is not None:
+            block.__dict__[_FLAG] = True
         else:
-            _unpatch_monai(block)
-    return [name for name, _ in blocks]
+            _patch_monai(block)
+    return [name for name, _ in chosen]
 
 
 def checkpointing_enabled(model: nn.Module) -> bool:
-    """Whether :func:`set_checkpointing` switched ``model``'s blocks on."""
-    return any(block.__dict__.get(_FLAG) or _MONAI_FORWARD in block.__dict__ for _, block in checkpoint_blocks(model))
+    """Whether :func:`set_checkpointing` switched any block of ``model`` on."""
+    return any(m.__dict__.get(_FLAG) or _MONAI_FORWARD in m.__dict__ for m in _unwrap(model).modules())
 
 
 def _patch_monai(block: nn.Module) -> None:
@@ -182,15 +224,17 @@ def _patch_monai(block: nn.Module) -> None:
     block.forward = types.MethodType(_own_flag_forward if _checkpoints_itself(block) else _checkpointed_forward, block)
 
 
-def _unpatch_monai(block: nn.Module) -> None:
+def _unpatch_monai(block: nn.Module) -> bool:
+    """Undo :func:`_patch_monai`; whether there was anything to undo."""
     if _MONAI_FORWARD not in block.__dict__:
-        return
+        return False
     previous = block.__dict__.pop(_MONAI_FORWARD)
     del block.forward
     if previous is not None:
         block.forward = previous
     if _checkpoints_itself(block):
         _set_own_flags(block, False)
+    return True
 
 
 def _checkpointed_forward(self: nn.Module, *args, **kwargs):

@@ -56,7 +56,7 @@ class Head(nn.Sequential):
     """GroupNorm → ReLU → depthwise-separable 1x1 conv (with biases) to the classes, at full resolution
     (a Sequential, keys ``conv_final.0``, ``conv_final.2.0.conv`` ...)."""
 
-    @checkpointed
+    @checkpointed("decoder")
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return super().forward(x)
 
@@ -78,7 +78,7 @@ class RVMLayer(nn.Module):
         self.proj = nn.Linear(in_channels, out_channels)
         self.skip_scale = nn.Parameter(torch.ones(1))
 
-    @checkpointed
+    @checkpointed("mamba")
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dtype == torch.float16:
             x = x.float()
@@ -99,7 +99,7 @@ class ResMambaBlock(nn.Module):
         self.conv1 = RVMLayer(channels, channels, **mamba_kwargs)
         self.conv2 = RVMLayer(channels, channels, **mamba_kwargs)
 
-    @checkpointed
+    @checkpointed("encoder")
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.conv1(self.act(self.norm1(x)))
         return x + self.conv2(self.act(self.norm2(h)))
@@ -116,7 +116,7 @@ class ResUpBlock(nn.Module):
         self.conv = dw_conv(spatial_dims, channels, channels, kernel_size=3)
         self.skip_scale = nn.Parameter(torch.ones(1))
 
-    @checkpointed
+    @checkpointed("decoder")
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.conv(self.act(self.norm1(x))) + self.skip_scale * x
         return self.act(self.norm2(h))

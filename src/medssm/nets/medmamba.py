@@ -136,6 +136,7 @@ class SS2D(nn.Module):
         self.out_norm = nn.LayerNorm(d)
         self.out_proj = nn.Linear(d, d_model, bias=False)
 
+    @checkpointed("mamba")
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x, z = self.in_proj(x).chunk(2, dim=-1)  # (B, *S, d_inner) each
         x = self.act(self.conv2d(x.movedim(-1, 1)))  # (B, d_inner, *S)
@@ -202,7 +203,7 @@ class SSConvSSM(nn.Module):
             conv(half, half, 1), nn.ReLU(),
         )
 
-    @checkpointed
+    @checkpointed("encoder")
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         left, right = x.chunk(2, dim=-1)  # (B, *S, C/2) each
         right = self.drop_path(self.self_attention(self.ln_1(right)))
