@@ -326,6 +326,7 @@ SIZE_MODELS = {  # key -> (label, registered model, arguments); 4 channels in, 4
 SIZE_REFERENCE = "swinunetr"  # the ratios' denominator, measured at the same size, batch and precision
 SIZES_JSON = RESULTS / "models_sizes.json"
 SIZE_KEY = ("model", "size", "batch", "precision", "mode", "checkpointing", "blocks", "threads")
+KINDS = ("decoder", "encoder", "mamba")  # medssm.nets.checkpointing.KINDS, sorted
 
 
 def size_model(key: str, size: int):
@@ -346,7 +347,6 @@ def size_step(key: str, size: int, batch: int, precision: str, mode: str, checkp
     from medssm.engine.loop import train_step
     from medssm.engine.losses import make_loss
     from medssm.labels import LabelSet
-    from medssm.nets import set_checkpointing
 
     torch.manual_seed(0)
     model = size_model(key, size)
@@ -361,6 +361,8 @@ def size_step(key: str, size: int, batch: int, precision: str, mode: str, checkp
 
         return model, forward
     if checkpointing:
+        from medssm.nets import set_checkpointing
+
         set_checkpointing(model, blocks=blocks)
     labels = torch.randint(0, 4, (batch, 1, size, size, size))
     loss_fn = make_loss("dice_ce", LabelSet.classes(4))
@@ -451,20 +453,25 @@ def sizes_table(rows: list[dict]) -> str:
     """One line per model, size, batch, precision and checkpointing: training step (wall and CPU s),
     its peak RSS, the forward (eval, without checkpointing), and ratios to SwinUNETR's in the same
     conditions."""
-    find = {(r["model"], r["size"], r["batch"], r["precision"], r["mode"], r["checkpointing"], r["threads"]): r
-            for r in rows}
+    def ckpt(r: dict):  # False, True (every kind of block) or the kinds checkpointed
+        if r["mode"] != "train" or not r["checkpointing"]:
+            return False
+        return True if sorted(r.get("blocks") or KINDS) == sorted(KINDS) else "+".join(r["blocks"])
+
+    find = {(r["model"], r["size"], r["batch"], r["precision"], r["mode"], ckpt(r), r["threads"]): r for r in rows}
     order = list(SIZE_MODELS)
     lines = [f"{'size':>5} {'batch':>5} {'thr':>3} {'model':<32} {'prec':<5} {'ckpt':<4} | {'step s':>7} {'cpu s':>7} "
              f"{'x swin':>6} {'RSS GiB':>7} {'x swin':>6} | {'fwd s':>7} {'x swin':>6} {'RSS GiB':>7}"]
     lines.append("-" * len(lines[0]))
-    groups = sorted({(r["threads"], r["batch"], r["size"], r["precision"], r["model"], r["checkpointing"] and r["mode"] == "train")
-                     for r in rows}, key=lambda g: (*g[:3], g[3] != "fp32", order.index(g[4]) if g[4] in order else 99, g[5]))
-    for threads, batch, size, precision, model, ckpt in groups:
+    groups = sorted({(r["threads"], r["batch"], r["size"], r["precision"], r["model"], ckpt(r)) for r in rows},
+                    key=lambda g: (*g[:3], g[3] != "fp32", order.index(g[4]) if g[4] in order else 99, str(g[5])))
+    for threads, batch, size, precision, model, on in groups:
         at = lambda m, mode, c: find.get((m, size, batch, precision, mode, c, threads))  # noqa: E731
-        train, reference = at(model, "train", ckpt), at(SIZE_REFERENCE, "train", ckpt)
-        forward, reference_fwd = (None, None) if ckpt else (at(model, "forward", False), at(SIZE_REFERENCE, "forward", False))
+        train, reference = at(model, "train", on), at(SIZE_REFERENCE, "train", on)
+        forward, reference_fwd = (None, None) if on else (at(model, "forward", False), at(SIZE_REFERENCE, "forward", False))
         label = SIZE_MODELS.get(model, (model,))[0]
-        line = f"{size:>4}³ {batch:>5} {threads:>3} {label:<32} {precision:<5} {'on' if ckpt else 'off':<4} | "
+        mark = "off" if on is False else "on" if on is True else f"on ({on})"
+        line = f"{size:>4}³ {batch:>5} {threads:>3} {label:<32} {precision:<5} {mark:<4} | "
         line += _cells(train, reference, ("seconds", "cpu_seconds", "x", "peak_rss_bytes", "x"), 42)
         line += " | " + _cells(forward, reference_fwd, ("seconds", "x", "peak_rss_bytes"), 23)
         lines.append(line)

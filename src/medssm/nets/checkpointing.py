@@ -12,12 +12,13 @@ checkpointing is not a constructor argument and is not written to ``model.json``
 a built model, and acts only in training mode with gradients enabled (outside export and tracing).
 In evaluation or under ``torch.no_grad()`` a block costs one attribute check more.
 
-The blocks, by kind (``blocks=``; the outermost of those chosen, never one inside another):
+The blocks, by kind (``blocks=``; the outermost of those chosen, never one inside another; a
+network's last block, which the backward would recompute at once, stays plain):
 
 - LightM-UNet: Mamba: every residual vision Mamba layer; encoder: every ResMambaBlock (two Mamba
-  layers with their norms); decoder: every ResUpBlock and the head;
+  layers with their norms); decoder: every ResUpBlock but the last (it runs last);
 - SegMamba: Mamba: every tri-orientated Mamba layer; encoder: every gated spatial convolution
-  (GSC) and skip MLP; decoder: every residual block (``encoder1..5``, ``decoder1..5``);
+  (GSC) and skip MLP; decoder: every residual block (``encoder1..5``, ``decoder2..5``; ``decoder1`` runs last);
 - MedMamba: Mamba: every SS2D; encoder: every SS-Conv-SSM block;
 - MONAI networks: every outermost MONAI building block (a class of ``monai.networks.blocks``:
   ``ResBlock``, ``ResidualUnit``, ``Convolution``, ``UnetResBlock``, ``UnetrUpBlock``,
@@ -52,12 +53,21 @@ from torch.utils.checkpoint import checkpoint
 from ..ssm.backends import is_exporting
 from ..ssm.fused_mamba import saving_for_recompute
 
-__all__ = ["set_checkpointing", "checkpointing_enabled", "checkpoint_blocks", "checkpointed", "KINDS"]
+__all__ = ["set_checkpointing", "checkpointing_enabled", "checkpoint_blocks", "checkpointed", "runs_last", "KINDS"]
 
 KINDS = ("mamba", "encoder", "decoder")  # what a block is: a Mamba layer, an encoder block, a decoder block
 _FLAG = "_medssm_checkpointing"  # instance attribute of a medssm block: checkpoint it
+_RUNS_LAST = "_medssm_runs_last"  # instance attribute: the network's last block, never checkpointed
 _MONAI_FORWARD = "_medssm_checkpoint_forward"  # instance attribute: the forward a MONAI block had before
 _RESNET_BLOCKS = ("ResNetBlock", "ResNetBottleneck")  # monai.networks.nets.resnet's blocks
+
+
+def runs_last(block: nn.Module) -> nn.Module:
+    """Mark the block a network runs last before its output: :func:`set_checkpointing` leaves it plain.
+    The backward starts with it, so a checkpointed last block would be recomputed at once, for no
+    memory saved (its activations would be alive at that moment either way)."""
+    block.__dict__[_RUNS_LAST] = True
+    return block
 
 
 def checkpointing_active(module: nn.Module) -> bool:
@@ -146,6 +156,8 @@ def checkpoint_blocks(model: nn.Module, blocks: Sequence[str] = KINDS) -> list[t
         if id(module) in seen:  # a module held twice (DynUNet's skip layers hold its stages again)
             return
         seen.add(id(module))
+        if module.__dict__.get(_RUNS_LAST):
+            return
         if _selected(module, blocks):
             found.append((name, module))
             return

@@ -19,7 +19,7 @@ from medssm.ssm.fused_mamba import linear_channels_first
 
 from .blocks import NoMixer
 from .cards import Recipe
-from .checkpointing import checkpointed
+from .checkpointing import checkpointed, runs_last
 from .depthwise import depthwise_conv
 from .registry import register_model
 
@@ -50,15 +50,6 @@ def dw_conv(spatial_dims: int, in_channels: int, out_channels: int, kernel_size:
         Conv(spatial_dims, in_channels, in_channels, kernel_size, groups=in_channels, bias=bias),
         Conv(spatial_dims, in_channels, out_channels, 1, bias=bias),
     )
-
-
-class Head(nn.Sequential):
-    """GroupNorm → ReLU → depthwise-separable 1x1 conv (with biases) to the classes, at full resolution
-    (a Sequential, keys ``conv_final.0``, ``conv_final.2.0.conv`` ...)."""
-
-    @checkpointed("decoder")
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return super().forward(x)
 
 
 class RVMLayer(nn.Module):
@@ -181,7 +172,9 @@ class LightMUNet(nn.Module):
                 Conv(spatial_dims, c, c // 2, 1),
                 nn.Upsample(scale_factor=2, mode=UPSAMPLE_MODE[spatial_dims], align_corners=False),
             ))
-        self.conv_final = Head(
+        if blocks_up and blocks_up[-1]:  # the backward starts there: checkpointing it would save nothing
+            runs_last(self.up_layers[-1][-1])
+        self.conv_final = nn.Sequential(
             nn.GroupNorm(norm_groups, init_filters),
             nn.ReLU(inplace=True),
             dw_conv(spatial_dims, init_filters, out_channels, kernel_size=1, bias=True),

@@ -24,7 +24,7 @@ from ..ssm.mamba import Mamba
 from ..ssm.orders import image_to_tokens, tokens_to_image
 from .blocks import NoMixer
 from .cards import Recipe
-from .checkpointing import checkpointed
+from .checkpointing import checkpointed, runs_last
 from .cpu_conv import Conv2d, Conv3d, InstanceNorm
 from .registry import register_model
 
@@ -259,7 +259,7 @@ class SegMamba(nn.Module):
         self.decoder4 = UnetrUpBlock(spatial_dims, f[3], f[2])
         self.decoder3 = UnetrUpBlock(spatial_dims, f[2], f[1])
         self.decoder2 = UnetrUpBlock(spatial_dims, f[1], f[0])
-        self.decoder1 = UnetrBasicBlock(spatial_dims, f[0], f[0])
+        self.decoder1 = runs_last(UnetrBasicBlock(spatial_dims, f[0], f[0]))  # never checkpointed
         self.out = UnetOutBlock(spatial_dims, f[0], out_channels)
 
     def check_input_size(self, shape: Sequence[int]) -> None:
