@@ -28,9 +28,9 @@ network's last block, which the backward would recompute at once, stays plain):
   MONAI's blocks count as encoder and decoder blocks. A network with none of these blocks is
   refused with a one-line error.
 
-The Mamba layers keep the most memory for the least compute: SegMamba at 48^3 (one thread, fp32),
-checkpointing them alone cut the activations kept by about 45 % for 2 % more time; every block
-cut them by about 70 % for 32 % more time (``benchmarks/models.py``).
+The Mamba layers keep much memory for little compute: SegMamba at 2 x 64^3 (fp32, 2 threads,
+``benchmarks/models.py --sizes``), checkpointing them alone took the step's peak RSS from 5.11 to
+4.10 GiB for 1.05x the time, every block to 2.91 GiB for 1.35x (docs/explanation/3d-at-size.md).
 
 Example:
     >>> model = medssm.create_model("segmamba_3d", in_channels=4, out_channels=4)
