@@ -6,7 +6,8 @@ import torch
 import torch.nn as nn
 from torch.profiler import ProfilerActivity, profile
 
-from medssm.nets.cpu_conv import Conv2d, Conv3d, InstanceNorm, conv_forward
+import medssm
+from medssm.nets.cpu_conv import Conv2d, Conv3d, ConvTranspose2d, ConvTranspose3d, InstanceNorm, conv_forward
 
 CASES = [  # (B, C_in, *S), C_out, kernel, stride, padding, bias
     ((2, 6, 5, 4, 3), 8, 1, 1, 0, True),  # 1x1: a batched GEMM
@@ -59,6 +60,42 @@ def test_small_float32_maps_run_on_onednn():
         with profile(activities=[ProfilerActivity.CPU]) as prof:
             module(x).sum().backward()
         assert kernel in {e.name for e in prof.events()}
+
+
+@pytest.mark.parametrize("shape", [(1, 12, 3, 3, 3), (2, 6, 3, 4, 2), (1, 6, 3, 4)])
+def test_transposed_conv_matches_torch(shape):
+    """SegMamba's up-sampling (k=2, s=2): on oneDNN through two groups at small maps, as torch's."""
+    torch.manual_seed(sum(shape))
+    cls, fast = (nn.ConvTranspose3d, ConvTranspose3d) if len(shape) == 5 else (nn.ConvTranspose2d, ConvTranspose2d)
+    for dtype, tol in ((torch.float64, 1e-12), (torch.float32, 1e-5)):
+        plain = cls(shape[1], 8, 2, stride=2, bias=False).to(dtype)
+        ours = fast(shape[1], 8, 2, stride=2, bias=False).to(dtype)
+        ours.load_state_dict(plain.state_dict(), strict=True)
+        compare(plain, ours, torch.randn(*shape, dtype=dtype), rtol=tol, atol=tol)
+
+
+def test_segmamba_step_takes_no_slow_kernel():
+    """A float32 training step of a batch of one: no convolution on PyTorch's own kernels."""
+    model = medssm.create_model("segmamba_tiny", in_channels=4, out_channels=3).train()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        model(torch.randn(1, 4, 32, 32, 32)).square().mean().backward()
+    names = {e.name for e in prof.events()}
+    assert not {n for n in names if "slow_conv" in n or "thnn_conv" in n}, names
+
+
+def test_segmamba_bf16_step():
+    """Under bf16 autocast: convolutions and projections in bfloat16, gradients float32 and finite,
+    the output close to float32's."""
+    model = medssm.create_model("segmamba_tiny", in_channels=2, out_channels=3).train()
+    x = torch.randn(2, 2, 32, 32, 16)
+    want = model(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(x)
+    assert out.dtype == torch.bfloat16
+    out.float().square().mean().backward()
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 and torch.isfinite(p.grad).all()
+               for p in model.parameters())
+    assert (out.float() - want).abs().max() < 0.05 * want.abs().max()
 
 
 def test_bf16_autocast():

@@ -13,7 +13,8 @@ Measured on the project's 2-core Zen 4 VM (torch 2.13, one thread, SegMamba's sh
   and up to 5x slower backward per multiply-add than oneDNN there, ~14 % of a step at 48^3. Where
   that would happen, :class:`Conv3d` runs the convolution as a 2-group one on the input given twice
   (``groups > 1`` always takes oneDNN), which computes the same sums: group g holds output channels
-  ``g*C_out/2 ...`` and reads all input channels.
+  ``g*C_out/2 ...`` and reads all input channels (:class:`ConvTranspose3d` likewise for SegMamba's
+  transposed convolutions at 1/16 and 1/8).
 - A 1x1 convolution (stride 1) is a matrix product: :class:`Conv3d` computes it as one batched GEMM
   (``baddbmm``), whose backward is two GEMMs (oneDNN's 1x1 backward took 2.5-4.7x its forward).
 - ``InstanceNorm3d`` without affine parameters (MONAI's default) goes through ``batch_norm`` on a
@@ -34,7 +35,8 @@ import torch.nn.functional as F
 
 from ..ssm.backends import is_exporting
 
-__all__ = ["Conv2d", "Conv3d", "InstanceNorm", "conv_forward"]
+__all__ = ["Conv2d", "Conv3d", "ConvTranspose2d", "ConvTranspose3d", "InstanceNorm", "conv_forward",
+           "conv_transpose_forward"]
 
 ONEDNN_SMALL_LIMIT = 20480  # N*C*D*H at or below which PyTorch prefers its own kernel (batch 1, kernel <= 3)
 
@@ -88,6 +90,39 @@ class Conv2d(nn.Conv2d):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return conv_forward(self, x)
+
+
+def conv_transpose_forward(conv: nn.ConvTranspose2d | nn.ConvTranspose3d, x: torch.Tensor) -> torch.Tensor:
+    """``conv(x)`` for a transposed convolution, on oneDNN where PyTorch would take its own slow kernel
+    (the same rule as :func:`conv_forward`): two groups over the input given twice, the weight's
+    output channels split between them (group g: ``weight[:, g*C_out/2 ...]``)."""
+    if _plain(x) or conv.padding_mode != "zeros" or not _avoids_onednn(conv, x):
+        return conv._conv_forward_plain(x)
+    half = conv.out_channels // 2
+    weight = torch.cat((conv.weight[:, :half], conv.weight[:, half:]), 0)  # (2 C_in, C_out / 2, *k)
+    functional = F.conv_transpose3d if x.dim() == 5 else F.conv_transpose2d
+    return functional(torch.cat((x, x), 1), weight, conv.bias, conv.stride, conv.padding, conv.output_padding, 2,
+                      conv.dilation)
+
+
+class ConvTranspose3d(nn.ConvTranspose3d):
+    """``nn.ConvTranspose3d`` (same parameters) computed by :func:`conv_transpose_forward`."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return conv_transpose_forward(self, x)
+
+    def _conv_forward_plain(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x)
+
+
+class ConvTranspose2d(nn.ConvTranspose2d):
+    """``nn.ConvTranspose2d`` (same parameters) computed by :func:`conv_transpose_forward`."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return conv_transpose_forward(self, x)
+
+    def _conv_forward_plain(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x)
 
 
 class InstanceNorm(nn.Module):

@@ -25,7 +25,7 @@ from ..ssm.orders import image_to_tokens, tokens_to_image
 from .blocks import NoMixer
 from .cards import Recipe
 from .checkpointing import checkpointed, runs_last
-from .cpu_conv import Conv2d, Conv3d, InstanceNorm
+from .cpu_conv import Conv2d, Conv3d, ConvTranspose2d, ConvTranspose3d, InstanceNorm
 from .registry import register_model
 
 __all__ = ["SegMamba", "GSC", "MambaLayer", "UnetResBlock", "UnetrBasicBlock", "UnetrUpBlock", "UnetOutBlock"]
@@ -37,7 +37,7 @@ def _conv(spatial_dims: int, transposed: bool = False) -> type[nn.Module]:
     if spatial_dims not in (2, 3):
         raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims}")
     if transposed:
-        return nn.ConvTranspose2d if spatial_dims == 2 else nn.ConvTranspose3d
+        return ConvTranspose2d if spatial_dims == 2 else ConvTranspose3d
     return Conv2d if spatial_dims == 2 else Conv3d  # torch's, on the CPU's fast paths (nets/cpu_conv.py)
 
 
