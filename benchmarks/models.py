@@ -468,7 +468,9 @@ def sizes_table(rows: list[dict]) -> str:
     for threads, batch, size, precision, model, on in groups:
         at = lambda m, mode, c: find.get((m, size, batch, precision, mode, c, threads))  # noqa: E731
         train, reference = at(model, "train", on), at(SIZE_REFERENCE, "train", on)
-        forward, reference_fwd = (None, None) if on else (at(model, "forward", False), at(SIZE_REFERENCE, "forward", False))
+        forward, reference_fwd = None, None
+        if not on:
+            forward, reference_fwd = at(model, "forward", False), at(SIZE_REFERENCE, "forward", False)
         label = SIZE_MODELS.get(model, (model,))[0]
         mark = "off" if on is False else "on" if on is True else f"on ({on})"
         line = f"{size:>4}³ {batch:>5} {threads:>3} {label:<32} {precision:<5} {mark:<4} | "
@@ -558,7 +560,8 @@ def profile_sizes(keys: list[str], size: int, batch: int, precision: str, thread
         for event in prof.key_averages():
             group = next((g for g, names in GROUPS if any(n in event.key for n in names)), "other (Python, autograd)")
             totals[group] = totals.get(group, 0.0) + event.self_cpu_time_total / 1e6
-        result["models"][key] = {"wall_s": wall, "cpu_s": cpu, "groups_s": dict(sorted(totals.items(), key=lambda kv: -kv[1]))}
+        groups = dict(sorted(totals.items(), key=lambda kv: -kv[1]))
+        result["models"][key] = {"wall_s": wall, "cpu_s": cpu, "groups_s": groups}
         del model, train
     return result
 
@@ -566,11 +569,13 @@ def profile_sizes(keys: list[str], size: int, batch: int, precision: str, thread
 def profile_sizes_table(result: dict) -> str:
     models = result["models"]
     keys = list(models)
-    lines = [f"one training step at {result['size']}³ x{result['batch']}, {result['precision']}, {result['threads']} thread(s), "
-             f"in one process: wall s (cpu s)  " + "  ".join(f"{k} {m['wall_s']:.2f} ({m['cpu_s']:.2f})" for k, m in models.items())]
+    times = "  ".join(f"{k} {m['wall_s']:.2f} ({m['cpu_s']:.2f})" for k, m in models.items())
+    lines = [f"one training step at {result['size']}³ x{result['batch']}, {result['precision']}, "
+             f"{result['threads']} thread(s), in one process: wall s (cpu s)  {times}"]
     if len(keys) > 1:
         a, b = models[keys[0]], models[keys[-1]]
-        lines.append(f"ratio {keys[0]} / {keys[-1]}: wall {a['wall_s'] / b['wall_s']:.2f}, cpu {a['cpu_s'] / b['cpu_s']:.2f}")
+        lines.append(f"ratio {keys[0]} / {keys[-1]}: wall {a['wall_s'] / b['wall_s']:.2f}, "
+                     f"cpu {a['cpu_s'] / b['cpu_s']:.2f}")
     groups = list(dict.fromkeys(g for m in models.values() for g in m["groups_s"]))
     lines.append(f"{'group (self CPU s, share)':<36}" + "".join(f"{k:>22}" for k in keys))
     for g in groups:
