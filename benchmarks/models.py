@@ -24,6 +24,22 @@ same run (SegResNet-32, or ResNet-18).
     python benchmarks/models.py --depthwise       # depthwise convs: PyTorch's against medssm's kernels
 
 Writes benchmarks/results/models.json (or models_profile.json).
+
+3D at size (``--sizes``): SegMamba, LightM-UNet 3D, MONAI's SwinUNETR (feature size 48), UNETR,
+SegResNet-32 and DynUNet (nnU-Net's layout for the patch), 4 channels in and 4 classes out, at the
+cube sides given. Each row runs in its own process (its peak RSS is the row's own, ``ru_maxrss``):
+an eval forward without gradient, and a training step (Dice + CE, AdamW, clipping at 12, through
+``medssm.engine.loop.train_step``) without and with activation checkpointing
+(``medssm.nets.set_checkpointing``; MONAI's networks by their building blocks, SwinUNETR through its
+``use_checkpoint``), in each ``--precision``; one warm-up, then the median of ``--repeats``. Rows
+are merged into benchmarks/results/models_sizes.json (a row measured again replaces the old one,
+``--fresh`` starts over), so the sweep can run in parts; the table and the figure
+(models_sizes.png: step, forward and peak RSS against voxels) show every row in the file. "x swin"
+divides by SwinUNETR's row in the same conditions.
+
+    python benchmarks/models.py --sizes 64 96 --models segmamba swinunetr [--precision fp32 bf16]
+    python benchmarks/models.py --sizes 128 --batch 2 --models segmamba --checkpointing on
+    python benchmarks/models.py --profile segmamba swinunetr --sizes 64 --precision fp32   # one process, by group
 """
 
 from __future__ import annotations
@@ -199,6 +215,8 @@ GROUPS = (  # (group, substrings of event names), first match wins
     ("Mamba inner (fused path)", ("mamba_inner", "MambaInner")),
     ("causal conv1d", ("causal_conv", "CausalDepthwiseConv1d")),
     ("matmul (projections)", ("aten::mm", "aten::bmm", "aten::addmm", "aten::baddbmm", "aten::addbmm")),
+    ("convolution backward", ("convolution_backward",)),
+    ("convolution, PyTorch's own kernel", ("slow_conv", "thnn_conv")),
     ("convolutions", ("convolution", "conv_depthwise", "conv2d", "conv3d", "upsample")),
     ("norms", ("norm",)),
     ("optimizer", ("_foreach", "Optimizer", "clip_grad")),
@@ -295,6 +313,281 @@ def depthwise_table(repeats: int) -> tuple[str, list[dict]]:
     return "\n".join(lines), rows
 
 
+# --- 3D at size: SegMamba, LightM-UNet 3D and MONAI's 3D networks at 64^3-128^3, one process per row ---
+
+SIZE_MODELS = {  # key -> (label, registered model, arguments); 4 channels in, 4 classes out
+    "segmamba": ("SegMamba", "segmamba_3d", {}),
+    "lightm_unet_3d": ("LightM-UNet 3D", "lightm_unet_3d", {}),
+    "swinunetr": ("SwinUNETR-48 (MONAI)", "monai:SwinUNETR", {"feature_size": 48}),
+    "unetr": ("UNETR (MONAI)", "monai:UNETR", {}),  # img_size: the patch
+    "segresnet32": ("SegResNet-32 (MONAI)", "monai:SegResNet", {"init_filters": 32}),
+    "dynunet": ("DynUNet (MONAI, nnU-Net layout)", "monai:DynUNet", {}),  # laid out for the patch
+}
+SIZE_REFERENCE = "swinunetr"  # the ratios' denominator, measured at the same size, batch and precision
+SIZES_JSON = RESULTS / "models_sizes.json"
+SIZE_KEY = ("model", "size", "batch", "precision", "mode", "checkpointing", "blocks", "threads")
+KINDS = ("decoder", "encoder", "mamba")  # medssm.nets.checkpointing.KINDS, sorted
+
+
+def size_model(key: str, size: int):
+    """The network ``key`` for 4-channel ``size``^3 patches and 4 classes."""
+    from medssm.nets import build_for_data
+
+    _, name, kwargs = SIZE_MODELS[key]
+    kwargs = {**kwargs, **({"img_size": (size,) * 3} if key == "unetr" else {})}
+    return build_for_data(name, spatial_dims=3, in_channels=4, num_classes=4, patch_size=(size,) * 3, **kwargs)
+
+
+def size_step(key: str, size: int, batch: int, precision: str, mode: str, checkpointing: bool,
+              blocks: list[str]):
+    """(model, one training step or one eval forward) of ``key`` at ``size``^3, ``batch`` patches."""
+    import torch
+
+    from medssm.devices import autocast
+    from medssm.engine.loop import train_step
+    from medssm.engine.losses import make_loss
+    from medssm.labels import LabelSet
+
+    torch.manual_seed(0)
+    model = size_model(key, size)
+    x = torch.randn(batch, 4, size, size, size)
+    cpu = torch.device("cpu")
+    if mode == "forward":
+        model.eval()
+
+        def forward():
+            with torch.no_grad(), autocast(cpu, precision):
+                model(x)
+
+        return model, forward
+    if checkpointing:
+        from medssm.nets import set_checkpointing
+
+        set_checkpointing(model, blocks=blocks)
+    labels = torch.randint(0, 4, (batch, 1, size, size, size))
+    loss_fn = make_loss("dice_ce", LabelSet.classes(4))
+    optimiser = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=1e-5)
+    model.train()
+
+    def train():
+        train_step(model, x, labels, loss_fn, optimiser, grad_clip=12.0, device=cpu, precision=precision)
+
+    return model, train
+
+
+def run_size_row(spec: dict) -> dict:
+    """Measure one row in this process: one warm-up, then ``repeats`` timed calls; the process's peak
+    resident set at the end (the row's own: nothing else ran in this process)."""
+    import torch
+
+    from medssm.devices import cpu_has_native_bf16
+
+    set_up_process(int(os.environ["OMP_NUM_THREADS"]))
+    model, run = size_step(spec["model"], spec["size"], spec["batch"], spec["precision"], spec["mode"],
+                           spec["checkpointing"], spec["blocks"])
+    walls, cpus = [], []
+    for i in range(1 + spec["repeats"]):
+        wall, cpu = time.perf_counter(), time.process_time()
+        run()
+        if i:
+            walls.append(time.perf_counter() - wall)
+            cpus.append(time.process_time() - cpu)
+    return {**spec, "label": SIZE_MODELS[spec["model"]][0], "voxels": spec["batch"] * spec["size"] ** 3,
+            "params": sum(p.numel() for p in model.parameters()), "threads": torch.get_num_threads(),
+            "seconds": statistics.median(walls), "min_seconds": min(walls), "cpu_seconds": statistics.median(cpus),
+            "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+            "torch": torch.__version__, "native_bf16": cpu_has_native_bf16()}
+
+
+def size_specs(args, threads: int) -> list[dict]:
+    """The rows asked for: per model, size and precision a forward (eval, no gradient) and a training
+    step without and with checkpointing (``--checkpointing``)."""
+    specs = []
+    for size in args.sizes:
+        for key in args.models:
+            for precision in args.precision:
+                common = {"model": key, "size": size, "batch": args.batch, "precision": precision,
+                          "repeats": args.repeats, "threads": threads, "blocks": sorted(args.checkpoint_blocks)}
+                if not args.no_forward:
+                    specs.append({**common, "mode": "forward", "checkpointing": False})
+                for on in args.checkpointing:
+                    specs.append({**common, "mode": "train", "checkpointing": on == "on"})
+    return specs
+
+
+def run_sizes(args, env: dict, threads: int) -> int:
+    """Run each row in its own process; merge with the rows of earlier runs in models_sizes.json (a row
+    measured again replaces its old one), then print the table and draw the figure."""
+    unknown = [k for k in args.models if k not in SIZE_MODELS]
+    if unknown:
+        raise SystemExit(f"--models: unknown {unknown}; choose from {', '.join(SIZE_MODELS)}")
+    rows = [] if args.fresh or not SIZES_JSON.exists() else json.loads(SIZES_JSON.read_text())["rows"]
+    key = lambda r: tuple(str(r.get(k)) for k in SIZE_KEY)  # noqa: E731
+    for spec in size_specs(args, threads):
+        what = (f"{spec['model']} {spec['size']}^3 x{spec['batch']} {spec['precision']} {spec['mode']}"
+                f"{' checkpointed' if spec['checkpointing'] else ''}")
+        print(f"running {what} ...", file=sys.stderr, flush=True)
+        try:
+            proc = subprocess.run([sys.executable, __file__, "--size-row", json.dumps(spec)], capture_output=True,
+                                  text=True, env=env, timeout=args.timeout)
+            if proc.returncode == 0:
+                row = json.loads(proc.stdout.strip().splitlines()[-1])
+            else:
+                killed = " (killed: out of memory?)" if proc.returncode in (-9, 137) else ""
+                row = {**spec, "error": f"exit {proc.returncode}{killed}: "
+                                        f"{(proc.stderr.strip().splitlines() or ['?'])[-1][:200]}"}
+        except subprocess.TimeoutExpired:
+            row = {**spec, "error": f"longer than --timeout {args.timeout} s"}
+        row.setdefault("label", SIZE_MODELS[spec["model"]][0])
+        rows = [r for r in rows if key(r) != key(row)] + [row]
+        SIZES_JSON.write_text(json.dumps({"rows": rows}, indent=2))  # after every row: a killed run keeps the rest
+        if "error" in row:
+            print(f"  {what}: failed: {row['error']}", file=sys.stderr, flush=True)
+    print(sizes_table(rows))
+    figure = sizes_figure(rows, RESULTS / "models_sizes.png")
+    print(f"written {SIZES_JSON} and {figure}")
+    return 0
+
+
+def sizes_table(rows: list[dict]) -> str:
+    """One line per model, size, batch, precision and checkpointing: training step (wall and CPU s),
+    its peak RSS, the forward (eval, without checkpointing), and ratios to SwinUNETR's in the same
+    conditions."""
+    def ckpt(r: dict):  # False, True (every kind of block) or the kinds checkpointed
+        if r["mode"] != "train" or not r["checkpointing"]:
+            return False
+        return True if sorted(r.get("blocks") or KINDS) == sorted(KINDS) else "+".join(r["blocks"])
+
+    find = {(r["model"], r["size"], r["batch"], r["precision"], r["mode"], ckpt(r), r["threads"]): r for r in rows}
+    order = list(SIZE_MODELS)
+    lines = [f"{'size':>5} {'batch':>5} {'thr':>3} {'model':<32} {'prec':<5} {'ckpt':<4} | {'step s':>7} {'cpu s':>7} "
+             f"{'x swin':>6} {'RSS GiB':>7} {'x swin':>6} | {'fwd s':>7} {'x swin':>6} {'RSS GiB':>7}"]
+    lines.append("-" * len(lines[0]))
+    groups = sorted({(r["threads"], r["batch"], r["size"], r["precision"], r["model"], ckpt(r)) for r in rows},
+                    key=lambda g: (*g[:3], g[3] != "fp32", order.index(g[4]) if g[4] in order else 99, str(g[5])))
+    for threads, batch, size, precision, model, on in groups:
+        at = lambda m, mode, c: find.get((m, size, batch, precision, mode, c, threads))  # noqa: E731
+        train, reference = at(model, "train", on), at(SIZE_REFERENCE, "train", on)
+        forward, reference_fwd = None, None
+        if not on:
+            forward, reference_fwd = at(model, "forward", False), at(SIZE_REFERENCE, "forward", False)
+        label = SIZE_MODELS.get(model, (model,))[0]
+        mark = "off" if on is False else "on" if on is True else f"on ({on})"
+        line = f"{size:>4}³ {batch:>5} {threads:>3} {label:<32} {precision:<5} {mark:<4} | "
+        line += _cells(train, reference, ("seconds", "cpu_seconds", "x", "peak_rss_bytes", "x"), 42)
+        line += " | " + _cells(forward, reference_fwd, ("seconds", "x", "peak_rss_bytes"), 23)
+        lines.append(line)
+    return "\n".join(lines)
+
+
+def _cells(row: dict | None, reference: dict | None, fields: tuple[str, ...], width: int) -> str:
+    """A row's values ("x": the previous value over the reference's), or why there are none."""
+    if row is None:
+        return f"{'':<{width}}"
+    if "error" in row:
+        return f"failed: {row['error']}"[:width].ljust(width)
+    cells, last = [], None
+    for field in fields:
+        if field == "x":
+            ok = reference is not None and "error" not in reference and last is not None
+            cells.append(f"{row[last] / reference[last]:>6.2f}" if ok else f"{'-':>6}")
+        else:
+            value = row[field] / 2**30 if field == "peak_rss_bytes" else row[field]
+            cells.append(f"{value:>7.2f}")
+            last = field
+    return " ".join(cells)
+
+
+def sizes_figure(rows: list[dict], path: Path) -> Path:
+    """Training step, forward and peak RSS against voxels a step (log-log), a column per precision;
+    colour: model, dashed: checkpointed."""
+    from medssm.figures import pyplot, save_figure
+
+    plt = pyplot()
+    from matplotlib.ticker import NullFormatter, ScalarFormatter
+    good = [r for r in rows if "error" not in r]
+    precisions = [p for p in ("fp32", "bf16") if any(r["precision"] == p for r in good)] or ["fp32"]
+    panels = (("train", "seconds", "training step (s)"), ("forward", "seconds", "forward, eval (s)"),
+              ("train", "peak_rss_bytes", "peak RSS, training (GiB)"))
+    fig, axes = plt.subplots(len(panels), len(precisions), figsize=(5.5 * len(precisions), 10), squeeze=False)
+    colours = {k: plt.get_cmap("tab10")(i) for i, k in enumerate(SIZE_MODELS)}
+    threads = sorted({r["threads"] for r in good})
+    for column, precision in enumerate(precisions):
+        for row_index, (mode, field, title) in enumerate(panels):
+            ax = axes[row_index][column]
+            for key in SIZE_MODELS:
+                for ckpt in (False, True):
+                    points = sorted((r["voxels"], r[field]) for r in good if r["model"] == key and r["mode"] == mode
+                                    and r["precision"] == precision and r["checkpointing"] == ckpt)
+                    if not points:
+                        continue
+                    xs, ys = zip(*points)
+                    ys = [y / 2**30 for y in ys] if field == "peak_rss_bytes" else ys
+                    ax.plot(xs, ys, "o-" if not ckpt else "s--", color=colours[key],
+                            label=f"{SIZE_MODELS[key][0]}{', checkpointed' if ckpt else ''}")
+            ax.set_xscale("log")
+            ax.set_yscale("log")
+            for axis in (ax.xaxis, ax.yaxis):
+                axis.set_major_formatter(ScalarFormatter())
+                axis.set_minor_formatter(NullFormatter())
+            ax.set_xlabel("voxels a step (batch x size³)")
+            ax.set_title(f"{title}, {precision}", fontsize=10)
+            ax.grid(True, which="both", alpha=0.3)
+    handles = {label: h for ax in axes.flat for h, label in zip(*ax.get_legend_handles_labels())}
+    fig.legend(handles.values(), handles.keys(), loc="lower center", ncol=3, fontsize=8)
+    fig.suptitle(f"CPU, {', '.join(map(str, threads))} thread(s); 4 channels in and out; Dice + CE, AdamW; "
+                 f"dashed: activation checkpointing", fontsize=10)
+    fig.tight_layout(rect=(0, 0.08, 1, 0.97))
+    return save_figure(fig, path)
+
+
+def profile_sizes(keys: list[str], size: int, batch: int, precision: str, threads: int) -> dict:
+    """Self CPU time of one training step of each of ``keys`` at ``size``^3, all in this process (the same
+    machine state for the ratios), by group."""
+    from torch.profiler import ProfilerActivity, profile
+
+    set_up_process(threads)
+    result = {"size": size, "batch": batch, "precision": precision, "threads": threads, "models": {}}
+    for key in keys:
+        model, train = size_step(key, size, batch, precision, "train", False, [])
+        train()
+        start, cpu = time.perf_counter(), time.process_time()
+        train()
+        wall, cpu = time.perf_counter() - start, time.process_time() - cpu
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            train()
+        totals: dict[str, float] = {}
+        for event in prof.key_averages():
+            group = next((g for g, names in GROUPS if any(n in event.key for n in names)), "other (Python, autograd)")
+            totals[group] = totals.get(group, 0.0) + event.self_cpu_time_total / 1e6
+        groups = dict(sorted(totals.items(), key=lambda kv: -kv[1]))
+        result["models"][key] = {"wall_s": wall, "cpu_s": cpu, "groups_s": groups}
+        del model, train
+    return result
+
+
+def profile_sizes_table(result: dict) -> str:
+    models = result["models"]
+    keys = list(models)
+    times = "  ".join(f"{k} {m['wall_s']:.2f} ({m['cpu_s']:.2f})" for k, m in models.items())
+    lines = [f"one training step at {result['size']}³ x{result['batch']}, {result['precision']}, "
+             f"{result['threads']} thread(s), in one process: wall s (cpu s)  {times}"]
+    if len(keys) > 1:
+        a, b = models[keys[0]], models[keys[-1]]
+        lines.append(f"ratio {keys[0]} / {keys[-1]}: wall {a['wall_s'] / b['wall_s']:.2f}, "
+                     f"cpu {a['cpu_s'] / b['cpu_s']:.2f}")
+    groups = list(dict.fromkeys(g for m in models.values() for g in m["groups_s"]))
+    lines.append(f"{'group (self CPU s, share)':<36}" + "".join(f"{k:>22}" for k in keys))
+    for g in groups:
+        cells = []
+        for k in keys:
+            total = sum(models[k]["groups_s"].values())
+            v = models[k]["groups_s"].get(g, 0.0)
+            cells.append(f"{v:>13.3f} {100 * v / total:>6.1f}%")
+        lines.append(f"{g:<36}" + "".join(f"{c:>22}" for c in cells))
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=None, help="torch (and numba) threads (default 2; 1 with --profile)")
@@ -304,8 +597,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--keep-freed-memory", action="store_true",
                         help="every case process keeps freed memory for reuse (medssm.devices.keep_freed_memory)")
     parser.add_argument("--busy", action="store_true", help="run beside one busy process (python -c 'while True: pass')")
-    parser.add_argument("--profile", metavar="CASE", choices=list(CASES),
-                        help="profile CASE's training step (1 thread) instead: self CPU time by group")
+    parser.add_argument("--profile", metavar="CASE", nargs="+",
+                        help="profile CASE's training step (1 thread) instead: self CPU time by group; with --sizes, "
+                             "the --models keys given here, in one process at the first size")
+    parser.add_argument("--sizes", type=int, nargs="+",
+                        help="3D at size: measure the --models at these cube sides (64 96 128), one process a row")
+    parser.add_argument("--models", nargs="+", default=list(SIZE_MODELS), metavar="KEY",
+                        help=f"with --sizes: which networks ({', '.join(SIZE_MODELS)}; default all)")
+    parser.add_argument("--batch", type=int, default=1, help="with --sizes: patches a step (default 1)")
+    parser.add_argument("--checkpointing", nargs="+", default=["off", "on"], choices=["off", "on"],
+                        help="with --sizes: training steps without and/or with activation checkpointing")
+    parser.add_argument("--checkpoint-blocks", nargs="+", default=["mamba", "encoder", "decoder"],
+                        choices=["mamba", "encoder", "decoder"], help="with --sizes: the kinds of block checkpointed")
+    parser.add_argument("--no-forward", action="store_true", help="with --sizes: training steps only")
+    parser.add_argument("--timeout", type=float, default=None, help="with --sizes: seconds a row may take")
+    parser.add_argument("--fresh", action="store_true",
+                        help="with --sizes: forget the rows of earlier runs (default: merged into models_sizes.json)")
+    parser.add_argument("--size-row", help=argparse.SUPPRESS)  # internal: measure one size row, print its JSON
     parser.add_argument("--depthwise", action="store_true",
                         help="instead: a 3x3(x3) depthwise conv at LightM-UNet's shapes, PyTorch's against medssm's (ms)")
     parser.add_argument("--case", help=argparse.SUPPRESS)  # internal: measure one case, print its JSON
@@ -313,6 +621,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.case:
         print(json.dumps(run_case(args.case, args.precision, args.repeats)))
         return 0
+    if args.size_row:
+        print(json.dumps(run_size_row(json.loads(args.size_row))))
+        return 0
+    if args.profile and not args.sizes and (len(args.profile) > 1 or args.profile[0] not in CASES):
+        parser.error(f"--profile takes one of {', '.join(CASES)}, or --models keys with --sizes")
     RESULTS.mkdir(parents=True, exist_ok=True)
     threads = args.threads or (1 if args.profile else 2)
     if args.depthwise:
@@ -328,9 +641,23 @@ def main(argv: list[str] | None = None) -> int:
            "NUMBA_NUM_THREADS": str(threads), "BENCH_KEEP_FREED_MEMORY": str(int(args.keep_freed_memory))}
     busy = subprocess.Popen([sys.executable, "-c", BUSY]) if args.busy else None
     try:
+        if args.profile and args.sizes:
+            code = (f"import sys, json; sys.path.insert(0, {str(Path(__file__).parent)!r}); import models; "
+                    f"print(json.dumps(models.profile_sizes({args.profile!r}, {args.sizes[0]}, {args.batch}, "
+                    f"{args.precision[0]!r}, {threads})))")
+            proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+            if proc.returncode:
+                sys.stderr.write(proc.stderr)
+                return proc.returncode
+            result = json.loads(proc.stdout.strip().splitlines()[-1])
+            print(profile_sizes_table(result))
+            (RESULTS / "models_profile_sizes.json").write_text(json.dumps(result, indent=2))
+            return 0
+        if args.sizes:
+            return run_sizes(args, env, threads)
         if args.profile:
             code = (f"import sys, json; sys.path.insert(0, {str(Path(__file__).parent)!r}); import models; "
-                    f"print(json.dumps(models.profile_case({args.profile!r}, {args.precision[0]!r}, {args.repeats}, {threads})))")
+                    f"print(json.dumps(models.profile_case({args.profile[0]!r}, {args.precision[0]!r}, {args.repeats}, {threads})))")
             proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
             if proc.returncode:
                 sys.stderr.write(proc.stderr)

@@ -3,7 +3,8 @@
 
 Rows: SegMamba without and with activation checkpointing, MONAI SwinUNETR (feature size 48) with
 ``use_checkpoint`` off and on, MONAI SegResNet with 32 initial filters. SegMamba's checkpointing is
-asked for with ``checkpointing=True`` only where medssm's constructor names that argument (the
+switched on with ``medssm.nets.set_checkpointing`` (a runtime switch, not a constructor argument)
+where medssm has it, else with ``checkpointing=True`` where medssm's constructor names that argument (the
 registered constructor, the model's class or ``create_model``, read with ``inspect.signature``);
 elsewhere its row says "n/a". Peak memory is ``torch.cuda.max_memory_allocated`` from before the
 model is built to the end of its steps (weights, gradients, AdamW's state and activations). An
@@ -108,7 +109,10 @@ def main() -> None:
     for label, name, kwargs, kind, checkpointing in rows_to_run:
         row = {"model": label, "name": name, "kwargs": dict(kwargs),
                "checkpointing": checkpointing if kind else "none in this network"}
-        if kind == "medssm":
+        switch = kind == "medssm" and checkpointing and hasattr(medssm.nets, "set_checkpointing")
+        if switch:
+            row["note"] = "medssm.nets.set_checkpointing(model)"
+        elif kind == "medssm":
             if supported is None:
                 supported = medssm_checkpointing(name)
             if supported:
@@ -127,6 +131,8 @@ def main() -> None:
                     torch.cuda.reset_peak_memory_stats()
                 torch.manual_seed(0)
                 model = medssm.create_model(name, **common, **kwargs).to(device).train()
+                if switch:
+                    medssm.nets.set_checkpointing(model)
                 if kind == "medssm" and supported is False and medssm_checkpointing(name, model):
                     supported = True  # the class names it though the registry did not show it: next row asks
                 row["parameters"] = sum(p.numel() for p in model.parameters())

@@ -132,3 +132,29 @@ def test_fused_mamba_under_bf16_autocast(orders, shape):
     for name, g, r, e in zip(["input", *names], grads, results["reference"][1], exact_grads):
         assert g.dtype == e.dtype and torch.isfinite(g).all(), name
         assert relative(g, e) < max(0.03, 1.5 * relative(r, e)), name
+
+
+@pytest.mark.parametrize("orders", [("raster",), ("raster", "reversed", "slice")])
+def test_fused_mamba_under_saved_tensor_hooks_and_checkpointing(orders):
+    """Where saved tensors are intercepted (hooks, torch.utils.checkpoint), the fused layer keeps
+    everything through save_for_backward and rebuilds the scan's graph in the backward: the same
+    output and gradients as its usual path, and the hooks see what it keeps."""
+    generator = torch.Generator().manual_seed(7)
+    layer = Mamba(12, d_state=4, orders=orders).double()
+    randomise(layer, generator)
+    shape = (3, 4, 5)
+    hidden = torch.randn(2, 60, 12, generator=generator, dtype=torch.float64, requires_grad=True)
+    inputs = [hidden, *layer.parameters()]
+    grad_out = torch.randn(2, 60, 12, generator=generator, dtype=torch.float64)
+    want = layer(hidden, shape)
+    want_grads = torch.autograd.grad(want, inputs, grad_out)
+    seen = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: seen.append(t.numel()) or t, lambda t: t):
+        hooked = layer(hidden, shape)
+    checkpointed = torch.utils.checkpoint.checkpoint(layer, hidden, shape, use_reentrant=False)
+    for out in (hooked, checkpointed):
+        assert out.grad_fn is not None
+        torch.testing.assert_close(out, want, rtol=0, atol=0)
+        for g, w in zip(torch.autograd.grad(out, inputs, grad_out), want_grads):
+            torch.testing.assert_close(g, w, rtol=1e-13, atol=1e-15)
+    assert sum(seen) > 5 * len(orders) * 2 * 24 * 60  # per direction at least (x_o, u, delta, z_o, x_dbl)

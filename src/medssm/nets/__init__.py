@@ -3,6 +3,7 @@ each model (importing a family registers its sizes)."""
 
 from . import baselines  # noqa: F401  registers the monai: baselines
 from .cards import ModelCard, Recipe
+from .checkpointing import checkpointing_enabled, set_checkpointing
 from .lightm_unet import LightMUNet
 from .medmamba import MedMamba
 from .pretrained import load_pretrained
@@ -10,4 +11,5 @@ from .registry import build_for_data, create_model, get_model_card, list_models,
 from .segmamba import SegMamba
 
 __all__ = ["LightMUNet", "MedMamba", "SegMamba", "ModelCard", "Recipe", "create_model", "build_for_data",
-           "get_model_card", "list_models", "register_model", "save_model", "load_model", "load_pretrained"]
+           "get_model_card", "list_models", "register_model", "save_model", "load_model", "load_pretrained",
+           "set_checkpointing", "checkpointing_enabled"]

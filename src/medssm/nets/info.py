@@ -7,6 +7,7 @@ Every measure works on CPU and for any ``nn.Module``:
   counted by ``torch.utils.flop_counter.FlopCounterMode`` (FLOPs / 2) on one forward, with the
   selective scans' own arithmetic left out;
 - scan FLOPs: the analytic count of every ``selective_scan`` call (:func:`medssm.ssm.count_scan_flops`);
+- memory kept for the backward: the bytes of the tensors autograd saves (:func:`saved_tensor_bytes`);
 - peak memory: the most bytes of tensor storage alive at once among the tensors created while a
   function runs (weights and inputs excluded), tracked by a ``TorchDispatchMode``
   (:class:`LiveTensorBytes`). Memory a backend allocates outside PyTorch (a compiled kernel's
@@ -93,6 +94,28 @@ def peak_tensor_bytes(fn: Callable[[], object]) -> int:
     with LiveTensorBytes() as mem:
         fn()
     return mem.peak
+
+
+def saved_tensor_bytes(fn: Callable[[], object], exclude: Sequence[torch.Tensor] = ()) -> int:
+    """Bytes of the distinct tensor storages autograd keeps for the backward while ``fn()`` runs (as
+    ``torch.autograd.graph.saved_tensors_hooks`` sees them), those of ``exclude`` (weights, the input)
+    left out. Under activation checkpointing a checkpointed block contributes only its inputs.
+
+    >>> kept = saved_tensor_bytes(lambda: model(x).sum(), exclude=[*model.parameters(), x])
+    """
+    known = {t.untyped_storage().data_ptr() for t in exclude}
+    sizes: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in known:
+            sizes[storage.data_ptr()] = max(sizes.get(storage.data_ptr(), 0), storage.nbytes())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        result = fn()
+    del result
+    return sum(sizes.values())
 
 
 def peak_activation_bytes(model: nn.Module, x: torch.Tensor) -> int:
@@ -261,6 +284,6 @@ def models_table(cfg: ModelsConfig) -> str:
     return "\n".join(rows)
 
 
-__all__ = ["ModelInfo", "model_info", "count_parameters", "count_macs", "peak_activation_bytes",
+__all__ = ["ModelInfo", "model_info", "count_parameters", "count_macs", "peak_activation_bytes", "saved_tensor_bytes",
            "peak_tensor_bytes", "LiveTensorBytes", "default_input_size", "resolve_input_size", "build_for_input",
            "InfoConfig", "print_info", "ModelsConfig", "models_table"]

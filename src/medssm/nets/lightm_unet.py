@@ -19,6 +19,7 @@ from medssm.ssm.fused_mamba import linear_channels_first
 
 from .blocks import NoMixer
 from .cards import Recipe
+from .checkpointing import checkpointed, runs_last
 from .depthwise import depthwise_conv
 from .registry import register_model
 
@@ -68,6 +69,7 @@ class RVMLayer(nn.Module):
         self.proj = nn.Linear(in_channels, out_channels)
         self.skip_scale = nn.Parameter(torch.ones(1))
 
+    @checkpointed("mamba")
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dtype == torch.float16:
             x = x.float()
@@ -88,6 +90,7 @@ class ResMambaBlock(nn.Module):
         self.conv1 = RVMLayer(channels, channels, **mamba_kwargs)
         self.conv2 = RVMLayer(channels, channels, **mamba_kwargs)
 
+    @checkpointed("encoder")
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.conv1(self.act(self.norm1(x)))
         return x + self.conv2(self.act(self.norm2(h)))
@@ -104,6 +107,7 @@ class ResUpBlock(nn.Module):
         self.conv = dw_conv(spatial_dims, channels, channels, kernel_size=3)
         self.skip_scale = nn.Parameter(torch.ones(1))
 
+    @checkpointed("decoder")
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.conv(self.act(self.norm1(x))) + self.skip_scale * x
         return self.act(self.norm2(h))
@@ -168,6 +172,8 @@ class LightMUNet(nn.Module):
                 Conv(spatial_dims, c, c // 2, 1),
                 nn.Upsample(scale_factor=2, mode=UPSAMPLE_MODE[spatial_dims], align_corners=False),
             ))
+        if blocks_up and blocks_up[-1]:  # the backward starts there: checkpointing it would save nothing
+            runs_last(self.up_layers[-1][-1])
         self.conv_final = nn.Sequential(
             nn.GroupNorm(norm_groups, init_filters),
             nn.ReLU(inplace=True),

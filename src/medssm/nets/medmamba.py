@@ -24,6 +24,7 @@ from ..ssm.orders import CROSS_SCAN_2D, CROSS_SCAN_3D, cross_merge, cross_scan, 
 from ..ssm import selective_scan
 from .blocks import NoMixer
 from .cards import CLASSIFIER_DEFAULT
+from .checkpointing import checkpointed
 from .registry import register_model
 
 __all__ = ["MedMamba", "SS2D", "SSConvSSM", "PatchEmbed", "PatchMerging", "DropPath"]
@@ -135,6 +136,7 @@ class SS2D(nn.Module):
         self.out_norm = nn.LayerNorm(d)
         self.out_proj = nn.Linear(d, d_model, bias=False)
 
+    @checkpointed("mamba")
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x, z = self.in_proj(x).chunk(2, dim=-1)  # (B, *S, d_inner) each
         x = self.act(self.conv2d(x.movedim(-1, 1)))  # (B, d_inner, *S)
@@ -201,6 +203,7 @@ class SSConvSSM(nn.Module):
             conv(half, half, 1), nn.ReLU(),
         )
 
+    @checkpointed("encoder")
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         left, right = x.chunk(2, dim=-1)  # (B, *S, C/2) each
         right = self.drop_path(self.self_attention(self.ln_1(right)))

@@ -24,6 +24,8 @@ from ..ssm.mamba import Mamba
 from ..ssm.orders import image_to_tokens, tokens_to_image
 from .blocks import NoMixer
 from .cards import Recipe
+from .checkpointing import checkpointed, runs_last
+from .cpu_conv import Conv2d, Conv3d, ConvTranspose2d, ConvTranspose3d, InstanceNorm
 from .registry import register_model
 
 __all__ = ["SegMamba", "GSC", "MambaLayer", "UnetResBlock", "UnetrBasicBlock", "UnetrUpBlock", "UnetOutBlock"]
@@ -35,13 +37,13 @@ def _conv(spatial_dims: int, transposed: bool = False) -> type[nn.Module]:
     if spatial_dims not in (2, 3):
         raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims}")
     if transposed:
-        return nn.ConvTranspose2d if spatial_dims == 2 else nn.ConvTranspose3d
-    return nn.Conv2d if spatial_dims == 2 else nn.Conv3d
+        return ConvTranspose2d if spatial_dims == 2 else ConvTranspose3d
+    return Conv2d if spatial_dims == 2 else Conv3d  # torch's, on the CPU's fast paths (nets/cpu_conv.py)
 
 
 def _instance_norm(spatial_dims: int, channels: int) -> nn.Module:
     """InstanceNorm without affine parameters or running statistics (MONAI's and the authors' default)."""
-    return (nn.InstanceNorm2d if spatial_dims == 2 else nn.InstanceNorm3d)(channels)
+    return InstanceNorm(channels)
 
 
 def _monai_conv(layer: nn.Module) -> nn.Sequential:
@@ -54,14 +56,15 @@ def _monai_conv(layer: nn.Module) -> nn.Sequential:
 
 class UnetResBlock(nn.Module):
     """conv3 → IN → LeakyReLU → conv3 → IN, plus the input (through 1×1 conv + IN when channels
-    change), then LeakyReLU(0.01). Convolutions have no bias."""
+    change), then LeakyReLU(0.01), in place as in MONAI (it keeps one tensor less for the backward).
+    Convolutions have no bias."""
 
     def __init__(self, spatial_dims: int, in_channels: int, out_channels: int):
         super().__init__()
         conv = _conv(spatial_dims)
         self.conv1 = _monai_conv(conv(in_channels, out_channels, 3, padding=1, bias=False))
         self.conv2 = _monai_conv(conv(out_channels, out_channels, 3, padding=1, bias=False))
-        self.lrelu = nn.LeakyReLU(0.01)
+        self.lrelu = nn.LeakyReLU(0.01, inplace=True)
         self.norm1 = _instance_norm(spatial_dims, out_channels)
         self.norm2 = _instance_norm(spatial_dims, out_channels)
         self.downsample = in_channels != out_channels
@@ -82,6 +85,7 @@ class UnetrBasicBlock(nn.Module):
         super().__init__()
         self.layer = UnetResBlock(spatial_dims, in_channels, out_channels)
 
+    @checkpointed("decoder")
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.layer(x)
 
@@ -94,6 +98,7 @@ class UnetrUpBlock(nn.Module):
         self.transp_conv = _monai_conv(_conv(spatial_dims, transposed=True)(in_channels, out_channels, 2, stride=2, bias=False))
         self.conv_block = UnetResBlock(spatial_dims, 2 * out_channels, out_channels)
 
+    @checkpointed("decoder")
     def forward(self, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
         return self.conv_block(torch.cat((self.transp_conv(x), skip), dim=1))
 
@@ -131,8 +136,9 @@ class GSC(nn.Module):
         self.norm3 = _instance_norm(spatial_dims, channels)
         self.proj4 = conv(channels, channels, 1)
         self.norm4 = _instance_norm(spatial_dims, channels)
-        self.act = nn.ReLU()
+        self.act = nn.ReLU(inplace=True)  # on the norms' outputs, which their backward does not need
 
+    @checkpointed("encoder")
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         a = self.act(self.norm2(self.proj2(self.act(self.norm(self.proj(x))))))
         b = self.act(self.norm3(self.proj3(x)))
@@ -151,6 +157,7 @@ class MambaLayer(nn.Module):
         self.mamba = NoMixer() if no_mamba else Mamba(dim, d_state=d_state, d_conv=d_conv, expand=expand,
                                                       orders=TRI_ORIENTATED)
 
+    @checkpointed("mamba")
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         spatial = x.shape[2:]
         tokens = image_to_tokens(x)  # (B, L, C), raster order
@@ -167,6 +174,7 @@ class MlpChannel(nn.Module):
         self.act = nn.GELU()
         self.fc2 = conv(hidden, channels, 1)
 
+    @checkpointed("encoder")
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc2(self.act(self.fc1(x)))
 
@@ -251,7 +259,7 @@ class SegMamba(nn.Module):
         self.decoder4 = UnetrUpBlock(spatial_dims, f[3], f[2])
         self.decoder3 = UnetrUpBlock(spatial_dims, f[2], f[1])
         self.decoder2 = UnetrUpBlock(spatial_dims, f[1], f[0])
-        self.decoder1 = UnetrBasicBlock(spatial_dims, f[0], f[0])
+        self.decoder1 = runs_last(UnetrBasicBlock(spatial_dims, f[0], f[0]))  # never checkpointed
         self.out = UnetOutBlock(spatial_dims, f[0], out_channels)
 
     def check_input_size(self, shape: Sequence[int]) -> None:

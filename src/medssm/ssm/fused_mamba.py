@@ -10,10 +10,20 @@ with ``silu(z)`` itself. Its backward runs the scan's own backward and then the 
 conv's, accumulating into the buffers it already has (``du += x_proj^T d(dt, B, C)`` in place).
 Under CPU autocast to bfloat16 the projections run as bf16 GEMMs and the rest in float32.
 
+Inside a region whose saved tensors are intercepted (``torch.utils.checkpoint``, which
+:func:`medssm.nets.set_checkpointing` uses, ``torch.autograd.graph.save_on_cpu``, or a measurement
+with ``saved_tensors_hooks``), everything the backward needs goes through ``save_for_backward``, so
+that the hooks see it (checkpointing then frees it and recomputes it); the scan's own graph is then
+rebuilt in the backward by running the scan's forward once more.
+
 docs/explanation/selective-scan.md ("The Mamba layer around the scan") has the measurements.
 """
 
 from __future__ import annotations
+
+import contextlib
+import contextvars
+from typing import Iterator
 
 import torch
 import torch.nn as nn
@@ -25,6 +35,28 @@ from .orders import from_order, to_order
 from .scan import selective_scan
 
 _conv_kernels = None
+_saving_for_recompute = contextvars.ContextVar("medssm_saving_for_recompute", default=False)
+
+
+@contextlib.contextmanager
+def saving_for_recompute() -> Iterator[None]:
+    """Inside the block, :class:`FusedMamba` keeps what its backward needs through
+    ``save_for_backward`` only (for checkpointing regions; see :func:`saved_tensors_intercepted`)."""
+    token = _saving_for_recompute.set(True)
+    try:
+        yield
+    finally:
+        _saving_for_recompute.reset(token)
+
+
+def saved_tensors_intercepted() -> bool:
+    """Whether tensors saved for backward here go through hooks (``torch.utils.checkpoint``,
+    ``saved_tensors_hooks``) or a :func:`saving_for_recompute` block: then the fused layer must not
+    keep tensors outside ``save_for_backward``, or checkpointing would not free them."""
+    if _saving_for_recompute.get():
+        return True
+    top = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
+    return top is not None and top(True) is not None
 
 
 def fused_kernels():
@@ -109,12 +141,12 @@ class RowsLinear(torch.autograd.Function):
     @torch.amp.custom_bwd(device_type="cpu")
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad):
+        weight, x = ctx.saved_tensors  # once: checkpointing lets saved tensors be unpacked only once
         with torch.autocast("cpu", enabled=False):
-            return RowsLinear._backward(ctx, grad.to(ctx.saved_tensors[0].dtype))
+            return RowsLinear._backward(ctx, weight, x, grad.to(weight.dtype))
 
     @staticmethod
-    def _backward(ctx, grad):
-        weight, x = ctx.saved_tensors
+    def _backward(ctx, weight, x, grad):
         if x.stride(-2) == 1:  # token-major data: its gradient token-major too
             grad_tokens = x.new_empty(x.shape[0], x.shape[2], x.shape[1])  # (B, L, K)
             for b in range(x.shape[0]):
@@ -151,7 +183,10 @@ class FusedMamba(torch.autograd.Function):
     Kept for the backward: the input, the sum of the directions' outputs (out_proj's input), and per
     direction the conv's input, its SiLU output u, x_proj's output and the scan's own saved state (z
     among its inputs); the conv output before SiLU is recomputed. The scan runs through :func:`medssm.ssm.selective_scan` on detached
-    inputs with its own autograd graph, which the backward asks for the scan's gradients.
+    inputs with its own autograd graph, which the backward asks for the scan's gradients. Where saved
+    tensors are intercepted (:func:`saved_tensors_intercepted`: checkpointing), the same tensors go
+    through ``save_for_backward`` instead, the scan runs without a graph, and the backward rebuilds
+    the scan's graph from its saved inputs (one more scan forward).
 
     Under CPU autocast to bfloat16 the input and the weights of in_proj, x_proj and out_proj come in
     bfloat16 (cast by autograd ops outside, which cast their gradients back): those GEMMs run in
@@ -179,10 +214,16 @@ class FusedMamba(torch.autograd.Function):
     @torch.amp.custom_fwd(device_type="cpu")
     def forward(ctx, spec, hidden, in_w, in_b, out_w, out_b, *params):
         ctx.spec = spec
-        ctx.keep = []
+        graph = not saved_tensors_intercepted()
+        keep = []
         with torch.autocast("cpu", enabled=False):  # the dtypes are set: bf16 GEMM operands, float32 elsewhere
-            out = _fused_forward(spec, hidden, in_w, in_b, out_w, out_b, params, keep=ctx.keep)
-        ctx.save_for_backward(hidden, in_w, out_w, *params)
+            out = _fused_forward(spec, hidden, in_w, in_b, out_w, out_b, params, keep=keep, graph=graph)
+        if graph:
+            ctx.keep = keep
+            ctx.save_for_backward(hidden, in_w, out_w, *params)
+        else:  # all through save_for_backward: y_sum, then (x_o, u, x_dbl, delta, z_o) per direction
+            ctx.keep = None
+            ctx.save_for_backward(hidden, in_w, out_w, *params, keep[0], *[t for kept in keep[1:] for t in kept])
         ctx.has_bias = (in_b is not None, out_b is not None)
         return out
 
@@ -196,8 +237,24 @@ class FusedMamba(torch.autograd.Function):
         return (None, *grads)
 
 
-def _fused_forward(spec, hidden, in_w, in_b, out_w, out_b, params, keep: list | None) -> torch.Tensor:
-    """The fused layer's forward; with ``keep`` (a list) it appends what the backward needs."""
+def _scan(u, delta, B, C, z, A_log, D, dt_b) -> torch.Tensor:
+    """One direction's gated scan (B, d_inner, L), in u's dtype."""
+    return selective_scan(u, delta, -torch.exp(A_log.float()), B, C, D.float(), z=z, delta_bias=dt_b.float(),
+                          delta_softplus=True)
+
+
+def _scan_graph(inputs: tuple) -> tuple[torch.Tensor, tuple]:
+    """The scan on detached copies of ``inputs`` that require grad: (output with its own graph, leaves)."""
+    leaves = tuple(t.detach().requires_grad_() for t in inputs)
+    with torch.enable_grad():
+        return _scan(*leaves), leaves
+
+
+def _fused_forward(spec, hidden, in_w, in_b, out_w, out_b, params, keep: list | None,
+                   graph: bool = True) -> torch.Tensor:
+    """The fused layer's forward; with ``keep`` (a list) it appends what the backward needs: y_sum,
+    then per direction (x_o, u, x_dbl, scan output, scan leaves) with ``graph``, or (x_o, u, x_dbl,
+    delta, z_o) without (the scan's graph is then rebuilt by the backward)."""
     orders, shape, rank, n_state = spec
     kernels = fused_kernels()
     d = in_w.shape[0] // 2
@@ -213,15 +270,15 @@ def _fused_forward(spec, hidden, in_w, in_b, out_w, out_b, params, keep: list | 
         x_dbl = project_rows(x_w, u)  # (B, rank + 2N, L): dt (low rank), B, C
         delta = project_rows(dt_w, x_dbl[:, :rank])  # (B, d_inner, L): dt_proj without its bias
         inputs = (u, delta, x_dbl[:, rank:rank + n_state], x_dbl[:, rank + n_state:], z_o, A_log, D, dt_b)
-        if keep is not None:  # the scan's own graph, on detached inputs: its backward gives their gradients
-            inputs = tuple(t.detach().requires_grad_() for t in inputs)
-        u_, delta_, B_, C_, z_, A_log_, D_, dt_b_ = inputs
-        with torch.enable_grad() if keep is not None else torch.no_grad():
-            y = selective_scan(u_, delta_, -torch.exp(A_log_.float()), B_, C_, D_.float(), z=z_,
-                               delta_bias=dt_b_.float(), delta_softplus=True)  # (B, d_inner, L), gated, in u's dtype
-        if keep is not None:
-            kept.append((x_o, u, x_dbl, y, inputs))
+        if keep is not None and graph:  # the scan's own graph, on detached inputs: its backward gives their gradients
+            y, leaves = _scan_graph(inputs)  # (B, d_inner, L), gated, in u's dtype
+            kept.append((x_o, u, x_dbl, y, leaves))
             y = y.detach()
+        else:
+            with torch.no_grad():
+                y = _scan(*inputs)
+            if keep is not None:
+                kept.append((x_o, u, x_dbl, delta, z_o))
         y = from_order(y, shape, order)
         y_sum = y if y_sum is None else y_sum.add_(y)  # the first y is the scan's output: its backward keeps no output
     out = project_rows(out_w, y_sum, out_b)  # (B, d_model, L)
@@ -234,7 +291,18 @@ def _fused_backward(ctx, grad_out: torch.Tensor) -> list:
     """Gradients of every input of :meth:`FusedMamba.forward` after ``spec``."""
     orders, shape, rank, n_state = ctx.spec
     hidden, in_w, out_w, *params = ctx.saved_tensors
-    y_sum, directions = ctx.keep[0], ctx.keep[1:]
+    if ctx.keep is not None:
+        y_sum, directions = ctx.keep[0], ctx.keep[1:]
+    else:  # everything came through save_for_backward: rebuild each direction's scan graph
+        count = PER_DIRECTION * len(orders)
+        params, y_sum, rest = params[:count], params[count], params[count + 1:]
+        directions = []
+        for i in range(len(orders)):
+            x_o, u, x_dbl, delta, z_o = rest[5 * i: 5 * (i + 1)]
+            _, _, _, _, dt_b, A_log, D = params[PER_DIRECTION * i: PER_DIRECTION * (i + 1)]
+            y, leaves = _scan_graph((u, delta, x_dbl[:, rank:rank + n_state], x_dbl[:, rank + n_state:], z_o,
+                                     A_log, D, dt_b))
+            directions.append((x_o, u, x_dbl, y, leaves))
     d = in_w.shape[0] // 2
     grad_rows = grad_out.transpose(1, 2).to(out_w.dtype)  # (B, d_model, L)
     dy = project_rows(out_w.t(), grad_rows)  # (B, d_inner, L)
