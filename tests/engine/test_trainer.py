@@ -103,3 +103,23 @@ def test_a_score_that_is_not_a_number_never_makes_a_model_best(data_root, tmp_pa
     state = torch.load(run / "checkpoints" / "last" / "training_state.pt", weights_only=True)
     assert state["extra"]["best_epoch"] == 0 and state["extra"]["best"] == -math.inf
     assert json.loads((run / "checkpoints" / "best" / "model.json").read_text())["epoch"] == 2
+
+
+def test_checkpointing_trains_the_same_weights(lung, tmp_path, monkeypatch):
+    """--checkpointing recomputes each block in the backward: the same gradients, so the same run."""
+    from medssm.engine import trainer
+
+    switched = []
+    monkeypatch.setattr(trainer, "set_checkpointing", lambda m: switched.extend(trainer_switch(m)))
+    runs = [train(TrainConfig(data=str(lung), out=str(tmp_path / str(c)), model="lightm_unet_2d_tiny", epochs=1,
+                              iterations_per_epoch=2, val_every=1, patch_size=(64, 64), batch_size=2, checkpointing=c,
+                              progress=False, device="cpu")) for c in (False, True)]
+    plain, checkpointed = (load_file(str(r / "checkpoints" / "last" / "model.safetensors")) for r in runs)
+    assert all(torch.allclose(plain[k], checkpointed[k], rtol=0, atol=1e-6) for k in plain)
+    assert switched  # the blocks of the trained network (and of none other: no budget here) were switched
+
+
+def trainer_switch(model):
+    from medssm.nets import set_checkpointing
+
+    return set_checkpointing(model)

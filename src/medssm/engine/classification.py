@@ -63,7 +63,7 @@ class ClassificationTask(Task):
     def budget_request(self, device: torch.device, precision: str) -> dict:
         """A real training step (data loading and augmentation included) and the validation of a sample."""
         def measure(candidate: Candidate) -> Timing:
-            model = self.build_model().to(device)
+            model = self.model().to(device)
             draws = torch.utils.data.RandomSampler(self.dataset(self.train_src, True), replacement=True,
                                                    num_samples=3 * candidate.batch_size)
             loader = iter(torch.utils.data.DataLoader(draws.data_source, batch_size=candidate.batch_size, sampler=draws))
@@ -82,7 +82,7 @@ class ClassificationTask(Task):
         self.val_src = self.val_src.limited(budget.val_cases or None, self.cfg.seed)
         self.held_out = len(self.val_src)
 
-    def build_model(self) -> torch.nn.Module:
+    def build_model(self, candidate: Candidate | None = None) -> torch.nn.Module:
         return build_for_data(self.card.name, spatial_dims=self.train_src.spatial_dims,
                               in_channels=self.train_src.in_chans, num_classes=len(self.classes), **self.model_kwargs)
 

@@ -67,6 +67,10 @@ class TrainOptions:
     ema: float = field(default=0.0, metadata={
         "help": "decay of a moving average of the weights, e.g. 0.998 (0: off); validation, the best model "
                 "and predictions then use the average"})
+    checkpointing: bool = field(default=False, metadata={"help": (
+        "activation checkpointing: every Mamba layer, encoder stage and decoder block keeps only its input and is "
+        "computed again in the backward (the same gradients; about 0.2-0.6x the memory for ~1.3x the step; "
+        "medssm.nets.set_checkpointing to choose the blocks)")})
     seed: int = field(default=0, metadata={"help": "random seed (initialisation, sampling, augmentation)"})
     resume: bool = field(default=False, metadata={"help": "continue the run in --out from its last checkpoint"})
     precision: str = field(default="fp32", metadata={"choices": ("fp32", "bf16", "fp16"),

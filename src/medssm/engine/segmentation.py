@@ -76,7 +76,7 @@ class SegmentationTask(Task):
 
         def measure(candidate: Candidate) -> Timing:
             plan = self.plans[candidate.scale, candidate.patch_size]
-            model = self.model_for(plan).to(device)
+            model = self.model(candidate).to(device)
             batch = (torch.randn(candidate.batch_size, plan.num_channels, *plan.patch_size),
                      torch.randint(0, max(plan.label_set.values) + 1, (candidate.batch_size, 1, *plan.patch_size)))
             step, memory = time_step(model, lambda: batch, loss_fn, device, precision)
@@ -94,13 +94,12 @@ class SegmentationTask(Task):
         self.plan = dataclasses.replace(self.plans.get((c.scale, c.patch_size), self.plan), batch_size=c.batch_size)
         self.held_out = budget.val_cases or self.held_out
 
-    def model_for(self, plan: Plan) -> torch.nn.Module:
+    def build_model(self, candidate: Candidate | None = None) -> torch.nn.Module:
+        plan = self.plans[candidate.scale, candidate.patch_size] if candidate else self.plan
+        if candidate is None:
+            distributed.local_batch(plan.batch_size)  # refuse a global batch that does not split over the ranks
         return build_for_data(self.card.name, spatial_dims=plan.spatial_dims, in_channels=plan.num_channels,
                               num_classes=plan.label_set.channels, patch_size=plan.patch_size, **self.model_kwargs)
-
-    def build_model(self) -> torch.nn.Module:
-        distributed.local_batch(self.plan.batch_size)  # refuse a global batch that does not split over the ranks
-        return self.model_for(self.plan)
 
     def description(self) -> dict:
         return {"task": "segmentation", "dataset": self.dataset.name, "labels": self.plan.labels, "plan": self.plan.to_dict(),

@@ -26,10 +26,11 @@ from typing import Iterator
 
 import torch
 
-from ..budget import BudgetPlan, parse_duration, plan_budget, validation_due
+from ..budget import BudgetPlan, Candidate, parse_duration, plan_budget, validation_due
 from ..devices import available_memory, check_precision, cpu_threads
 from ..files import read_json, write_json
 from ..nets.cards import ModelCard, Recipe
+from ..nets.checkpointing import set_checkpointing
 from ..nets.registry import parse_model_kwargs
 from ..runs import claim_run, has_checkpoint, load_run, load_training_state, write_description
 from ..ssm import use_backend
@@ -89,8 +90,16 @@ class Task:
     def follow_budget(self, budget: BudgetPlan) -> None:
         """Train as ``budget`` says: its candidate (resolution, batch) and its share of the held-out set."""
 
-    def build_model(self) -> torch.nn.Module:
+    def build_model(self, candidate: Candidate | None = None) -> torch.nn.Module:
+        """The network to train, or to time for a budget ``candidate``."""
         raise NotImplementedError
+
+    def model(self, candidate: Candidate | None = None) -> torch.nn.Module:
+        """:meth:`build_model`'s network, with activation checkpointing when ``--checkpointing`` asks."""
+        model = self.build_model(candidate)
+        if self.cfg.checkpointing:
+            set_checkpointing(model)
+        return model
 
     def description(self) -> dict:
         """What ``model.json`` records beside the model's name and arguments (what prediction needs)."""
@@ -155,7 +164,7 @@ def fit(task: Task) -> Path:
 
 # Options that say how a run runs, not what it trains: a resumed run takes them as given now.
 RUNTIME_OPTIONS = ("data", "out", "resume", "device", "threads", "scan_backend", "progress", "num_workers", "cache",
-                   "precision")
+                   "precision", "checkpointing")
 
 
 def resumed_options(cfg: TrainOptions, run: Path) -> TrainOptions:
@@ -203,7 +212,7 @@ class _Training:
             task.follow_budget(budget)
         seed_everything(cfg.seed)
         try:
-            model = task.build_model().to(self.device)
+            model = task.model().to(self.device)
         except ValueError as e:  # an argument the model does not take, a width too large
             raise ValueError(f"--model-kwargs {cfg.model_kwargs}: {e}" if task.model_kwargs else str(e)) from None
         ema = WeightAverage(model, cfg.ema) if cfg.ema else None

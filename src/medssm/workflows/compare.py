@@ -76,6 +76,7 @@ class CompareConfig:
         "data's own test split is used when it has one)")})
     over_budget: bool = field(default=False, metadata={"help": (
         "train a model's minimum even when it does not fit the budget (else that model is reported as not run)")})
+    checkpointing: bool = field(default=False, metadata={"help": "activation checkpointing for every model (see medssm train)"})
     seed: int = 0
     device: str = "auto"
     scan_backend: str = "auto"
@@ -142,6 +143,7 @@ def run_one(cfg: CompareConfig, task: str, name: str, folder: Path) -> dict:
     start = time.perf_counter()
     common = dict(data=cfg.data, out=str(folder / "run"), model=name, budget=cfg.budget, recipe=cfg.recipe,
                   over_budget=cfg.over_budget, seed=cfg.seed, device=cfg.device, scan_backend=cfg.scan_backend,
+                  checkpointing=cfg.checkpointing,
                   progress=cfg.progress, resume=has_checkpoint(folder / "run"))
     try:
         if task == "segmentation":
