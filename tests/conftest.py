@@ -15,6 +15,20 @@ def _seed():
     torch.manual_seed(0)
 
 
+def _fill_freed_memory(value: float) -> None:
+    for size in (2**12, 2**14, 2**16, 2**18, 2**20, 2**22, 2**24):
+        for _ in range(3):
+            block = torch.full((size,), value)
+            del block
+
+
+@pytest.fixture
+def fill_freed_memory():
+    """``fill(value)`` leaves ``value`` in the memory the allocator hands out next (what an
+    uninitialised read would then see)."""
+    return _fill_freed_memory
+
+
 @pytest.fixture(scope="session")
 def data_root() -> Path:
     """``MEDSSM_DATA`` (CI sets it to ../shared/data); the real data must be there."""

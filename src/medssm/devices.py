@@ -9,6 +9,11 @@ CPU, bf16 pays where the CPU computes in bfloat16 itself (AVX512-BF16 or AMX): c
 run in bf16 there (oneDNN), while the scan and the Mamba layers' causal conv stay float32; elsewhere
 bf16 is emulated and slower than fp32, and :func:`check_precision` warns.
 
+On the CPU, bf16 autocast also runs a 3D convolution whose input is shallower than its kernel along
+the first spatial axis in float32 (:func:`conv3d`): there oneDNN's bfloat16 weight gradient reads
+uninitialised memory (torch 2.13; relative errors up to 1e36 or NaN, depending on what the memory
+held), which the deepest level of a 3D U-Net meets when a patch is 32 voxels deep.
+
 ``--threads N`` (:func:`cpu_threads`) sets torch's intra-op threads, which numba's kernels follow.
 :func:`keep_freed_memory` stops glibc from returning freed memory to the system between steps.
 
@@ -28,8 +33,10 @@ import warnings
 from typing import Iterator
 
 import torch
+import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
 
-__all__ = ["PRECISIONS", "resolve_device", "check_precision", "autocast", "cpu_has_native_bf16", "cpu_threads",
+__all__ = ["PRECISIONS", "resolve_device", "check_precision", "autocast", "conv3d", "cpu_has_native_bf16", "cpu_threads",
            "keep_freed_memory", "available_memory", "resident_memory", "peak_memory"]
 
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -155,7 +162,37 @@ def peak_memory() -> int:
 
 
 def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
-    """The autocast context for ``precision`` on ``device`` (no-op for fp32)."""
+    """The autocast context for ``precision`` on ``device`` (no-op for fp32); on the CPU in bf16 every
+    3D convolution in it goes through :func:`conv3d`."""
     if precision == "fp32":
         return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=PRECISIONS[precision])
+    stack = contextlib.ExitStack()
+    stack.enter_context(torch.autocast(device.type, dtype=PRECISIONS[precision]))
+    if device.type == "cpu" and precision == "bf16":
+        stack.enter_context(_SafeConv3d())
+    return stack
+
+
+def _bf16_weight_gradient_is_wrong(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether oneDNN would compute this 3D convolution's weight gradient in bfloat16 on an input
+    shallower than the kernel (wrong in torch 2.13, see the module's docstring)."""
+    return (x.dim() == 5 and x.device.type == "cpu" and x.shape[2] < weight.shape[2]
+            and (x.dtype == torch.bfloat16 or weight.dtype == torch.bfloat16
+                 or (torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16)))
+
+
+def conv3d(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1) -> torch.Tensor:
+    """``F.conv3d``, in float32 (the result in bfloat16) where its bfloat16 weight gradient would be wrong."""
+    if not _bf16_weight_gradient_is_wrong(x, weight):
+        return F.conv3d(x, weight, bias, stride, padding, dilation, groups)
+    with torch.autocast("cpu", enabled=False):
+        out = F.conv3d(x.float(), weight.float(), None if bias is None else bias.float(), stride, padding,
+                       dilation, groups)
+    return out.to(torch.bfloat16)
+
+
+class _SafeConv3d(TorchFunctionMode):
+    """Routes ``F.conv3d`` through :func:`conv3d` (any model's, MONAI's included)."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        return (conv3d if func is F.conv3d else func)(*args, **(kwargs or {}))

@@ -17,6 +17,7 @@ from medssm.devices import autocast, check_precision, cpu_threads, resolve_devic
 from medssm.engine.loop import grad_scaler
 from medssm.engine.segmentation import TrainConfig, train
 from medssm.nets import build_for_data
+from medssm.nets.cpu_conv import Conv3d
 
 from ..subsets import lung_subset
 
@@ -121,6 +122,30 @@ def test_bf16_forward_close_to_fp32():
     # (the mean error here: 0.049 of the mean with the Mamba layers' reference path, 0.050 with the fused one)
     assert (out.float() - ref).abs().mean() < 0.06 * ref.abs().mean()
     assert torch.corrcoef(torch.stack([out.float().flatten(), ref.flatten()]))[0, 1] > 0.99
+
+
+@pytest.mark.parametrize("depth, kernel", [(2, 3), (1, 3), (4, 5), (6, 3)])
+@pytest.mark.parametrize("conv_class", [torch.nn.Conv3d, Conv3d])
+def test_bf16_weight_gradient_of_shallow_3d_convolution(conv_class, depth, kernel, fill_freed_memory):
+    """Under bf16 autocast the weight gradient of a 3D convolution on a map shallower than its kernel
+    (oneDNN's bfloat16 kernel reads uninitialised memory there: 1e36 or NaN) is as right as on deeper
+    maps: within bf16's rounding of the float64 one, whatever the freed memory held, for torch's own
+    module (MONAI's models) and medssm's."""
+    torch.manual_seed(depth * kernel)
+    conv = conv_class(32, 32, kernel, padding=kernel // 2, bias=True)
+    x = torch.randn(1, 32, depth, 8, 8)
+    grad = torch.randn(1, 32, depth, 8, 8)
+    conv.double()(x.double()).backward(grad.double())
+    want = conv.weight.grad.clone()
+    conv.float().zero_grad()
+    for value in (1e3, float("nan")):
+        fill_freed_memory(value)
+        with autocast(torch.device("cpu"), "bf16"):
+            out = conv(x.bfloat16())
+        assert out.dtype == torch.bfloat16
+        out.float().backward(grad)
+        assert (conv.weight.grad.double() - want).abs().max() < 0.02 * want.abs().max(), value
+        conv.zero_grad()
 
 
 # bf16 on the CPU (in CI); bf16 and fp16 (with loss scaling) on CUDA where there is a GPU.

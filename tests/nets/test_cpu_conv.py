@@ -83,12 +83,13 @@ def test_segmamba_step_takes_no_slow_kernel():
     assert not {n for n in names if "slow_conv" in n or "thnn_conv" in n}, names
 
 
-def test_segmamba_bf16_step():
+def test_segmamba_bf16_step(fill_freed_memory):
     """Under bf16 autocast: convolutions and projections in bfloat16, gradients float32 and finite,
     the output close to float32's."""
     model = medssm.create_model("segmamba_tiny", in_channels=2, out_channels=3).train()
-    x = torch.randn(2, 2, 32, 32, 16)
+    x = torch.randn(2, 2, 32, 32, 16)  # 2 deep at 1/16: the deepest convolutions are shallower than their kernel
     want = model(x)
+    fill_freed_memory(float("nan"))  # what an uninitialised read would see (one did, in CI)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = model(x)
     assert out.dtype == torch.bfloat16

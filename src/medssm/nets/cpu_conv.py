@@ -21,8 +21,9 @@ Measured on the project's 2-core Zen 4 VM (torch 2.13, one thread, SegMamba's sh
   reshaped tensor; ``group_norm`` with one group per channel is the same normalisation, 3x faster
   forward on the CPU (native kernels on (B, C, L) rows).
 
-Outside the CPU, while exporting, tracing or under a dispatch mode (FLOP counters), the plain torch
-operation runs.
+Where the input is shallower than the kernel, a 3D convolution under bf16 runs in float32
+(:func:`medssm.devices.conv3d`: oneDNN's bfloat16 weight gradient is wrong there). Outside the
+CPU, while exporting, tracing or under a dispatch mode (FLOP counters), the plain torch operation runs.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..devices import conv3d
 from ..ssm.backends import is_exporting
 
 __all__ = ["Conv2d", "Conv3d", "ConvTranspose2d", "ConvTranspose3d", "InstanceNorm", "conv_forward",
@@ -75,6 +77,8 @@ def conv_forward(conv: nn.Conv2d | nn.Conv3d, x: torch.Tensor) -> torch.Tensor:
     if _avoids_onednn(conv, x):
         functional = F.conv3d if x.dim() == 5 else F.conv2d
         return functional(torch.cat((x, x), 1), conv.weight, conv.bias, conv.stride, conv.padding, conv.dilation, 2)
+    if x.dim() == 5:
+        return conv3d(x, conv.weight, conv.bias, conv.stride, conv.padding, conv.dilation, conv.groups)
     return conv._conv_forward(x, conv.weight, conv.bias)
 
 
