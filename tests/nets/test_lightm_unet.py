@@ -138,3 +138,39 @@ def test_wrong_input_size_says_which_sizes_work(shape, bad):
 def test_wrong_number_of_spatial_axes_is_refused():
     with pytest.raises(ValueError, match="spatial_dims=2"):
         medssm.create_model("lightm_unet_2d_tiny")(torch.randn(1, 1, 8, 8, 8))
+
+
+def test_released_scan_is_causal_and_the_two_way_option_sees_the_whole_level():
+    """A token of the released layer depends only on the tokens before it in C order; with
+    ``orders=("raster", "reversed")`` also on those after it."""
+    torch.manual_seed(0)
+    x = torch.randn(1, 8, 4, 4, 4)
+    later = x.clone()
+    later[..., -1, -1, -1] = torch.randn(1, 8)  # change the last token only
+    for orders, sees_later in [(("raster",), False), (("raster", "reversed"), True)]:
+        layer = RVMLayer(8, 8, orders=orders)
+        with torch.no_grad():
+            first = layer(later)[..., 0, 0, 0] - layer(x)[..., 0, 0, 0]
+        assert (first.abs().max() > 1e-7) == sees_later, orders  # released: exactly 0
+
+
+def test_two_way_option_adds_the_reversed_scan_parameters_and_keeps_the_released_default():
+    released = LightMUNet(3, 1, 3, init_filters=8)
+    two_way = LightMUNet(3, 1, 3, init_filters=8, orders=("raster", "reversed"))
+    assert LightMUNet(3, 1, 3, init_filters=8, orders=("raster",)).state_dict().keys() == released.state_dict().keys()
+    extra = set(two_way.state_dict()) - set(released.state_dict())
+    assert set(released.state_dict()) <= set(two_way.state_dict())
+    suffixes = {k.split("mamba.")[1] for k in extra}
+    assert suffixes == {"conv1d_b.weight", "conv1d_b.bias", "x_proj_b.weight", "dt_proj_b.weight", "dt_proj_b.bias",
+                        "A_b_log", "D_b"}
+    assert len(extra) == 7 * 21
+    assert two_way(torch.randn(1, 1, 16, 16, 16)).shape == (1, 3, 16, 16, 16)
+
+
+def test_two_way_option_is_saved_and_loaded(tmp_path):
+    model = medssm.create_model("lightm_unet_3d_tiny", orders=["raster", "reversed"])
+    medssm.save_model(model, tmp_path)
+    loaded = medssm.load_model(tmp_path)
+    x = torch.randn(1, 1, 16, 16, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.eval()(x), model.eval()(x))

@@ -57,15 +57,18 @@ class RVMLayer(nn.Module):
 
     Tokens ``t`` in C order; ``y = proj(norm(mamba(norm(t)) + skip_scale * t))``: one LayerNorm module
     applied twice, a scalar skip scale, a Linear to ``out_channels``. fp16 input is computed in fp32.
+    ``orders`` are the token orders the Mamba scans (``("raster",)``: the released single causal scan;
+    ``("raster", "reversed")``: both ways, summed, see :class:`~medssm.ssm.Mamba`).
     ``no_mamba`` makes ``mamba`` the identity (the No-Mamba ablation).
     """
 
     def __init__(self, in_channels: int, out_channels: int, d_state: int = 16, d_conv: int = 4,
-                 expand: int = 2, ssm_norm: bool = False, no_mamba: bool = False):
+                 expand: int = 2, ssm_norm: bool = False, no_mamba: bool = False,
+                 orders: Sequence[str] = ("raster",)):
         super().__init__()
         self.norm = nn.LayerNorm(in_channels)
         self.mamba = NoMixer() if no_mamba else Mamba(in_channels, d_state=d_state, d_conv=d_conv, expand=expand,
-                                                      out_norm=ssm_norm)
+                                                      orders=tuple(orders), out_norm=ssm_norm)
         self.proj = nn.Linear(in_channels, out_channels)
         self.skip_scale = nn.Parameter(torch.ones(1))
 
@@ -74,7 +77,7 @@ class RVMLayer(nn.Module):
         if x.dtype == torch.float16:
             x = x.float()
         tokens = image_to_tokens(x)  # (B, L, C_in), a view of the channels-first map
-        y = self.mamba(self.norm(tokens)) + self.skip_scale * tokens  # Mamba returns a channels-first view too
+        y = self.mamba(self.norm(tokens), x.shape[2:]) + self.skip_scale * tokens  # Mamba returns a channels-first view too
         y = linear_channels_first(self.norm(y), self.proj)  # (B, C_out, L), contiguous: no copy back
         return y.reshape(*y.shape[:2], *x.shape[2:])  # (B, C_out, *S)
 
@@ -132,6 +135,12 @@ class LightMUNet(nn.Module):
         d_state, d_conv, expand: Mamba layer sizes.
         ssm_norm: the paper's variant: LayerNorm on the SSM output before the gate (adds parameters
             ``mamba.out_norm.*``; not in the released code or its checkpoints).
+        orders: the token orders every Mamba layer scans (:mod:`medssm.ssm.orders`), each with its own
+            scan parameters, their outputs summed. ``("raster",)``, the default, is the released model:
+            one causal scan, so a token sees only the tokens before it in C order.
+            ``("raster", "reversed")`` scans both ways (as Vim and SegMamba do), so every token sees
+            the whole level; it adds ``conv1d_b, x_proj_b, dt_proj_b, A_b_log, D_b`` to each layer
+            (not in the authors' checkpoints, which load into the default).
         no_mamba: replace every Mamba mixer by the identity, all else unchanged (the No-Mamba ablation).
 
     Examples:
@@ -146,7 +155,7 @@ class LightMUNet(nn.Module):
     def __init__(self, spatial_dims: int, in_channels: int, out_channels: int, init_filters: int = 32,
                  blocks_down: Sequence[int] = (1, 2, 2, 4), blocks_up: Sequence[int] = (1, 1, 1),
                  norm_groups: int = 8, d_state: int = 16, d_conv: int = 4, expand: int = 2,
-                 ssm_norm: bool = False, no_mamba: bool = False):
+                 ssm_norm: bool = False, no_mamba: bool = False, orders: Sequence[str] = ("raster",)):
         super().__init__()
         if spatial_dims not in (2, 3):
             raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims}")
@@ -154,7 +163,8 @@ class LightMUNet(nn.Module):
             raise ValueError(f"blocks_up needs len(blocks_down) - 1 = {len(blocks_down) - 1} entries, got {tuple(blocks_up)}")
         self.spatial_dims = spatial_dims
         self.size_divisor = 2 ** (len(blocks_down) - 1)
-        mamba_kwargs = dict(d_state=d_state, d_conv=d_conv, expand=expand, ssm_norm=ssm_norm, no_mamba=no_mamba)
+        mamba_kwargs = dict(d_state=d_state, d_conv=d_conv, expand=expand, ssm_norm=ssm_norm, no_mamba=no_mamba,
+                            orders=tuple(orders))
 
         self.convInit = dw_conv(spatial_dims, in_channels, init_filters, kernel_size=3)
         self.down_layers = nn.ModuleList()
