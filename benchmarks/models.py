@@ -588,6 +588,17 @@ def profile_sizes_table(result: dict) -> str:
     return "\n".join(lines)
 
 
+def in_fresh_process(call: str, env: dict) -> dict | None:
+    """``models.<call>`` run in a fresh interpreter: its JSON result, or None (its stderr shown) if it failed."""
+    code = (f"import sys, json; sys.path.insert(0, {str(Path(__file__).parent)!r}); import models; "
+            f"print(json.dumps(models.{call}))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    if proc.returncode:
+        sys.stderr.write(proc.stderr)
+        return None
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=None, help="torch (and numba) threads (default 2; 1 with --profile)")
@@ -642,27 +653,20 @@ def main(argv: list[str] | None = None) -> int:
     busy = subprocess.Popen([sys.executable, "-c", BUSY]) if args.busy else None
     try:
         if args.profile and args.sizes:
-            code = (f"import sys, json; sys.path.insert(0, {str(Path(__file__).parent)!r}); import models; "
-                    f"print(json.dumps(models.profile_sizes({args.profile!r}, {args.sizes[0]}, {args.batch}, "
-                    f"{args.precision[0]!r}, {threads})))")
-            proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
-            if proc.returncode:
-                sys.stderr.write(proc.stderr)
-                return proc.returncode
-            result = json.loads(proc.stdout.strip().splitlines()[-1])
+            result = in_fresh_process(f"profile_sizes({args.profile!r}, {args.sizes[0]}, {args.batch}, "
+                                      f"{args.precision[0]!r}, {threads})", env)
+            if result is None:
+                return 1
             print(profile_sizes_table(result))
             (RESULTS / "models_profile_sizes.json").write_text(json.dumps(result, indent=2))
             return 0
         if args.sizes:
             return run_sizes(args, env, threads)
         if args.profile:
-            code = (f"import sys, json; sys.path.insert(0, {str(Path(__file__).parent)!r}); import models; "
-                    f"print(json.dumps(models.profile_case({args.profile[0]!r}, {args.precision[0]!r}, {args.repeats}, {threads})))")
-            proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
-            if proc.returncode:
-                sys.stderr.write(proc.stderr)
-                return proc.returncode
-            result = json.loads(proc.stdout.strip().splitlines()[-1])
+            result = in_fresh_process(f"profile_case({args.profile[0]!r}, {args.precision[0]!r}, {args.repeats}, {threads})",
+                                      env)
+            if result is None:
+                return 1
             result["busy"], result["keep_freed_memory"] = args.busy, args.keep_freed_memory
             print(profile_table(result))
             (RESULTS / "models_profile.json").write_text(json.dumps(result, indent=2))
