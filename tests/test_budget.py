@@ -216,6 +216,7 @@ def test_thin_structures_are_trained_at_their_own_resolution(data_root, tmp_path
     plans = budget_plans(vessels, plan_dataset(vessels), 16)
     assert plans[0].thickness / 2 < MIN_THICKNESS and [p.target_spacing for p in plans] == [[1.0, 1.0]] * 3
     assert plans[1].patch_size == [round(p / 2 / 16) * 16 for p in plans[0].patch_size]  # crops, not whole images
+    assert [p.batch_size for p in plans] == [plans[0].batch_size] * 3  # at the plan's batch
     lung = verify_dataset(lung_subset(data_root, tmp_path / "Dataset001_LungXray", n=6, size=128))
     plans = budget_plans(lung, plan_dataset(lung), 8)
     assert [p.target_spacing for p in plans] == [[1.0, 1.0], [2.0, 2.0], [4.0, 4.0]]  # thick: whole images, coarser

@@ -28,7 +28,8 @@ from medssm.integrations.nnunet import nnUNetTrainerLightMUNet
 
 
 class nnUNetTrainerLightMUNetTest(nnUNetTrainerLightMUNet):
-    """One epoch of two iterations with a tiny LightM-UNet: a user's own variant of medssm's trainer."""
+    """One epoch of ten iterations, Adam at 3e-3, with a tiny LightM-UNet: a user's own variant of medssm's
+    trainer (two iterations at the authors' 1e-4 left a network that predicted no lung in one run of many)."""
 
     model_kwargs = {TINY!r}
 
@@ -37,7 +38,8 @@ class nnUNetTrainerLightMUNetTest(nnUNetTrainerLightMUNet):
                  device: torch.device = torch.device("cuda")):
         super().__init__(plans, configuration, fold, dataset_json, device)
         self.num_epochs = 1
-        self.num_iterations_per_epoch = 2
+        self.num_iterations_per_epoch = 10
+        self.initial_lr = 3e-3
         self.num_val_iterations_per_epoch = 1
 '''
 

@@ -332,8 +332,9 @@ def budget_plans(dataset: NnUNetDataset, fingerprint: Fingerprint, divisor: int,
     The plan with ``overrides`` first. Then, by the rule of the thinnest structure (``Plan.thickness``,
     measured by the fingerprint): where halving the resolution would leave it thinner than
     ``MIN_THICKNESS`` voxels (vessels, nerves, a small hippocampus), crops of half and a quarter of the
-    patch along every axis at the dataset's own resolution (nnU-Net's way: full resolution, less
-    context); otherwise whole images at 1/2 and 1/4 of the resolution, while the structure keeps
+    patch along every axis at the dataset's own resolution and the plan's batch (nnU-Net's way: full
+    resolution, less context; the batch that would cover as much of the data with a crop is hundreds,
+    which would only make their timing long); otherwise whole images at 1/2 and 1/4 of the resolution, while the structure keeps
     ``MIN_THICKNESS`` voxels and the median image stays at least 4 patches of ``divisor`` wide. A
     given patch shrinks with the resolution; a given target spacing or patch is kept at full resolution.
     """
@@ -345,7 +346,8 @@ def budget_plans(dataset: NnUNetDataset, fingerprint: Fingerprint, divisor: int,
         for k in (2, 4):
             patch = [max(divisor, round(p / k / divisor) * divisor) for p in full.patch_size]
             if patch != plans[-1].patch_size:
-                plans.append(make_plan(dataset, divisor=divisor, fingerprint=fingerprint, **overrides, patch_size=patch))
+                plans.append(make_plan(dataset, divisor=divisor, fingerprint=fingerprint,
+                                       **{"batch_size": full.batch_size, **overrides}, patch_size=patch))
         return plans
     for scale in () if "target_spacing" in overrides else (2.0, 4.0):
         if min(full.median_shape) < 4 * scale * divisor or (full.thickness or math.inf) / scale < MIN_THICKNESS:
