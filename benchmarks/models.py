@@ -47,7 +47,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -146,14 +145,8 @@ def run_case(key: str, precisions: list[str], repeats: int) -> dict:
         if "params" not in row:
             row["params"] = count_parameters(model)
             row["macs"], row["scan_flops"] = count_macs(model, x)
-        train()  # warm-ups: kernels compiled or loaded, optimiser state made, the heap grown
-        train()
-        walls, cpus = [], []
-        for _ in range(repeats):
-            wall, cpu = time.perf_counter(), time.process_time()
-            train()
-            walls.append(time.perf_counter() - wall)
-            cpus.append(time.process_time() - cpu)
+        train()  # warm-up: kernels compiled or loaded, optimiser state made, the heap grown
+        walls, cpus = wall_and_cpu_seconds(train, repeats, warm_ups=1)
         row[precision] = {
             "forward_s": median_seconds(forward, repeats),
             "train_step_s": statistics.median(walls),
@@ -161,7 +154,9 @@ def run_case(key: str, precisions: list[str], repeats: int) -> dict:
             "forward_peak_bytes": peak_tensor_bytes(forward),
             "train_peak_bytes": peak_tensor_bytes(train),
         }
-    row["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    from medssm.devices import peak_memory
+
+    row["peak_rss_bytes"] = peak_memory()
     return row
 
 
@@ -375,27 +370,35 @@ def size_step(key: str, size: int, batch: int, precision: str, mode: str, checkp
     return model, train
 
 
+def wall_and_cpu_seconds(run, repeats: int, warm_ups: int = 1) -> tuple[list[float], list[float]]:
+    """Wall and CPU seconds (all the process's threads) of ``repeats`` calls of ``run``, after
+    ``warm_ups`` untimed ones."""
+    for _ in range(warm_ups):
+        run()
+    walls, cpus = [], []
+    for _ in range(repeats):
+        wall, cpu = time.perf_counter(), time.process_time()
+        run()
+        walls.append(time.perf_counter() - wall)
+        cpus.append(time.process_time() - cpu)
+    return walls, cpus
+
+
 def run_size_row(spec: dict) -> dict:
     """Measure one row in this process: one warm-up, then ``repeats`` timed calls; the process's peak
     resident set at the end (the row's own: nothing else ran in this process)."""
     import torch
 
-    from medssm.devices import cpu_has_native_bf16
+    from medssm.devices import cpu_has_native_bf16, peak_memory
 
     set_up_process(int(os.environ["OMP_NUM_THREADS"]))
     model, run = size_step(spec["model"], spec["size"], spec["batch"], spec["precision"], spec["mode"],
                            spec["checkpointing"], spec["blocks"])
-    walls, cpus = [], []
-    for i in range(1 + spec["repeats"]):
-        wall, cpu = time.perf_counter(), time.process_time()
-        run()
-        if i:
-            walls.append(time.perf_counter() - wall)
-            cpus.append(time.process_time() - cpu)
+    walls, cpus = wall_and_cpu_seconds(run, spec["repeats"], warm_ups=1)
     return {**spec, "label": SIZE_MODELS[spec["model"]][0], "voxels": spec["batch"] * spec["size"] ** 3,
             "params": sum(p.numel() for p in model.parameters()), "threads": torch.get_num_threads(),
             "seconds": statistics.median(walls), "min_seconds": min(walls), "cpu_seconds": statistics.median(cpus),
-            "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+            "peak_rss_bytes": peak_memory(),
             "torch": torch.__version__, "native_bf16": cpu_has_native_bf16()}
 
 
