@@ -72,7 +72,7 @@ class SegmentationTask(Task):
         case = self.dataset.load_case(self.dataset.cases[0])
         preprocess_s = len(self.dataset.cases) * call_seconds(
             lambda: preprocess_case(case.image, case.geometry, self.plan, case.label))
-        loss_fn = make_loss(self.recipe.loss, self.plan.label_set)
+        loss_fn = make_loss(self.recipe.loss, self.plan.label_set).to(device)
 
         def measure(candidate: Candidate) -> Timing:
             plan = self.plans[candidate.scale, candidate.patch_size]
@@ -126,7 +126,7 @@ class SegmentationTask(Task):
                                     oversample_foreground=plan.oversample_foreground, seed=cfg.seed)
         self.augment = (training_transforms(plan.spatial_dims, plan.patch_size, self.recipe.augmentation,
                                             seed=cfg.seed) if self.recipe.augmentation != "none" else None)
-        self.loss_fn = make_loss(self.recipe.loss, plan.label_set)
+        self.loss_fn = make_loss(self.recipe.loss, plan.label_set).to(device)  # its region table too
         self.val_data = [(cache[c]["image"], cache[c]["label"]) for c in val_cases]
 
     def summary(self) -> str:
