@@ -5,7 +5,7 @@ import pytest
 from sklearn import metrics as skm
 
 from medssm.metrics.classification import (classification_metrics, confusion_matrix, plot_confusion_matrix, plot_roc,
-                                           predict_labels, roc_auc, roc_curve)
+                                           predict_labels, roc_auc, roc_curve, roc_curves)
 from medssm.metrics.evaluate_classification import ClassifierEvaluateConfig, evaluate_classifier, evaluate_predictions
 
 
@@ -87,3 +87,21 @@ def test_plots_and_evaluate_command(tmp_path):
     (tmp_path / "bad.csv").write_text("\n".join(rows) + "\n")
     with pytest.raises(ValueError, match="bad.csv.*img0.png.*label 7 is out of range"):
         evaluate_classifier(ClassifierEvaluateConfig(predictions=str(tmp_path / "bad.csv")))
+
+
+def test_roc_curves_leave_unknown_findings_out_and_one_finding_is_multi_label():
+    rng = np.random.default_rng(5)
+    y, p = rng.integers(0, 2, (40, 2)), rng.random((40, 2))
+    unknown = y.copy()
+    unknown[:10, 0] = -1  # finding 0 unknown in ten samples: a ROC over the other thirty, not a positive
+    (i0, fpr, tpr, auc0), (i1, _, _, auc1) = roc_curves(unknown, p)
+    expected_fpr, expected_tpr, _ = roc_curve(y[10:, 0] == 1, p[10:, 0])
+    assert (i0, i1) == (0, 1) and auc0 == roc_auc(y[10:, 0] == 1, p[10:, 0]) and auc1 == roc_auc(y[:, 1] == 1, p[:, 1])
+    np.testing.assert_array_equal(fpr, expected_fpr)
+    np.testing.assert_array_equal(tpr, expected_tpr)
+    # one finding (a CSV with one --label-columns column): (N, 1) beside (N, 1) is multi-label, scored as such
+    m = classification_metrics(y[:, :1], p[:, :1], ["effusion"])
+    assert m["multi_label"] and m["auc"] == roc_auc(y[:, 0] == 1, p[:, 0])
+    assert [c[0] for c in roc_curves(y[:, :1], p[:, :1])] == [0]
+    # class indices as (N, 1) beside (N, K) stay single-label
+    assert classification_metrics(y[:, :1], np.stack([1 - p[:, 0], p[:, 0]], 1))["auc"] == m["auc"]

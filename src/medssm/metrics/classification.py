@@ -35,7 +35,7 @@ from ..figures import pyplot, save_figure
 
 __all__ = ["roc_auc", "roc_curve", "predict_labels", "confusion_matrix", "classification_metrics", "multi_label_metrics",
            "write_predictions", "read_predictions",
-           "plot_confusion_matrix", "plot_roc", "format_metrics"]
+           "plot_confusion_matrix", "plot_roc", "roc_curves", "format_metrics"]
 
 
 def _check(y_true, probs) -> tuple[np.ndarray, np.ndarray]:
@@ -57,6 +57,11 @@ def _check(y_true, probs) -> tuple[np.ndarray, np.ndarray]:
         bad = int(y[(y < 0) | (y >= p.shape[1])][0])
         raise ValueError(f"label {bad} is out of range for {p.shape[1]} classes (0..{p.shape[1] - 1})")
     return y.astype(np.int64), p
+
+
+def _multi_label(y_true, probs) -> bool:
+    """Findings ``(N, K)`` beside one probability each (K may be 1); class indices may come as ``(N, 1)``."""
+    return np.ndim(y_true) == 2 and np.shape(y_true) == np.shape(probs)
 
 
 def _rank(x: np.ndarray) -> np.ndarray:
@@ -132,7 +137,7 @@ def classification_metrics(y_true, probs, class_names: Sequence[str] | None = No
     of dicts with ``class``, ``support``, ``precision``, ``sensitivity``, ``specificity``, ``f1``,
     ``auc``).
     """
-    if np.ndim(y_true) == 2 and np.shape(y_true)[1] > 1:
+    if _multi_label(y_true, probs):
         return multi_label_metrics(y_true, probs, class_names, threshold)
     y, p = _check(y_true, probs)
     k = p.shape[1]
@@ -241,22 +246,36 @@ def plot_confusion_matrix(cm, class_names: Sequence[str], path: str | os.PathLik
     return save_figure(fig, path)
 
 
-def plot_roc(y_true, probs, class_names: Sequence[str], path: str | os.PathLike, title: str = "") -> Path:
-    """ROC curves as a PNG: the positive class for two classes, one-vs-rest per class otherwise, one
-    per finding for multi-label findings ``(N, K)``."""
-    plt = pyplot()
-    if np.ndim(y_true) == 2 and np.shape(y_true)[1] > 1:
-        positives, p = np.asarray(y_true).astype(bool).T, np.asarray(probs, dtype=np.float64)
+def roc_curves(targets, probs) -> list[tuple[int, np.ndarray, np.ndarray, float]]:
+    """``(index, false-positive rates, true-positive rates, AUC)`` of each curve a ROC figure shows: the
+    positive class of two classes, each class against the rest, or each finding of multi-label targets
+    ``(N, K)`` over the samples where it is known (not -1). Classes or findings present in every sample
+    or in none have no curve."""
+    if _multi_label(targets, probs):
+        targets, p = np.asarray(targets), np.asarray(probs, dtype=np.float64)
+        known, positives = (targets >= 0).T, (targets == 1).T
         shown = range(p.shape[1])
     else:
-        y, p = _check(y_true, probs)
-        positives, shown = [y == i for i in range(p.shape[1])], [1] if p.shape[1] == 2 else range(p.shape[1])
-    fig, ax = plt.subplots(figsize=(5, 5) if len(shown) <= 8 else (7, 6))
+        y, p = _check(targets, probs)
+        known, positives = np.ones((p.shape[1], len(y)), bool), [y == i for i in range(p.shape[1])]
+        shown = [1] if p.shape[1] == 2 else range(p.shape[1])
+    curves = []
     for i in shown:
-        if positives[i].all() or not positives[i].any():
+        positive, score = positives[i][known[i]], p[known[i], i]
+        if positive.all() or not positive.any():
             continue
-        fpr, tpr, _ = roc_curve(positives[i], p[:, i])
-        ax.plot(fpr, tpr, label=f"{class_names[i]} (AUC {roc_auc(positives[i], p[:, i]):.3f})")
+        fpr, tpr, _ = roc_curve(positive, score)
+        curves.append((i, fpr, tpr, roc_auc(positive, score)))
+    return curves
+
+
+def plot_roc(y_true, probs, class_names: Sequence[str], path: str | os.PathLike, title: str = "") -> Path:
+    """The ROC curves of :func:`roc_curves` as a PNG."""
+    plt = pyplot()
+    curves = roc_curves(y_true, probs)
+    fig, ax = plt.subplots(figsize=(5, 5) if len(curves) <= 8 else (7, 6))
+    for i, fpr, tpr, auc in curves:
+        ax.plot(fpr, tpr, label=f"{class_names[i]} (AUC {auc:.3f})")
     ax.plot([0, 1], [0, 1], "k--", lw=0.8)
     ax.set_xlim(0, 1)
     ax.set_ylim(0, 1.01)

@@ -398,22 +398,13 @@ def _class_styles(classes) -> list[dict]:
 
 
 def _roc_series(targets: np.ndarray, probs: np.ndarray, classes: list[str], name=None) -> list[dict]:
-    """ROC points of the positive class (two classes), of each class against the rest, or (multi-label
-    targets ``(N, K)``) of each finding over the samples whose target is known."""
-    from .classification import roc_auc, roc_curve
+    """The chart series of :func:`medssm.metrics.classification.roc_curves`, each thinned to ``ROC_POINTS``."""
+    from .classification import roc_curves
 
-    multi = targets.ndim == 2
     series = []
-    for i in (range(len(classes)) if multi or len(classes) != 2 else [1]):
-        known = targets[:, i] >= 0 if multi else np.ones(len(targets), bool)
-        positive = (targets[known, i] == 1) if multi else targets == i
-        score = probs[known, i]
-        if positive.all() or not positive.any():
-            continue
-        fpr, tpr, _ = roc_curve(positive, score)
+    for i, fpr, tpr, auc in roc_curves(targets, probs):
         keep = np.unique(np.linspace(0, len(fpr) - 1, min(len(fpr), ROC_POINTS)).round().astype(int))
-        label = f"{name or classes[i]} (AUC {roc_auc(positive, score):.3f})"
-        series.append({"name": label, "class": classes[i],
+        series.append({"name": f"{name or classes[i]} (AUC {auc:.3f})", "class": classes[i],
                        "points": [[round(float(fpr[j]), 5), round(float(tpr[j]), 5)] for j in keep]})
     return series
 
