@@ -49,8 +49,10 @@ class LabelSet:
     regions_class_order: tuple[int, ...] | None = None
 
     @classmethod
-    def from_json(cls, labels, regions_class_order=None, source: str = "dataset.json") -> LabelSet:
-        """Read and check a declaration; a :class:`LabelError` naming ``source`` says what is wrong."""
+    def from_json(cls, labels, regions_class_order=None, source: str = "dataset.json", *,
+                  scoring: bool = False) -> LabelSet:
+        """Read and check a declaration; a :class:`LabelError` naming ``source`` says what is wrong. With
+        ``scoring`` (structures to score, as ``evaluate --regions``) regions need no ``regions_class_order``."""
         def fail(problem: str):
             raise LabelError(f"{source}: {problem}")
 
@@ -68,12 +70,12 @@ class LabelSet:
         values = sorted({x for k, vs in labels_._entries() if k != "ignore" for x in vs})
         if labels_.has_regions:
             regions = labels_.structures
-            if order is None:
+            if order is None and not scoring:
                 fail("a dataset with regions (labels given as lists) needs 'regions_class_order': for each region, "
                      "the label painted where it is predicted")
-            if len(order) != len(regions):
+            if order is not None and len(order) != len(regions):
                 fail(f"regions_class_order has {len(order)} entries for {len(regions)} regions ({', '.join(regions)})")
-            for c, (name, members) in zip(order, regions.items()):
+            for c, (name, members) in zip(order or (), regions.items()):
                 if c not in members:
                     fail(f"regions_class_order paints {c} for region {name!r}, which holds labels {list(members)}: a "
                          "painted label must belong to its region, or the label map would not give the region back")

@@ -75,11 +75,8 @@ def read_labels(path: str | os.PathLike | None, ref: Path, regions: str | None =
     if regions:
         found = read_json(regions, "regions")
         declared = found.get("labels", found)
-        order = found.get("regions_class_order")
-        members = [list(np.atleast_1d(v)) for k, v in declared.items() if k not in ("background", "ignore")]
-        if order is None and any(len(m) > 1 for m in members):  # scoring needs no painting order: any member does
-            order = [m[-1] for m in members]
-        return LabelSet.from_json({"background": 0, **declared}, order, str(regions))
+        return LabelSet.from_json({"background": 0, **declared}, found.get("regions_class_order"), str(regions),
+                                  scoring=True)
     p = Path(path) if path else ref.parent / "dataset.json"
     if p.is_dir() and not (p / "dataset.json").is_file():
         plan = load_run(p).plan  # a training run (or one of its checkpoints)
