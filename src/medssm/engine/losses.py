@@ -41,25 +41,30 @@ class SegmentationLoss(nn.Module):
             target = target[:, 0]
         target, logits = target.long(), logits.float()
         ignore = self.labels.ignore_label
-        valid = (target != ignore) if ignore is not None else torch.ones_like(target, dtype=torch.bool)  # (B, *S)
-        target = torch.where(valid, target, torch.zeros_like(target))
+        valid = (target != ignore) if ignore is not None else None  # (B, *S); None: every voxel counts
+        if valid is not None:
+            target = torch.where(valid, target, torch.zeros_like(target))
         if self.labels.has_regions:
-            probs = logits.sigmoid()  # (B, R, *S)
             onehot = self.members.to(target.device)[:, target].movedim(0, 1).float()  # (B, R, *S): region membership
-            ce = F.binary_cross_entropy_with_logits(logits, onehot, reduction="none").mean(1)
+            probs = logits.sigmoid()
         else:
-            probs = logits.softmax(1)
-            onehot = F.one_hot(target, logits.shape[1]).movedim(-1, 1).float()  # (B, K, *S)
-            ce = F.cross_entropy(logits, target, reduction="none")
-            probs, onehot = probs[:, 1:], onehot[:, 1:]  # the foreground classes' Dice
-        ce = (ce * valid).sum() / valid.sum().clamp_min(1)
-        mask = valid[:, None].float()
-        axes = (0, *range(2, probs.ndim))
-        intersection = (probs * onehot * mask).sum(axes)
-        denominator = (probs * mask).sum(axes) + (onehot * mask).sum(axes)
-        dice = (2 * intersection + self.smooth) / (denominator + self.smooth).clamp_min(1e-8)
-        return self.weight_ce * ce + self.weight_dice * (1 - dice.mean())
-
+            onehot = F.one_hot(target, logits.shape[1]).movedim(-1, 1).float()[:, 1:]  # the foreground classes
+            probs = logits.softmax(1)[:, 1:]
+        loss = logits.new_zeros(())
+        if self.weight_ce:
+            ce = (F.binary_cross_entropy_with_logits(logits, onehot, reduction="none").mean(1) if self.labels.has_regions
+                  else F.cross_entropy(logits, target, reduction="none"))
+            ce = ce.mean() if valid is None else (ce * valid).sum() / valid.sum().clamp_min(1)
+            loss = loss + self.weight_ce * ce
+        if self.weight_dice:
+            if valid is not None:
+                probs, onehot = probs * valid[:, None], onehot * valid[:, None]
+            axes = (0, *range(2, probs.ndim))
+            intersection = (probs * onehot).sum(axes)
+            denominator = probs.sum(axes) + onehot.sum(axes)
+            dice = (2 * intersection + self.smooth) / (denominator + self.smooth).clamp_min(1e-8)
+            loss = loss + self.weight_dice * (1 - dice.mean())
+        return loss
 
 def make_loss(name: str, labels: LabelSet) -> nn.Module:
     """``"dice_ce"`` (Dice + (B)CE, 1:1), ``"ce"`` or ``"dice"``, for ``labels``' classes or regions."""
