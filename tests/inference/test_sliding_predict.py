@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from medssm.inference.segmentation import PredictConfig, plan_outputs
-from medssm.inference.sliding import mirror_axes_sets, sliding_window_probabilities
+from medssm.inference.sliding import mirror_axes_sets, sliding_window_probabilities, window_batch
 
 
 class Identityish(torch.nn.Module):
@@ -35,6 +35,17 @@ def test_probabilities_sum_to_one_and_match_a_full_pass(dims):
     torch.testing.assert_close(probs, full, atol=1e-5, rtol=1e-5)  # pointwise model: blending changes nothing
     mirrored = sliding_window_probabilities(model, image, (8,) * dims, mirror=True)
     torch.testing.assert_close(mirrored, full, atol=1e-5, rtol=1e-5)
+
+
+def test_windows_are_batched_up_to_64_cubed_voxels_and_the_training_batch():
+    assert window_batch((16, 32, 16), 7) == 7 and window_batch((16, 32, 16), 64) == 32  # 8192 voxels a window
+    assert window_batch((128, 128, 128), 2) == 1 and window_batch((64, 64), 16) == 16
+    assert window_batch((512, 512), 4) == 1  # at least one window
+    net = torch.nn.Sequential(torch.nn.Conv3d(1, 4, 3, padding=1), torch.nn.InstanceNorm3d(4), torch.nn.ReLU(),
+                              torch.nn.Conv3d(4, 3, 3, padding=1)).eval()
+    image = torch.randn(1, 21, 30, 17)  # 3 x 3 x 3 windows of 8 x 12 x 8: batches of 7 leave a last one of 6
+    one, seven = (sliding_window_probabilities(net, image, (8, 12, 8), batch_size=b) for b in (1, 7))
+    torch.testing.assert_close(seven, one, atol=1e-6, rtol=1e-5)
 
 
 def test_smaller_than_patch_and_mirror_sets():

@@ -19,7 +19,7 @@ from ..data.segmentation.nnunet import NnUNetDataset, resolve_data, verify_datas
 from ..data.segmentation.plan import Plan, budget_plans, make_plan, plan_dataset
 from ..data.segmentation.splits import read_or_make_splits, save_splits
 from ..devices import autocast
-from ..inference.sliding import sliding_window_probabilities
+from ..inference.sliding import sliding_window_probabilities, window_batch
 from ..metrics.segmentation import dice_of_masks
 from ..nets.registry import build_for_data, get_model_card
 from . import distributed
@@ -83,7 +83,8 @@ class SegmentationTask(Task):
             image = torch.randn(plan.num_channels, *plan.median_shape)
             with autocast(device, precision):
                 case_s = call_seconds(lambda: sliding_window_probabilities(
-                    model, image, plan.patch_size, device=device, activation=plan.label_set.activation), device)
+                    model, image, plan.patch_size, batch_size=window_batch(plan.patch_size, candidate.batch_size),
+                    device=device, activation=plan.label_set.activation), device)
             return Timing(step, case_s, preprocess_s, memory)
 
         candidates = [Candidate(scale, p.batch_size, patch) for (scale, patch), p in self.plans.items()]
@@ -151,8 +152,9 @@ class SegmentationTask(Task):
         for image, label in tqdm(distributed.split_work(self.val_data), desc="validate", unit="case", leave=False,
                                  disable=not progress):
             with autocast(device, precision):
-                probs = sliding_window_probabilities(model, torch.as_tensor(image), self.plan.patch_size, device=device,
-                                                     activation=labels.activation)
+                probs = sliding_window_probabilities(
+                    model, torch.as_tensor(image), self.plan.patch_size, device=device, activation=labels.activation,
+                    batch_size=window_batch(self.plan.patch_size, self.plan.batch_size))
             scores.append(dice_of_masks(labels.masks(labels.to_label_map(probs.numpy())), labels.masks(label)))
         per_structure = np.mean(distributed.gather_work(scores), axis=0)
         return {self.score: float(np.mean(per_structure)),

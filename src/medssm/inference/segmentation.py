@@ -56,7 +56,8 @@ class PredictConfig:
     mirror_axes: tuple[int, ...] | None = dataclasses.field(default=None, metadata={"help": (
         "with mirroring, the spatial axes to flip, numpy order (e.g. 1 2: not the first; default: all)")})
     overlap: float = dataclasses.field(default=0.5, metadata={"help": "sliding-window overlap"})
-    batch_size: int = dataclasses.field(default=1, metadata={"help": "windows per forward pass"})
+    batch_size: int | None = dataclasses.field(default=None, metadata={"help": (
+        "windows per forward pass (default: as many as hold 64³ voxels, at most the run's training batch)")})
     precision: str = dataclasses.field(default="fp32", metadata={"help": (
         "fp32, bf16 or fp16 (the network under autocast; bf16 pays on CPUs with AVX512-BF16 or AMX, fp16 on GPUs)")})
     accumulate: str = dataclasses.field(default="float32", metadata={"help": (
@@ -94,18 +95,20 @@ def plan_outputs(cfg: PredictConfig) -> dict[str, tuple[list[Path], list[Path]]]
 
 
 def predict_case(model: torch.nn.Module, plan, image: np.ndarray, geometry, *, mirror: bool = False,
-                 mirror_axes=None, overlap: float = 0.5, batch_size: int = 1, device="cpu", precision: str = "fp32",
+                 mirror_axes=None, overlap: float = 0.5, batch_size: int | None = None, device="cpu", precision: str = "fp32",
                  accumulate: torch.dtype = torch.float32, progress: bool = False) -> np.ndarray:
     """Probabilities ``(K, *S)`` on the image's own grid for one image ``(C, *S)``: of each class, or of
-    each region (``plan.label_set.to_label_map`` makes the label map of either)."""
+    each region (``plan.label_set.to_label_map`` makes the label map of either). ``batch_size`` windows a
+    forward pass (default: :func:`~medssm.inference.sliding.window_batch` of the plan)."""
     from ..data.segmentation.preprocess import preprocess_case, revert_to_original
-    from .sliding import sliding_window_probabilities
+    from .sliding import sliding_window_probabilities, window_batch
 
     labels = plan.label_set
     image_pp, _, props = preprocess_case(image, geometry, plan)
     with autocast(torch.device(device), precision):
         probs = sliding_window_probabilities(model, torch.from_numpy(image_pp), plan.patch_size, overlap=overlap,
-                                             mirror=mirror, mirror_axes=mirror_axes, batch_size=batch_size,
+                                             mirror=mirror, mirror_axes=mirror_axes,
+                                             batch_size=batch_size or window_batch(plan.patch_size, plan.batch_size),
                                              device=device, activation=labels.activation, accumulate=accumulate,
                                              progress=progress)
     return revert_to_original(probs.numpy(), props, background=not labels.has_regions)
