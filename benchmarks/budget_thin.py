@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
 import tempfile
@@ -30,6 +29,7 @@ def main() -> None:
     parser.add_argument("--json", default=str(RESULTS / "budget_thin.json"))
     args = parser.parse_args()
     sys.path.insert(0, str(ROOT))
+    from medssm.devices import peak_memory
     from tests.synthetic import vessels_like
 
     with tempfile.TemporaryDirectory() as work:
@@ -45,7 +45,7 @@ def main() -> None:
         log = json.loads((run / "log.json").read_text())
     row = {"model": args.model, "budget_s": budget["budget_s"], "calibration_s": budget["calibration_s"],
            "actual_s": budget["actual_s"], "wall_s": round(wall, 1),
-           "peak_rss_bytes": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024,
+           "peak_rss_bytes": peak_memory(children=True),
            "candidate": budget["candidate"], "samples": budget["samples"],
            "best_val_dice": max((r["val_dice"] for r in log if r.get("val_dice") is not None), default=None)}
     print(f"{row['model']}: budget {row['budget_s']:.0f} s, timing {row['calibration_s']:.0f} s "

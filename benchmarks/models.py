@@ -145,8 +145,8 @@ def run_case(key: str, precisions: list[str], repeats: int) -> dict:
         if "params" not in row:
             row["params"] = count_parameters(model)
             row["macs"], row["scan_flops"] = count_macs(model, x)
-        train()  # warm-up: kernels compiled or loaded, optimiser state made, the heap grown
-        walls, cpus = wall_and_cpu_seconds(train, repeats, warm_ups=1)
+        # two warm-ups: kernels compiled or loaded, optimiser state made, the heap grown
+        walls, cpus = wall_and_cpu_seconds(train, repeats, warm_ups=2)
         row[precision] = {
             "forward_s": median_seconds(forward, repeats),
             "train_step_s": statistics.median(walls),

@@ -153,11 +153,12 @@ def resident_memory() -> int:
         return 0
 
 
-def peak_memory() -> int:
-    """The most bytes this process has held in memory so far (its peak resident set)."""
+def peak_memory(children: bool = False) -> int:
+    """The most bytes this process (or, with ``children``, the largest of its finished child processes)
+    has held in memory so far (the peak resident set)."""
     import resource
 
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    peak = resource.getrusage(resource.RUSAGE_CHILDREN if children else resource.RUSAGE_SELF).ru_maxrss
     return peak if sys.platform == "darwin" else peak * 1024  # macOS counts bytes, Linux KiB
 
 

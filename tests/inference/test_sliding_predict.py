@@ -92,3 +92,5 @@ def test_predict_needs_a_trained_run(tmp_path):
                                                               "plan": {}}))
     with pytest.raises(FileNotFoundError, match="no trained model"):
         predict(PredictConfig(input=str(tmp_path), output=str(tmp_path / "o"), model=str(tmp_path / "run")))
+    with pytest.raises(ValueError, match="--batch-size must be at least 1, got 0"):
+        predict(PredictConfig(input=str(tmp_path), output=str(tmp_path / "o"), model=str(tmp_path / "run"), batch_size=0))

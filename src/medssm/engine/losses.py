@@ -44,19 +44,19 @@ class SegmentationLoss(nn.Module):
         valid = (target != ignore) if ignore is not None else None  # (B, *S); None: every voxel counts
         if valid is not None:
             target = torch.where(valid, target, torch.zeros_like(target))
-        if self.labels.has_regions:
-            onehot = self.members.to(target.device)[:, target].movedim(0, 1).float()  # (B, R, *S): region membership
-            probs = logits.sigmoid()
-        else:
-            onehot = F.one_hot(target, logits.shape[1]).movedim(-1, 1).float()[:, 1:]  # the foreground classes
-            probs = logits.softmax(1)[:, 1:]
+        regions = self.labels.has_regions
+        if regions:  # (B, R, *S): region membership, for both terms
+            onehot = self.members.to(target.device)[:, target].movedim(0, 1).float()
+        elif self.weight_dice:  # (B, K - 1, *S): the foreground classes, for the Dice alone
+            onehot = F.one_hot(target, logits.shape[1]).movedim(-1, 1)[:, 1:].float()
         loss = logits.new_zeros(())
         if self.weight_ce:
-            ce = (F.binary_cross_entropy_with_logits(logits, onehot, reduction="none").mean(1) if self.labels.has_regions
+            ce = (F.binary_cross_entropy_with_logits(logits, onehot, reduction="none").mean(1) if regions
                   else F.cross_entropy(logits, target, reduction="none"))
             ce = ce.mean() if valid is None else (ce * valid).sum() / valid.sum().clamp_min(1)
             loss = loss + self.weight_ce * ce
         if self.weight_dice:
+            probs = logits.sigmoid() if regions else logits.softmax(1)[:, 1:]
             if valid is not None:
                 probs, onehot = probs * valid[:, None], onehot * valid[:, None]
             axes = (0, *range(2, probs.ndim))
@@ -65,6 +65,7 @@ class SegmentationLoss(nn.Module):
             dice = (2 * intersection + self.smooth) / (denominator + self.smooth).clamp_min(1e-8)
             loss = loss + self.weight_dice * (1 - dice.mean())
         return loss
+
 
 def make_loss(name: str, labels: LabelSet) -> nn.Module:
     """``"dice_ce"`` (Dice + (B)CE, 1:1), ``"ce"`` or ``"dice"``, for ``labels``' classes or regions."""

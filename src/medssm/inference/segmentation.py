@@ -108,7 +108,7 @@ def predict_case(model: torch.nn.Module, plan, image: np.ndarray, geometry, *, m
     with autocast(torch.device(device), precision):
         probs = sliding_window_probabilities(model, torch.from_numpy(image_pp), plan.patch_size, overlap=overlap,
                                              mirror=mirror, mirror_axes=mirror_axes,
-                                             batch_size=batch_size or window_batch(plan.patch_size, plan.batch_size),
+                                             batch_size=batch_size if batch_size is not None else window_batch(plan.patch_size, plan.batch_size),
                                              device=device, activation=labels.activation, accumulate=accumulate,
                                              progress=progress)
     return revert_to_original(probs.numpy(), props, background=not labels.has_regions)
@@ -143,6 +143,8 @@ def _predict(cfg: PredictConfig) -> Path:
 
     if cfg.accumulate not in ("float32", "float16"):
         raise ValueError(f"--accumulate must be float32 or float16, got {cfg.accumulate!r}")
+    if cfg.batch_size is not None and cfg.batch_size < 1:
+        raise ValueError(f"--batch-size must be at least 1, got {cfg.batch_size}")
     run = load_run(cfg.model)
     if run.task != "segmentation":
         raise ValueError(f"{run.path}: a {run.task} run; segmentation prediction needs a segmentation run")

@@ -21,8 +21,8 @@ WINDOW_VOXELS = 64 ** 3  # windows of a forward pass hold this many voxels, when
 
 def window_batch(patch_size: Sequence[int], training_batch: int) -> int:
     """Windows per forward pass by default: as many as hold :data:`WINDOW_VOXELS` (a small patch pays a
-    forward's fixed cost once for several windows: DynUNet at 16 x 32 x 16, 7 windows a pass, 2-2.5x
-    faster on a CPU), never more than the training batch (whose step fits memory), at least one."""
+    forward's fixed cost once for several windows), never more than the training batch (whose step fits
+    memory), at least one."""
     return max(1, min(training_batch, WINDOW_VOXELS // math.prod(patch_size)))
 
 
