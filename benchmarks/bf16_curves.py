@@ -22,7 +22,7 @@ from pathlib import Path
 RESULTS = Path(__file__).resolve().parent / "results"
 MODELS = {"lightm_unet_3d": {}, "segmamba_3d": {}, "monai:SwinUNETR": {"feature_size": 24}, "monai:UNETR": {},
           "monai:SegResNet": {"init_filters": 16}, "monai:DynUNet": {}}
-PATCH = {"monai:SwinUNETR": (64, 64, 64), "monai:UNETR": (48, 64, 48), "segmamba_3d": (48, 64, 48)}  # their divisors
+PATCH = (40, 56, 40)  # the hippocampus' median shape, rounded up to each model's size divisor
 
 
 def main() -> int:
@@ -36,6 +36,7 @@ def main() -> int:
     args = parser.parse_args()
 
     from medssm.engine.segmentation import TrainConfig, train
+    from medssm.nets import get_model_card
     from medssm.runs import load_run
 
     results = []
@@ -43,6 +44,8 @@ def main() -> int:
           + f"{'non-finite':>12}{'s':>8}", flush=True)
     with tempfile.TemporaryDirectory() as scratch:
         for name in args.models:
+            divisor = get_model_card(name).size_divisor
+            patch = tuple(-(-size // divisor) * divisor for size in PATCH)
             curves = {}
             for precision in ("fp32", "bf16"):
                 start = time.perf_counter()
@@ -50,8 +53,8 @@ def main() -> int:
                     data=args.data, out=f"{scratch}/{name.replace(':', '_')}_{precision}", model=name,
                     model_kwargs=json.dumps(MODELS.get(name, {})), epochs=args.epochs, iterations_per_epoch=args.steps,
                     val_every=args.epochs, val_cases=4, batch_size=args.batch_size,
-                    patch_size=PATCH.get(name, (40, 56, 40)), recipe="short", precision=precision, seed=0,
-                    device="cpu", progress=False, cache=f"{scratch}/cache_{'x'.join(map(str, PATCH.get(name, (40, 56, 40))))}"))
+                    patch_size=patch, recipe="short", precision=precision, seed=0,
+                    device="cpu", progress=False, cache=f"{scratch}/cache_{'x'.join(map(str, patch))}"))
                 log = load_run(run).log
                 curves[precision] = {"loss": [r["train_loss"] for r in log],
                                      "nonfinite": sum(r["nonfinite_steps"] for r in log),
@@ -62,9 +65,9 @@ def main() -> int:
             gap = max(abs(a - b) / abs(a) for a, b in zip(fp32, bf16))
             results.append({"model": name, "kwargs": MODELS.get(name, {}), **curves, "largest_relative_gap": gap})
             print(f"{'':<18}{'gap':<10}{gap:>8.1%} (largest relative difference of an epoch's loss)", flush=True)
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps({"epochs": args.epochs, "steps": args.steps, "batch": args.batch_size,
-                                     "results": results}, indent=2))
+            args.json.parent.mkdir(parents=True, exist_ok=True)  # after every model: a failed one keeps the rest
+            args.json.write_text(json.dumps({"epochs": args.epochs, "steps": args.steps, "batch": args.batch_size,
+                                             "results": results}, indent=2))
     plot(results, args.json.with_suffix(".png"))
     print(f"-> {args.json}")
     return 0
