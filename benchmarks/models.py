@@ -507,7 +507,7 @@ def sizes_figure(rows: list[dict], path: Path) -> Path:
     from medssm.figures import pyplot, save_figure
 
     plt = pyplot()
-    from matplotlib.ticker import NullFormatter, ScalarFormatter
+    from matplotlib.ticker import LogLocator, NullFormatter, ScalarFormatter
     good = [r for r in rows if "error" not in r]
     precisions = [p for p in ("fp32", "bf16") if any(r["precision"] == p for r in good)] or ["fp32"]
     panels = (("train", "seconds", "training step (s)"), ("forward", "seconds", "forward, eval (s)"),
@@ -515,6 +515,8 @@ def sizes_figure(rows: list[dict], path: Path) -> Path:
     fig, axes = plt.subplots(len(panels), len(precisions), figsize=(5.5 * len(precisions), 10), squeeze=False)
     colours = {k: plt.get_cmap("tab10")(i) for i, k in enumerate(SIZE_MODELS)}
     threads = sorted({r["threads"] for r in good})
+    ticks = {r["voxels"]: f"{r['batch']}x{r['size']}³" if r["batch"] > 1 else f"{r['size']}³"
+             for r in sorted(good, key=lambda r: r["voxels"])}
     for column, precision in enumerate(precisions):
         for row_index, (mode, field, title) in enumerate(panels):
             ax = axes[row_index][column]
@@ -530,8 +532,10 @@ def sizes_figure(rows: list[dict], path: Path) -> Path:
                             label=f"{SIZE_MODELS[key][0]}{', checkpointed' if ckpt else ''}")
             ax.set_xscale("log")
             ax.set_yscale("log")
+            ax.set_xticks(list(ticks), list(ticks.values()))  # the measured inputs: 96³, 2x128³, ...
+            ax.yaxis.set_major_locator(LogLocator(subs=(1, 2, 5)))
+            ax.yaxis.set_major_formatter(ScalarFormatter())
             for axis in (ax.xaxis, ax.yaxis):
-                axis.set_major_formatter(ScalarFormatter())
                 axis.set_minor_formatter(NullFormatter())
             ax.set_xlabel("voxels a step (batch x size³)")
             ax.set_title(f"{title}, {precision}", fontsize=10)
