@@ -463,8 +463,8 @@ def sizes_table(rows: list[dict]) -> str:
 
     find = {(r["model"], r["size"], r["batch"], r["precision"], r["mode"], ckpt(r), r["threads"]): r for r in rows}
     order = list(SIZE_MODELS)
-    lines = [f"{'size':>5} {'batch':>5} {'thr':>3} {'model':<32} {'prec':<5} {'ckpt':<4} | {'step s':>7} {'cpu s':>7} "
-             f"{'x swin':>6} {'RSS GiB':>7} {'x swin':>6} | {'fwd s':>7} {'x swin':>6} {'RSS GiB':>7}"]
+    lines = [f"{'size':>5} {'batch':>5} {'thr':>3} {'model':<32} {'prec':<5} {'ckpt':<4} | {'step s':>7} {'x swin':>6} "
+             f"{'cpu s':>7} {'RSS GiB':>7} {'x swin':>6} | {'fwd s':>7} {'x swin':>6} {'RSS GiB':>7}"]
     lines.append("-" * len(lines[0]))
     groups = sorted({(r["threads"], r["batch"], r["size"], r["precision"], r["model"], ckpt(r)) for r in rows},
                     key=lambda g: (*g[:3], g[3] != "fp32", order.index(g[4]) if g[4] in order else 99, str(g[5])))
@@ -477,7 +477,7 @@ def sizes_table(rows: list[dict]) -> str:
         label = SIZE_MODELS.get(model, (model,))[0]
         mark = "off" if on is False else "on" if on is True else f"on ({on})"
         line = f"{size:>4}³ {batch:>5} {threads:>3} {label:<32} {precision:<5} {mark:<4} | "
-        line += _cells(train, reference, ("seconds", "cpu_seconds", "x", "peak_rss_bytes", "x"), 42)
+        line += _cells(train, reference, ("seconds", "x", "cpu_seconds", "peak_rss_bytes", "x"), 42)
         line += " | " + _cells(forward, reference_fwd, ("seconds", "x", "peak_rss_bytes"), 23)
         lines.append(line)
     return "\n".join(lines)
