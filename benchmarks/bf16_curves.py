@@ -6,7 +6,8 @@ bfloat16 (where the CPU has AVX512-BF16 or AMX); the scan stays float32.
     python benchmarks/bf16_curves.py                                  # six models, 6 epochs x 10 steps
     python benchmarks/bf16_curves.py --models lightm_unet_3d monai:DynUNet --epochs 2 --steps 3   # a check
 
-Writes benchmarks/results/bf16_curves.json and a PNG of the curves beside it.
+Writes benchmarks/results/bf16_curves.json and a PNG of the curves beside it; a model run again
+replaces its row, the others' rows (of the same epochs, steps and batch) are kept.
 """
 
 from __future__ import annotations
@@ -39,19 +40,24 @@ def main() -> int:
     from medssm.nets import get_model_card
     from medssm.runs import load_run
 
-    results = []
+    setting = {"epochs": args.epochs, "steps": args.steps, "batch": args.batch_size}
+    previous = json.loads(args.json.read_text()) if args.json.exists() else {}
+    results = [r for r in previous.get("results", []) if r["model"] not in args.models
+               and {key: previous.get(key) for key in setting} == setting]
     print(f"{'model':<18}{'precision':<10}" + "".join(f"{'ep ' + str(e):>8}" for e in range(1, args.epochs + 1))
           + f"{'non-finite':>12}{'s':>8}", flush=True)
     with tempfile.TemporaryDirectory() as scratch:
         for name in args.models:
             divisor = get_model_card(name).size_divisor
             patch = tuple(-(-size // divisor) * divisor for size in PATCH)
+            fixed = {"img_size": patch} if name == "monai:UNETR" else {}  # its position embeddings fix the input size
+            kwargs = {**MODELS.get(name, {}), **fixed}
             curves = {}
             for precision in ("fp32", "bf16"):
                 start = time.perf_counter()
                 run = train(TrainConfig(
                     data=args.data, out=f"{scratch}/{name.replace(':', '_')}_{precision}", model=name,
-                    model_kwargs=json.dumps(MODELS.get(name, {})), epochs=args.epochs, iterations_per_epoch=args.steps,
+                    model_kwargs=json.dumps(kwargs), epochs=args.epochs, iterations_per_epoch=args.steps,
                     val_every=args.epochs, val_cases=4, batch_size=args.batch_size,
                     patch_size=patch, recipe="short", precision=precision, seed=0,
                     device="cpu", progress=False, cache=f"{scratch}/cache_{'x'.join(map(str, patch))}"))
@@ -63,11 +69,10 @@ def main() -> int:
                       + f"{curves[precision]['nonfinite']:>12}{curves[precision]['seconds']:>8.0f}", flush=True)
             fp32, bf16 = curves["fp32"]["loss"], curves["bf16"]["loss"]
             gap = max(abs(a - b) / abs(a) for a, b in zip(fp32, bf16))
-            results.append({"model": name, "kwargs": MODELS.get(name, {}), **curves, "largest_relative_gap": gap})
+            results.append({"model": name, "kwargs": kwargs, **curves, "largest_relative_gap": gap})
             print(f"{'':<18}{'gap':<10}{gap:>8.1%} (largest relative difference of an epoch's loss)", flush=True)
             args.json.parent.mkdir(parents=True, exist_ok=True)  # after every model: a failed one keeps the rest
-            args.json.write_text(json.dumps({"epochs": args.epochs, "steps": args.steps, "batch": args.batch_size,
-                                             "results": results}, indent=2))
+            args.json.write_text(json.dumps({**setting, "results": results}, indent=2))
     plot(results, args.json.with_suffix(".png"))
     print(f"-> {args.json}")
     return 0
