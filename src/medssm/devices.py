@@ -12,7 +12,8 @@ bf16 is emulated and slower than fp32, and :func:`check_precision` warns.
 On the CPU, bf16 autocast also runs a 3D convolution whose input is shallower than its kernel along
 the first spatial axis in float32 (:func:`conv3d`): there oneDNN's bfloat16 weight gradient reads
 uninitialised memory (torch 2.13; relative errors up to 1e36 or NaN, depending on what the memory
-held), which the deepest level of a 3D U-Net meets when a patch is 32 voxels deep.
+held), which the deepest level of a 3D U-Net meets when a patch is 32 voxels deep. A checkpointed
+block recomputed in the backward runs under the same routing (:func:`routing_conv3d`).
 
 ``--threads N`` (:func:`cpu_threads`) sets torch's intra-op threads, which numba's kernels follow.
 :func:`keep_freed_memory` stops glibc from returning freed memory to the system between steps.
@@ -36,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
-__all__ = ["PRECISIONS", "resolve_device", "check_precision", "autocast", "conv3d", "cpu_has_native_bf16", "cpu_threads",
+__all__ = ["PRECISIONS", "resolve_device", "check_precision", "autocast", "conv3d", "routing_conv3d", "cpu_has_native_bf16", "cpu_threads",
            "keep_freed_memory", "available_memory", "resident_memory", "peak_memory"]
 
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -172,6 +173,13 @@ def autocast(device: torch.device, precision: str) -> contextlib.AbstractContext
     if device.type == "cpu" and precision == "bf16":
         stack.enter_context(_SafeConv3d())
     return stack
+
+
+def routing_conv3d() -> contextlib.AbstractContextManager:
+    """What :func:`autocast` does to 3D convolutions on the CPU in bf16, if it does it here: the
+    context a recomputation in the backward (activation checkpointing) needs to repeat the forward."""
+    routed = any(isinstance(mode, _SafeConv3d) for mode in torch.overrides._get_current_function_mode_stack())
+    return _SafeConv3d() if routed else contextlib.nullcontext()
 
 
 def _bf16_weight_gradient_is_wrong(x: torch.Tensor, weight: torch.Tensor) -> bool:

@@ -16,7 +16,7 @@ from medssm.engine.classification import ClassifierTrainConfig, train_classifier
 from medssm.devices import autocast, check_precision, cpu_threads, resolve_device
 from medssm.engine.loop import grad_scaler
 from medssm.engine.segmentation import TrainConfig, train
-from medssm.nets import build_for_data
+from medssm.nets import build_for_data, checkpointing_enabled, set_checkpointing
 from medssm.nets.cpu_conv import Conv3d
 
 from ..subsets import lung_subset
@@ -146,6 +146,29 @@ def test_bf16_weight_gradient_of_shallow_3d_convolution(conv_class, depth, kerne
         out.float().backward(grad)
         assert (conv.weight.grad.double() - want).abs().max() < 0.02 * want.abs().max(), value
         conv.zero_grad()
+
+
+def test_bf16_checkpointed_block_is_recomputed_through_the_shallow_detour(fill_freed_memory):
+    """A checkpointed MONAI block whose convolution takes that float32 detour (SegResNet's deepest level
+    is 2 deep for a 16-deep patch) is recomputed through it in the backward: the plain network's
+    gradients, bit for bit, not torch's CheckpointError (recomputed tensors of another dtype) or
+    oneDNN's bfloat16 weight gradient."""
+    torch.manual_seed(0)
+    net = build_for_data("monai:SegResNet", spatial_dims=3, in_channels=1, num_classes=2, init_filters=8)
+    x = torch.randn(2, 1, 16, 32, 32)
+    grads = {}
+    for on in (False, True):
+        set_checkpointing(net, enabled=on)
+        net.zero_grad()
+        fill_freed_memory(float("nan"))
+        with autocast(torch.device("cpu"), "bf16"):
+            out = net(x)
+        out.float().square().mean().backward()
+        grads[on] = {name: p.grad.clone() for name, p in net.named_parameters()}
+    assert checkpointing_enabled(net)
+    for name, want in grads[False].items():
+        assert torch.isfinite(want).all(), name
+        torch.testing.assert_close(grads[True][name], want, rtol=0, atol=0, msg=name)
 
 
 # bf16 on the CPU (in CI); bf16 and fp16 (with loss scaling) on CUDA where there is a GPU.

@@ -50,6 +50,7 @@ import torch
 import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
+from ..devices import routing_conv3d
 from ..ssm.backends import is_exporting
 from ..ssm.fused_mamba import saving_for_recompute
 
@@ -101,17 +102,19 @@ def run_checkpointed(block: nn.Module, fn: Callable, *args, **kwargs):
 
 
 def _contexts(block: nn.Module):
-    return saving_for_recompute(), _recomputing(block)
+    return saving_for_recompute(), _recomputing(block, routing_conv3d())
 
 
 @contextlib.contextmanager
-def _recomputing(block: nn.Module) -> Iterator[None]:
-    """The recomputation's context: the fused Mamba layer saves as in the forward, and batch norms
-    in training mode get their running statistics back afterwards (they were updated by the forward)."""
+def _recomputing(block: nn.Module, convolutions: contextlib.AbstractContextManager) -> Iterator[None]:
+    """The recomputation's context: the fused Mamba layer saves as in the forward, 3D convolutions go
+    where they went in the forward (``convolutions``: bf16's float32 detour on the CPU, which autocast's
+    state alone does not restore), and batch norms in training mode get their running statistics back
+    afterwards (they were updated by the forward)."""
     norms = [m for m in block.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
              and m.training and m.track_running_stats]
     kept = [{k: v.clone() for k, v in m.named_buffers(recurse=False) if v is not None} for m in norms]
-    with saving_for_recompute():
+    with saving_for_recompute(), convolutions:
         try:
             yield
         finally:
