@@ -452,21 +452,23 @@ def run_sizes(args, env: dict, threads: int) -> int:
     return 0
 
 
+def checkpointed(r: dict) -> bool | str:
+    """A size row's checkpointing: False, True (every kind of block) or the kinds checkpointed ("mamba")."""
+    if r["mode"] != "train" or not r["checkpointing"]:
+        return False
+    return True if sorted(r.get("blocks") or KINDS) == sorted(KINDS) else "+".join(r["blocks"])
+
+
 def sizes_table(rows: list[dict]) -> str:
     """One line per model, size, batch, precision and checkpointing: training step (wall and CPU s),
     its peak RSS, the forward (eval, without checkpointing), and ratios to SwinUNETR's in the same
     conditions."""
-    def ckpt(r: dict):  # False, True (every kind of block) or the kinds checkpointed
-        if r["mode"] != "train" or not r["checkpointing"]:
-            return False
-        return True if sorted(r.get("blocks") or KINDS) == sorted(KINDS) else "+".join(r["blocks"])
-
-    find = {(r["model"], r["size"], r["batch"], r["precision"], r["mode"], ckpt(r), r["threads"]): r for r in rows}
+    find = {(r["model"], r["size"], r["batch"], r["precision"], r["mode"], checkpointed(r), r["threads"]): r for r in rows}
     order = list(SIZE_MODELS)
     lines = [f"{'size':>5} {'batch':>5} {'thr':>3} {'model':<32} {'prec':<5} {'ckpt':<4} | {'step s':>7} {'x swin':>6} "
              f"{'cpu s':>7} {'RSS GiB':>7} {'x swin':>6} | {'fwd s':>7} {'x swin':>6} {'RSS GiB':>7}"]
     lines.append("-" * len(lines[0]))
-    groups = sorted({(r["threads"], r["batch"], r["size"], r["precision"], r["model"], ckpt(r)) for r in rows},
+    groups = sorted({(r["threads"], r["batch"], r["size"], r["precision"], r["model"], checkpointed(r)) for r in rows},
                     key=lambda g: (*g[:3], g[3] != "fp32", order.index(g[4]) if g[4] in order else 99, str(g[5])))
     for threads, batch, size, precision, model, on in groups:
         at = lambda m, mode, c: find.get((m, size, batch, precision, mode, c, threads))  # noqa: E731
@@ -523,7 +525,7 @@ def sizes_figure(rows: list[dict], path: Path) -> Path:
             for key in SIZE_MODELS:
                 for ckpt in (False, True):
                     points = sorted((r["voxels"], r[field]) for r in good if r["model"] == key and r["mode"] == mode
-                                    and r["precision"] == precision and r["checkpointing"] == ckpt)
+                                    and r["precision"] == precision and checkpointed(r) is ckpt)
                     if not points:
                         continue
                     xs, ys = zip(*points)
@@ -543,7 +545,7 @@ def sizes_figure(rows: list[dict], path: Path) -> Path:
     handles = {label: h for ax in axes.flat for h, label in zip(*ax.get_legend_handles_labels())}
     fig.legend(handles.values(), handles.keys(), loc="lower center", ncol=3, fontsize=8)
     fig.suptitle(f"CPU, {', '.join(map(str, threads))} thread(s); 4 channels in and out; Dice + CE, AdamW; "
-                 f"dashed: activation checkpointing", fontsize=10)
+                 f"dashed: every block checkpointed", fontsize=10)
     fig.tight_layout(rect=(0, 0.08, 1, 0.97))
     return save_figure(fig, path)
 
