@@ -37,8 +37,9 @@ import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
-__all__ = ["PRECISIONS", "resolve_device", "check_precision", "autocast", "conv3d", "routing_conv3d", "cpu_has_native_bf16", "cpu_threads",
-           "keep_freed_memory", "available_memory", "resident_memory", "peak_memory"]
+__all__ = ["PRECISIONS", "resolve_device", "check_precision", "autocast", "conv3d", "routing_conv3d",
+           "cpu_has_native_bf16", "cpu_threads", "keep_freed_memory", "available_memory", "resident_memory",
+           "peak_memory"]
 
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
